@@ -1,0 +1,388 @@
+"""Model loading shared by the scripts: base diffusion models, offline toy models, value functions.
+
+`--pretrained` accepts
+- a local diffusers folder: a pipeline (`model_index.json` with `unet/`, `scheduler/`, and for Stable
+  Diffusion `vae/`, `text_encoder/`, `tokenizer/`) or a bare `UNet2DModel` folder;
+- a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), read from the local hub cache;
+- an offline toy model trained in-repo on scikit-learn's bundled digits on first use and cached:
+    toy:digit4      unconditional 16x16 grey "4"s (Experiment 1's setting, thesis 6.4, at 16x16)
+    toy:digit4-32   the same at 32x32, the thesis's resolution
+    toy:digits-rgb  class-conditional 16x16 digits 0-9 drawn in random colours (a stand-in for the
+                    class-conditional ImageNet model of Experiments 2-5 that has colour to optimize)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TOY_MODELS = {
+    "digit4": dict(digits=[4], rgb=False, resolution=16, class_cond=False),
+    "digit4-32": dict(digits=[4], rgb=False, resolution=32, class_cond=False),
+    "digits-rgb": dict(digits=list(range(10)), rgb=True, resolution=16, class_cond=True),
+}
+TOY_TRAIN_STEPS = 600  # DESIGN.md recipe: clean, varied digits after ~500 AdamW steps at batch 128
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DRLHF_CACHE", Path.home() / ".cache" / "drlhf"))
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which flag or file to fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Offline toy data and base models (plumbing for the offline presets)
+# ---------------------------------------------------------------------------------------------------------
+def toy_digits(digits, resolution: int, rgb: bool, seed: int = 0):
+    """scikit-learn's 1797 8x8 digits as white-on-black (or random-hue-on-black) images in [-1, 1]."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    keep = np.isin(data.target, digits)
+    x = torch.tensor(data.images[keep] / 16.0, dtype=torch.float32)[:, None]  # (N, 1, 8, 8) ink in [0, 1]
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.tensor(data.target[keep], dtype=torch.long)
+    if rgb:  # ink colour: a random fully saturated hue per image
+        g = torch.Generator().manual_seed(seed)
+        hue = torch.rand(len(x), generator=g)[:, None] * 6
+        k = (torch.tensor([5.0, 3.0, 1.0]) + hue) % 6
+        colour = 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)  # HSV -> RGB with S = V = 1
+        x = x * colour[:, :, None, None]
+    return x * 2 - 1, labels
+
+
+def toy_unet(channels: int, resolution: int, class_cond: bool):
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels,
+                       block_out_channels=(32, 64, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=11 if class_cond else None)  # class 10 = "no class" for CFG
+
+
+def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed: int = 0, batch_size: int = 128,
+                    lr: float = 1e-3, cond_drop: float = 0.1):
+    """Train a toy DDPM (cosine schedule, epsilon prediction) and save it as a diffusers DDPMPipeline."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tqdm.auto import tqdm
+    spec = TOY_MODELS[name]
+    torch.manual_seed(seed)
+    x, labels = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
+    unet = toy_unet(x.shape[1], spec["resolution"], spec["class_cond"])
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc=f"training base model toy:{name} (first use, cached)", unit="step"):
+        i = torch.randint(len(x), (batch_size,), generator=g)
+        x0, y = x[i], labels[i]
+        x0 = torch.roll(x0, shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (batch_size,), generator=g)
+        kwargs = {}
+        if spec["class_cond"]:
+            kwargs["class_labels"] = torch.where(torch.rand(batch_size, generator=g) < cond_drop, 10, y)
+        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, **kwargs).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _atomic_save(out_dir, lambda d: (DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d),
+                                      (Path(d) / "drlhf_toy.json").write_text(json.dumps(
+                                          dict(name=name, steps=steps, seed=seed, final_loss=loss.item(),
+                                               num_classes=10 if spec["class_cond"] else 0, **spec), indent=1))))
+
+
+def _atomic_save(out_dir: Path, write):
+    """Write into a temporary sibling folder, then rename: an interrupted save leaves nothing half-written."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRAIN_STEPS) -> Path:
+    """The cached toy model folder, trained on first use."""
+    if name not in TOY_MODELS:
+        raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
+                             + ", ".join(f"toy:{k}" for k in TOY_MODELS))
+    path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}"
+    if not (path / "model_index.json").exists():
+        train_toy_model(name, path, steps)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading base models
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class BaseModel:
+    """Everything the sampler and the rewards need to know about a base diffusion model."""
+    source: str                    # what --pretrained said
+    path: str                      # where it was loaded from
+    unet: nn.Module
+    scheduler_config: dict
+    conditioning: str              # none | class | text
+    sample_shape: tuple            # (C, H, W) of x_t: pixels or latents
+    num_classes: int = 0           # class models: labels 0..num_classes-1, num_classes = "no class" (CFG)
+    vae: nn.Module | None = None   # latent models only
+    text_encoder: nn.Module | None = None
+    tokenizer: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.vae is not None
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states (N, L, D) for a list of prompts ("" is the unconditional one)."""
+        device = next(self.text_encoder.parameters()).device
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        return self.text_encoder(ids)[0].float()
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Finished samples -> images in [-1, 1], shape (B, 3 or 1, H, W), float32."""
+        if not self.is_latent:
+            return samples.float().clamp(-1, 1)
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(samples.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        return images.float().clamp(-1, 1)
+
+
+def _resolve(source: str, cache_dir) -> Path:
+    """--pretrained value -> local folder (toy models are trained here on first use)."""
+    if source.startswith("toy:"):
+        return toy_model_dir(source[4:], cache_dir)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"--pretrained {source}: expected a diffusers folder (with model_index.json "
+                                 "or config.json), got a file")
+        return path
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        try:  # the local hub cache only when offline; a download otherwise
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        except Exception as e:  # noqa: BLE001 - any hub failure gets the same actionable message
+            raise ModelLoadError(
+                f"--pretrained {source}: not a local folder, and the hub id could not be fetched "
+                f"({type(e).__name__}). On a machine with network run `huggingface-cli download {source} "
+                f"--local-dir DIR` (or `hf download`) and pass --pretrained DIR.") from None
+    raise ModelLoadError(f"--pretrained {source}: no such folder. Give a diffusers folder, a hub id "
+                         "(owner/name) or one of " + ", ".join(f"toy:{k}" for k in TOY_MODELS))
+
+
+def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=torch.float32) -> BaseModel:
+    """Load a base diffusion model from a toy name, a local diffusers folder or a hub id."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    path = _resolve(source, cache_dir)
+    index = path / "model_index.json"
+    try:
+        if index.exists():
+            unet_dir, sched_path = path / "unet", path / "scheduler" / "scheduler_config.json"
+        else:
+            unet_dir, sched_path = path, path / "scheduler_config.json"
+        cfg_file = unet_dir / "config.json"
+        if not cfg_file.exists():
+            raise ModelLoadError(f"--pretrained {source}: {cfg_file} is missing; expected a diffusers pipeline "
+                                 "folder (model_index.json, unet/, scheduler/) or a UNet folder")
+        cls_name = json.loads(cfg_file.read_text()).get("_class_name")
+        unet_cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(cls_name)
+        if unet_cls is None:
+            raise ModelLoadError(f"--pretrained {source}: unsupported U-Net class {cls_name!r} in {cfg_file}")
+        unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device)
+        sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
+        vae = text_encoder = tokenizer = None
+        if (path / "vae").exists():
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=weights_dtype, low_cpu_mem_usage=False).to(device).eval()
+        if (path / "text_encoder").exists():
+            from transformers import CLIPTextModel, CLIPTokenizer
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=weights_dtype)
+            text_encoder = text_encoder.to(device).eval()
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt/incomplete files of any kind
+        raise ModelLoadError(f"--pretrained {source}: could not read the model in {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). The files are incomplete or corrupt: re-download "
+                             "them, or for a toy model delete that folder to retrain it.") from None
+    for p in list(unet.parameters()) + [p for m in (vae, text_encoder) if m is not None for p in m.parameters()]:
+        p.requires_grad_(False)
+    toy = json.loads((path / "drlhf_toy.json").read_text()) if (path / "drlhf_toy.json").exists() else {}
+    c = unet.config
+    if text_encoder is not None:
+        conditioning, num_classes = "text", 0
+    elif getattr(c, "num_class_embeds", None):
+        conditioning, num_classes = "class", toy.get("num_classes", c.num_class_embeds - 1)
+    elif getattr(c, "class_embed_type", None) is not None:
+        raise ModelLoadError(f"--pretrained {source}: class_embed_type={c.class_embed_type!r} is not supported")
+    else:
+        conditioning, num_classes = "none", 0
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    return BaseModel(source, str(path), unet, sched_cfg, conditioning, (c.in_channels, size, size), num_classes,
+                     vae, text_encoder, tokenizer, extra=toy)
+
+
+class Denoiser(nn.Module):
+    """The policy network: (x_t, t, c) -> model output, with classifier-free guidance in one batched forward.
+
+    `cond` is None (unconditional), class labels (B,) or text-encoder hidden states (B, L, D). With
+    guidance_scale w != 1 the conditional and unconditional inputs go through the U-Net as one batch of 2B
+    and eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); learned variance channels come from the
+    conditional branch (GLIDE's choice).
+    """
+
+    def __init__(self, unet: nn.Module, conditioning: str, guidance_scale: float = 1.0, null_cond=None):
+        super().__init__()
+        self.unet, self.conditioning, self.guidance_scale = unet, conditioning, guidance_scale
+        if guidance_scale != 1.0 and conditioning == "none":
+            raise ValueError("--guidance-scale needs a conditional model; this base model is unconditional")
+        self.register_buffer("null_cond", null_cond, persistent=False)
+
+    def _unet(self, x, t, cond):
+        if self.conditioning == "none":
+            return self.unet(x, t).sample
+        if self.conditioning == "class":
+            return self.unet(x, t, class_labels=cond).sample
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+    def forward(self, x, t, cond=None):
+        x = x.to(next(self.unet.parameters()).dtype) if not torch.is_autocast_enabled() else x
+        if self.guidance_scale == 1.0:
+            return self._unet(x, t, cond)
+        null = self.null_cond.expand(len(x), *self.null_cond.shape[1:])
+        out = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        out_c, out_u = out.float().chunk(2)
+        c = x.shape[1]
+        guided = out_u[:, :c] + self.guidance_scale * (out_c[:, :c] - out_u[:, :c])
+        return torch.cat([guided, out_c[:, c:]], 1)
+
+
+def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
+    null = None
+    if base.conditioning == "class":
+        null = torch.tensor([base.num_classes])
+    elif base.conditioning == "text":
+        null = base.encode_prompts([""])
+    return Denoiser(base.unet, base.conditioning, guidance_scale, null).to(next(base.unet.parameters()).device)
+
+
+def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
+    """Save a policy U-Net as a diffusers pipeline next to the base model's other components."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    def write(d):
+        sched = DDPMScheduler.from_config(base.scheduler_config) if base.scheduler_config else DDPMScheduler()
+        if base.text_encoder is not None:
+            from diffusers import StableDiffusionPipeline
+            StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                    unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False).save_pretrained(d)
+        else:
+            DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d)
+        if base.extra:
+            (Path(d) / "drlhf_toy.json").write_text(json.dumps(base.extra, indent=1))
+    _atomic_save(Path(out_dir), write)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Value functions V(x_t, t, c) for the small experiments
+# ---------------------------------------------------------------------------------------------------------
+def timestep_features(t: torch.Tensor, dim: int = 16, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Sinusoidal features of the training timestep, (B,) -> (B, dim) (Vaswani et al. 2017)."""
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    angles = (t.float() / num_train_timesteps * 1000)[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], 1)
+
+
+class CriticCNN(nn.Module):
+    """Appendix B's value network (conv 3x3 to 6C channels, ReLU, max-pool 2, FC 24, ReLU, FC), with the
+    timestep's sinusoidal features concatenated to the flattened features so it can value noisy states."""
+
+    def __init__(self, in_channels: int = 1, resolution: int = 16, out_dim: int = 1, t_dim: int = 16):
+        super().__init__()
+        self.t_dim = t_dim
+        self.conv = nn.Conv2d(in_channels, in_channels * 6, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(in_channels * 6 * (resolution // 2) ** 2 + t_dim, 24)
+        self.fc2 = nn.Linear(24, out_dim)
+
+    def forward(self, x, t, cond=None):
+        h = F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)
+        h = F.relu(self.fc1(torch.cat([h, timestep_features(t, self.t_dim)], 1)))
+        out = self.fc2(h)
+        return out[:, 0] if out.shape[1] == 1 else out
+
+
+class EncoderValue(nn.Module):
+    """A small convolutional encoder with timestep (and optional class) embedding -> one scalar; the toy
+    counterpart of the noisy-image-classifier value function of Experiments 2-5 (thesis 6.5)."""
+
+    def __init__(self, in_channels: int = 3, width: int = 32, num_classes: int = 0, t_dim: int = 64):
+        super().__init__()
+        self.t_dim = t_dim
+        self.t_mlp = nn.Sequential(nn.Linear(t_dim, width * 2), nn.SiLU(), nn.Linear(width * 2, width * 2))
+        self.class_emb = nn.Embedding(num_classes + 1, width * 2) if num_classes else None
+        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.down1 = nn.Conv2d(width, width * 2, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(width * 2, width * 2, 3, stride=2, padding=1)
+        self.norm1, self.norm2 = nn.GroupNorm(8, width * 2), nn.GroupNorm(8, width * 2)
+        self.out = nn.Linear(width * 2, 1)
+
+    def forward(self, x, t, cond=None):
+        emb = self.t_mlp(timestep_features(t, self.t_dim))
+        if self.class_emb is not None and cond is not None:
+            emb = emb + self.class_emb(cond)
+        h = F.silu(self.conv_in(x))
+        h = F.silu(self.norm1(self.down1(h)) + emb[:, :, None, None])
+        h = F.silu(self.norm2(self.down2(h)))
+        return self.out(h.mean((2, 3)))[:, 0]
+
+
+def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None, steps: int = 400, seed: int = 0):
+    """Appendix B's CNN trained as a noisy-digit classifier on all ten digits (thesis 6.4: the value function
+    was initialized from an MNIST classifier). Cached as safetensors; returns the state dict."""
+    from safetensors.torch import load_file, save_file
+    path = Path(cache_dir or default_cache_dir()) / f"critic-classifier-c{in_channels}-r{resolution}-s{steps}.safetensors"
+    if path.exists():
+        return load_file(path)
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+    torch.manual_seed(seed)
+    x, y = toy_digits(list(range(10)), resolution, in_channels == 3, seed)
+    net = CriticCNN(in_channels, resolution, out_dim=10)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="pre-training the value network as a digit classifier (cached)"):
+        i = torch.randint(len(x), (128,), generator=g)
+        t = torch.randint(0, 1000, (128,), generator=g) * (torch.rand(128, generator=g) < 0.75)
+        xt = sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t)
+        loss = F.cross_entropy(net(xt, t), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(state, tmp)
+    os.replace(tmp, path)
+    return state

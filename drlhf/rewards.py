@@ -1,0 +1,93 @@
+"""Fixed reward functions of Experiments 1 and 2: images (B, C, H, W) in [-1, 1] -> rewards (B,) float32.
+
+    target        Algorithm 1 (thesis 6.4): adjusted RMSE to a bold, slanted target "4", times -10
+    colorfulness  appendix A (thesis 6.5): share of vivid pixels x entropy of their hue histogram
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TARGET_PNG = Path(__file__).parent / "assets" / "target_4.png"
+
+
+def make_target_four(size: int = 64):
+    """Draw the target "4": heavy strokes, slanted to the right (thesis Figure 6.1 describes it as a digit
+    with significant font weight and a slanted appearance). Returns a greyscale PIL image, white on black."""
+    from PIL import Image, ImageDraw
+    s = size / 64
+    img = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(img)
+    w = round(9 * s)
+    d.line([(40 * s, 8 * s), (14 * s, 40 * s)], fill=255, width=w)          # the diagonal
+    d.line([(12 * s, 40 * s), (52 * s, 40 * s)], fill=255, width=w)         # the bar
+    d.line([(40 * s, 8 * s), (40 * s, 58 * s)], fill=255, width=round(10 * s))  # the stem
+    shear = 0.25  # x' = x + shear * (y - size/2): the top leans right
+    return img.transform(img.size, Image.AFFINE, (1, shear, -shear * size / 2, 0, 1, 0),
+                         resample=Image.BICUBIC)
+
+
+def load_target(resolution: int, channels: int, path: str | Path | None = None) -> torch.Tensor:
+    """The target image in [0, 1], shape (1, channels, resolution, resolution)."""
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path or TARGET_PNG)
+    try:
+        img = Image.open(path).convert("L")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--target-image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"--target-image {path}: not a readable image ({e})") from None
+    x = torch.tensor(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1).expand(1, channels, resolution, resolution).contiguous()
+
+
+def target_image_reward(images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1: normalize to [0, 1]; squared error; add error * target / mean(target) so that ink
+    pixels weigh more and an all-black image is not a local optimum; mean over (C, H, W); sqrt; x -10."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    target = target.to(x.device, x.dtype)
+    loss = (x - target) ** 2
+    loss = loss + loss * target / target.mean()
+    return -10 * loss.mean((1, 2, 3)).sqrt()
+
+
+def colorfulness_reward(images: torch.Tensor, vivid_threshold: float = 10.0, n_hue_bins: int = 7) -> torch.Tensor:
+    """Appendix A (after Pinto et al. 2023): in CIE Lab, the share of pixels with a^2 + b^2 above a threshold
+    times the base-2 entropy of the hue angle atan2(b, a) in n bins over [-pi, pi]. Batched."""
+    from skimage.color import rgb2lab
+    if images.shape[1] != 3:
+        raise ValueError(f"the colorfulness reward needs RGB images, got {images.shape[1]} channel(s): a "
+                         "greyscale model has no colour to reward; use an RGB base model (e.g. toy:digits-rgb)")
+    rgb = (images.detach().float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    lab = rgb2lab(rgb, channel_axis=-1)                                   # (B, H, W, 3)
+    a, b = lab[..., 1], lab[..., 2]
+    vivid_ratio = (a ** 2 + b ** 2 > vivid_threshold).mean((1, 2))
+    hue = np.arctan2(b, a).reshape(len(rgb), -1)
+    bins = np.clip(((hue + np.pi) / (2 * np.pi) * n_hue_bins).astype(np.int64), 0, n_hue_bins - 1)
+    counts = (bins[..., None] == np.arange(n_hue_bins)).sum(1)           # (B, n_hue_bins)
+    probs = counts / counts.sum(1, keepdims=True)
+    entropy = -(probs * np.log2(probs + np.finfo(np.float64).eps)).sum(1)
+    return torch.tensor(vivid_ratio * entropy, dtype=torch.float32, device=images.device)
+
+
+def get_reward_fn(name: str, resolution: int, channels: int, target_image=None):
+    """Reward name (`--reward`) -> function images -> rewards."""
+    if name == "target":
+        target = load_target(resolution, channels, target_image)
+        return lambda images, cond=None: target_image_reward(images, target)
+    if name == "colorfulness":
+        if channels != 3:
+            raise ValueError(f"--reward colorfulness needs an RGB base model; this one has {channels} channel(s)")
+        return lambda images, cond=None: colorfulness_reward(images)
+    raise ValueError(f"--reward {name!r} is not available here; built-in rewards: target, colorfulness "
+                     "(aesthetic, pickscore and trained reward models come with their own experiments)")
+
+
+if __name__ == "__main__":  # regenerate the committed target image: python -m drlhf.rewards
+    TARGET_PNG.parent.mkdir(exist_ok=True)
+    make_target_four().save(TARGET_PNG)
+    print("wrote", TARGET_PNG)

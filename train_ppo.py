@@ -1,0 +1,850 @@
+"""PPO fine-tuning of a diffusion model against a reward (thesis chapter 5.3, Table 6.2).
+
+One epoch = one batched rollout of all environments through the reverse process (the MDP of thesis 5.1),
+a terminal reward plus a per-step k3 KL penalty to the frozen base model, GAE over the denoising steps,
+then one pass over all states in random minibatches with the clipped PPO objective.
+
+Launch:
+    python train_ppo.py                                   # offline default: toy "4"s, target-image reward, CPU
+    python train_ppo.py --exp digits-colorfulness         # offline class-conditional colour digits
+    python train_ppo.py --exp target --epochs 3000        # Table 6.2 "Target Image" values, 32x32 toy base
+    torchrun --nproc_per_node=2 train_ppo.py --device cpu # 2 CPU processes (gloo)
+    torchrun --nproc_per_node=10 train_ppo.py --exp pink  # Table 6.2 "Pink": 8 environments per GPU, 80 in all
+    python train_ppo.py --resume runs/digits-target       # continue exactly where the last checkpoint stopped
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from drlhf import models, rewards
+from drlhf.sampler import DiffusionSchedule, SamplerConfig, action_logprob, rollout
+
+
+@dataclass
+class Args:
+    exp: str | None = None
+    """preset: one Table 6.2 column (target, colorfulness, aesthetic, macaw, macaw-norl, pink, pickscore) or an offline one (digits-target, digits-colorfulness); flags given on the command line override it"""
+    seed: int = 0
+    """base seed; rank r samples with seed + r"""
+    # --- diffusion (Table 6.2, "Diffusion") ---
+    pretrained: str = "toy:digit4"
+    """Table 6.2 "Base Policy": diffusers folder, hub id, or toy:digit4 / toy:digit4-32 / toy:digits-rgb (offline, trained on first use)"""
+    resolution: int | None = None
+    """Table 6.2 "Resolution" of the images in pixels; checked against the base model (None = the model's)"""
+    conditioning: str | None = None
+    """Table 6.2 "Cond. Type": none, class or text; checked against the base model (None = the model's)"""
+    latent: bool | None = None
+    """Table 6.2 "Latent Diff."; checked against the base model (None = the model's)"""
+    guidance_scale: float = 1.0
+    """Table 6.2 "CFG Scale": classifier-free guidance weight during rollout and update (1 = none)"""
+    num_steps: int = 25
+    """Table 6.2 "Timesteps": denoising steps per rollout, a respaced subset of the 1000 training steps"""
+    sampler: str = "ddpm"
+    """thesis 5.1: ddpm (the thesis) or ddim (stochastic, --eta > 0)"""
+    spacing: str = "leading"
+    """which training timesteps are kept: leading, trailing, linspace (diffusers) or guided (guided-diffusion)"""
+    eta: float = 1.0
+    """DDIM noise level (only with --sampler ddim)"""
+    variance_type: str | None = None
+    """policy std: fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
+    logprob_reduction: str = "sum"
+    """thesis 5.3: sum the per-dimension action log-likelihoods (thesis) or mean (DDPO)"""
+    class_labels: str | None = None
+    """class models: comma-separated classes sampled uniformly per environment (None = all classes; thesis 6.5)"""
+    prompts: str | None = None
+    """text models: a text file with one prompt per line, sampled uniformly per environment (thesis 5.3)"""
+    # --- reward and value function ---
+    reward: str = "target"
+    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A) or module:function on images in [-1,1]"""
+    target_image: str | None = None
+    """target image of the target reward (default: the bold slanted 4 in drlhf/assets)"""
+    value_fn: str = "cnn"
+    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5) or none"""
+    value_init: str = "classifier"
+    """value-function init: classifier (appendix B net pre-trained on noisy digits, thesis 6.4) or random"""
+    # --- reinforcement learning (Table 6.2) ---
+    num_envs: int = 32
+    """Table 6.2 "Environments": parallel environments per epoch over all processes"""
+    gamma: float = 1.0
+    """Table 6.2 "GAE gamma" """
+    gae_lambda: float = 0.95
+    """Table 6.2 "GAE lambda" """
+    clip_coef: float = 0.2
+    """Table 6.2 "PPO Clip Coeff." (also clips the value update)"""
+    vf_coef: float = 0.5
+    """Table 6.2 "PPO VF Coeff." """
+    kl_coef: float = 0.0
+    """Table 6.2 "KL Penalty Coeff." beta of Eq. 5.3; the frozen base model is built only when > 0"""
+    norm_adv: bool = True
+    """normalize advantages over the whole batch of all processes (thesis 5.3)"""
+    clip_vloss: bool = True
+    """clip the value loss around the rollout values (thesis 5.3)"""
+    update_epochs: int = 1
+    """passes over the rollout buffer per epoch (thesis: 1)"""
+    minibatch_grouping: str = "state"
+    """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
+    # --- optimization (Table 6.2, "General Optimization") ---
+    epochs: int = 120
+    """Table 6.2 "Epochs": rollout + update rounds (offline default: 120, thesis: 3000)"""
+    minibatch_size: int = 25
+    """Table 6.2 "Minibatch Size": states per forward pass on each process"""
+    policy_lr: float = 2e-5
+    """Table 6.2 "Learning Rate Policy" (offline default 2e-5 to learn in minutes on CPU; thesis: 1e-7)"""
+    policy_lr_early: float | None = None
+    """Table 6.2 "Aesthetic Score": policy LR for the first --policy-lr-early-epochs epochs (2e-7)"""
+    policy_lr_early_epochs: int = 0
+    """epochs that use --policy-lr-early"""
+    vf_lr: float = 1e-3
+    """Table 6.2 "Learning Rate VF" (offline default 1e-3; thesis: 1e-5)"""
+    policy_warmup_steps: int = 50
+    """Table 6.2 "Warmup Steps Policy": linear warmup in optimizer steps (offline default 50; thesis: 4096)"""
+    vf_warmup_steps: int = 50
+    """Table 6.2 "Warmup Steps VF" (offline default 50; thesis: 1024)"""
+    adam_beta1: float = 0.9
+    """Table 6.2 "Adam beta1" (both optimizers)"""
+    adam_beta2: float = 0.999
+    """Table 6.2 "Adam beta2" (both optimizers)"""
+    adam_eps: float = 1e-5
+    """Table 6.2 "Adam epsilon" (both optimizers)"""
+    weight_decay: float = 0.01
+    """Table 6.2 "Adam Weight Decay" (AdamW, both optimizers)"""
+    grad_accum_steps: int = 1
+    """Table 6.2 "Grad. Accum. Steps": minibatches per optimizer step"""
+    max_grad_norm: float | None = 0.5
+    """Table 6.2 "Grad. Clip Norm", per model (None: no clipping)"""
+    # --- hardware (Table 6.2, "Hardware") ---
+    precision: str = "fp32"
+    """Table 6.2 "Precision": fp32, fp16 (autocast + GradScaler) or bf16 (autocast); log-probs always fp32"""
+    tf32: bool = False
+    """Table 6.2 "Allow TF32" for matmuls and convolutions on Ampere+ GPUs"""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda"""
+    algo: str = "ppo"
+    """ppo (thesis 5.3) or backprop (Table 6.2 "Macaw: Without RL", thesis 6.8)"""
+    # --- logging and checkpoints ---
+    output_dir: str | None = None
+    """run folder for TensorBoard logs, checkpoints, sample grids and the final policy (default runs/<exp>)"""
+    eval_samples: int = 64
+    """fixed-seed samples scored before training and every --eval-every epochs"""
+    eval_every: int = 10
+    """epochs between fixed-seed evaluations and image grids"""
+    checkpoint_every: int = 25
+    """epochs between resumable checkpoints (0: only at the end)"""
+    resume: str | None = None
+    """continue from a checkpoint folder or a run folder (its latest checkpoint)"""
+    cache_dir: str | None = None
+    """where offline toy models are cached (default $DRLHF_CACHE or ~/.cache/drlhf)"""
+    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    """training steps of an offline toy base model on first use (fewer: faster, blurrier)"""
+
+
+PRESETS = {
+    # Table 6.2 columns; keys override Args defaults, the command line overrides presets
+    "target": dict(pretrained="toy:digit4-32", resolution=32, conditioning="none", latent=False, guidance_scale=1.0,
+                   num_steps=25, reward="target", num_envs=32, gamma=1.0, gae_lambda=0.95, clip_coef=0.2,
+                   vf_coef=0.5, kl_coef=0.0, epochs=3000, minibatch_size=25, policy_lr=1e-7, vf_lr=1e-5,
+                   policy_warmup_steps=4096, vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999,
+                   adam_eps=1e-5, weight_decay=0.01, grad_accum_steps=1, max_grad_norm=0.5, precision="fp32",
+                   tf32=False, value_fn="cnn", value_init="classifier"),
+    "colorfulness": dict(pretrained="guided-diffusion:64x64", resolution=64, conditioning="class", latent=False,
+                         guidance_scale=1.0, num_steps=32, reward="colorfulness", num_envs=32, gamma=1.0,
+                         gae_lambda=0.95, clip_coef=0.2, vf_coef=0.5, kl_coef=0.02, epochs=400, minibatch_size=32,
+                         policy_lr=1e-6, vf_lr=1e-5, policy_warmup_steps=8192, vf_warmup_steps=1024, adam_beta1=0.9,
+                         adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_accum_steps=1, max_grad_norm=0.5,
+                         precision="fp32", tf32=False, value_fn="classifier", spacing="guided",
+                         variance_type="learned_range"),
+    "aesthetic": dict(pretrained="guided-diffusion:64x64", resolution=64, conditioning="class", latent=False,
+                      guidance_scale=1.0, num_steps=50, reward="aesthetic", num_envs=32, gamma=1.0, gae_lambda=0.95,
+                      clip_coef=0.2, vf_coef=0.5, kl_coef=0.03, epochs=500, minibatch_size=25, policy_lr=5e-7,
+                      policy_lr_early=2e-7, policy_lr_early_epochs=100, vf_lr=1e-5, policy_warmup_steps=8192,
+                      vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0,
+                      grad_accum_steps=1, max_grad_norm=0.5, precision="fp32", tf32=False, value_fn="classifier",
+                      spacing="guided", variance_type="learned_range"),
+    "macaw": dict(pretrained="guided-diffusion:64x64", resolution=64, conditioning="class", latent=False,
+                  guidance_scale=1.0, num_steps=25, reward="rm", class_labels="88", num_envs=32, gamma=1.0,
+                  gae_lambda=0.95, clip_coef=0.2, vf_coef=0.5, kl_coef=0.02, epochs=250, minibatch_size=25,
+                  policy_lr=1e-6, vf_lr=1e-5, policy_warmup_steps=8192, vf_warmup_steps=1024, adam_beta1=0.9,
+                  adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_accum_steps=1, max_grad_norm=0.5,
+                  precision="fp32", tf32=False, value_fn="classifier", spacing="guided",
+                  variance_type="learned_range"),
+    "macaw-norl": dict(algo="backprop", pretrained="guided-diffusion:64x64", resolution=64, conditioning="class",
+                       latent=False, guidance_scale=1.0, num_steps=25, reward="rm", class_labels="88", num_envs=32,
+                       kl_coef=0.0, value_fn="none", epochs=750, minibatch_size=100, policy_lr=1e-6,
+                       policy_warmup_steps=100, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
+                       grad_accum_steps=8, max_grad_norm=None, precision="fp32", tf32=False, spacing="guided",
+                       variance_type="learned_range"),
+    "pink": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512, conditioning="text",
+                 latent=True, guidance_scale=7.5, num_steps=16, reward="rm", num_envs=80, gamma=1.0, gae_lambda=0.95,
+                 clip_coef=0.2, vf_coef=0.1, kl_coef=0.0, epochs=25500, minibatch_size=16, policy_lr=1e-7,
+                 vf_lr=1e-6, policy_warmup_steps=4096, vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999,
+                 adam_eps=1e-8, weight_decay=0.01, grad_accum_steps=2, max_grad_norm=1.0, precision="fp16",
+                 tf32=True, value_fn="reward"),
+    "pickscore": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
+                      conditioning="text", latent=True, guidance_scale=7.5, num_steps=50, reward="pickscore",
+                      num_envs=80, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, vf_coef=0.1, kl_coef=0.0,
+                      epochs=20850, minibatch_size=10, policy_lr=5e-7, vf_lr=1e-6, policy_warmup_steps=4096,
+                      vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
+                      grad_accum_steps=4, max_grad_norm=1.0, precision="fp16", tf32=True, value_fn="reward"),
+    # offline stand-ins that learn within minutes on 2 CPU cores (learning rates differ from the thesis)
+    "digits-target": dict(),  # the Args defaults
+    "digits-colorfulness": dict(pretrained="toy:digits-rgb", reward="colorfulness", value_fn="encoder",
+                                value_init="random", num_steps=25, kl_coef=0.02, minibatch_size=25, epochs=80,
+                                adam_eps=1e-8, weight_decay=0.0),
+}
+
+
+def _parse_value(text: str, kind):
+    if text.lower() in ("none", "null") and "None" in str(kind):
+        return None
+    if "bool" in str(kind):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    for cast in (int, float):
+        if cast.__name__ in str(kind):
+            return cast(text)
+    return text
+
+
+def build_parser(args_cls=Args) -> argparse.ArgumentParser:
+    """One --flag per Args field; the help text is the field's docstring."""
+    import ast
+    import inspect
+    doc = {}
+    tree = ast.parse(inspect.getsource(args_cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            doc[node.target.id] = nxt.value.value.strip()
+    parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(args_cls):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, metavar=f.name.upper(),
+                            type=lambda s, k=f.type: _parse_value(s, k), help=doc.get(f.name, ""))
+    return parser
+
+
+def parse_args(argv=None, args_cls=Args, presets=PRESETS):
+    """default < preset < command line. Returns the Args and the set of flags given on the command line."""
+    parser = build_parser(args_cls)
+    ns = parser.parse_args(argv)
+    given = {k for k, v in vars(ns).items() if v is not parser.get_default(k)}
+    values = {f.name: f.default for f in dataclasses.fields(args_cls)}
+    if ns.exp is not None:
+        if ns.exp not in presets:
+            parser.error(f"unknown --exp {ns.exp!r}; choose one of: {', '.join(presets)}")
+        unknown = set(presets[ns.exp]) - set(values)
+        if unknown:  # a preset may only override existing fields
+            raise KeyError(f"preset {ns.exp!r} has unknown keys {sorted(unknown)}")
+        values.update(presets[ns.exp])
+    values.update({k: getattr(ns, k) for k in given})
+    return args_cls(**values), given
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plumbing: distributed set-up, seeding, learning rates, image grids
+# ---------------------------------------------------------------------------------------------------------
+def setup_distributed(device_flag: str):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; nccl on GPU, gloo on CPU."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def set_lr(optimizer, lr: float, step: int, warmup: int):
+    """Constant LR after a linear warmup over `warmup` optimizer steps (thesis 5.3)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with 1-pixel gaps."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 64, dtype=torch.uint8)
+    for k in range(n):  # plumbing: a picture, not the training path
+        r, col = divmod(k, nrow)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[k]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 4):
+    from PIL import Image
+    img = Image.fromarray(array)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setup: models, reward, value function
+# ---------------------------------------------------------------------------------------------------------
+def check_requirements(args: Args):
+    """Stop early, before loading anything large, when a preset needs parts that are not available here."""
+    if args.pretrained.startswith("guided-diffusion:"):
+        raise SystemExit(f"--exp {args.exp}: needs OpenAI's ImageNet 64x64 checkpoints (64x64_diffusion.pt and "
+                         "64x64_classifier.pt from https://github.com/openai/guided-diffusion), which this release "
+                         "cannot load yet. Offline stand-in: --exp digits-colorfulness.")
+    if args.algo != "ppo":
+        raise SystemExit(f"--algo {args.algo}: reward back-propagation through the sampling chain (thesis 6.8) is "
+                         "not implemented yet; use --algo ppo.")
+    if args.reward in ("rm", "aesthetic", "pickscore"):
+        raise SystemExit(f"--reward {args.reward}: learned reward models (a trained reward-model folder, the LAION "
+                         "aesthetic predictor, PickScore) are not available in this release; built-in: target, "
+                         "colorfulness, or module:function.")
+    if args.value_fn in ("reward", "classifier"):
+        raise SystemExit(f"--value-fn {args.value_fn}: a value function built from a reward model or classifier is "
+                         "not available yet; use cnn or encoder.")
+
+
+def make_reward_fn(args: Args, base: models.BaseModel):
+    if ":" in args.reward:  # module:function, e.g. a custom scoring function
+        import importlib
+        mod, fn = args.reward.split(":", 1)
+        return getattr(importlib.import_module(mod), fn)
+    c, h, _ = base.sample_shape
+    return rewards.get_reward_fn(args.reward, h * (8 if base.is_latent else 1), 3 if base.is_latent else c,
+                                 args.target_image)
+
+
+def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
+    c, h, _ = base.sample_shape
+    if args.value_fn == "none":
+        return None
+    if args.value_fn == "cnn":
+        net = models.CriticCNN(c, h)
+        if args.value_init == "classifier":  # appendix B: start from a digit classifier, new scalar output
+            state = models.pretrain_critic_classifier(c, h, args.cache_dir)
+            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc2.")}, strict=False)
+        return net
+    if args.value_fn == "encoder":
+        return models.EncoderValue(c)
+    raise ValueError(f"--value-fn must be cnn, encoder or none, got {args.value_fn!r}")
+
+
+def sample_conditions(base: models.BaseModel, args: Args, n: int, generator, prompt_embeds=None):
+    """Conditioning of n environments, drawn uniformly (thesis 5.3); None for unconditional models."""
+    if base.conditioning == "none":
+        return None
+    if base.conditioning == "class":
+        classes = torch.tensor([int(c) for c in args.class_labels.split(",")] if args.class_labels
+                               else list(range(base.num_classes)))
+        return classes[torch.randint(len(classes), (n,), generator=generator)]
+    return prompt_embeds[torch.randint(len(prompt_embeds), (n,), generator=generator)]
+
+
+def select(cond, index):
+    return None if cond is None else cond[index.to(cond.device)]
+
+
+def autocast(args: Args, device):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: rewards with the per-step KL penalty, values, GAE
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_terminal(reward_fn, base, samples, cond, epoch: int, rank: int) -> torch.Tensor:
+    """Terminal reward r(s_0) of each environment (B,); non-finite rewards stop training with the culprit."""
+    scores = torch.as_tensor(reward_fn(base.decode(samples), cond)).float().to(samples.device).flatten()
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if len(bad):
+        raise FloatingPointError(f"epoch {epoch}: the reward of sample {bad[0].item()} on rank {rank} is "
+                                 f"{scores[bad[0]].item()} ({len(bad)} non-finite in all); stopping before the update "
+                                 "so that no checkpoint is written from it. Check the reward function.")
+    return scores
+
+
+def compute_rewards(scores, logprobs, ref_logprobs, kl_coef: float):
+    """Eq. 5.3: R_t = r(s_t)[t is terminal] - beta * KL_t, with the k3 estimator
+    KL_t = (ratio - 1) - log ratio, ratio = pi_base(a_t|s_t) / pi_theta(a_t|s_t) (http://joschu.net/blog/kl-approx.html).
+    scores (B,), logprobs/ref_logprobs (T, B) or None -> rewards (T, B), kl (T, B)."""
+    T, B = logprobs.shape
+    if ref_logprobs is None:
+        kl = torch.zeros(T, B, dtype=torch.float64, device=scores.device)
+    else:  # float64: a log-ratio summed over many dimensions can exceed float32's exp range
+        log_ratio = ref_logprobs.double() - logprobs.double()
+        kl = torch.expm1(log_ratio) - log_ratio
+    rewards = -kl_coef * kl
+    rewards[-1] += scores.double()
+    return rewards.float(), kl.float()
+
+
+def compute_advantages(rewards, values, gamma: float, gae_lambda: float):
+    """GAE(gamma, lambda) over the denoising steps (Schulman et al. 2015); the state after the last action is
+    terminal (value 0). rewards, values (T, B) -> advantages, returns (T, B)."""
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(T)):  # over denoising steps, batched over environments
+        next_value = values[t + 1] if t + 1 < T else torch.zeros_like(values[t])
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * gae_lambda * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def whiten(x: torch.Tensor) -> torch.Tensor:
+    """Normalize with the mean and std over all processes, so that N ranks equal one process on the union."""
+    stats = all_reduce_sum(torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()), device=x.device)]).double())
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean ** 2) * stats[2] / (stats[2] - 1).clamp(min=1)
+    return ((x.double() - mean) / (var.sqrt() + 1e-8)).to(x.dtype)
+
+
+@torch.no_grad()
+def evaluate_states(fn, latents, cond, chunk: int, args: Args, device):
+    """fn(states, step_index, cond, actions) over all T x B states of a rollout, `chunk` at a time -> (T, B)."""
+    T, B = latents.shape[0] - 1, latents.shape[1]
+    states, actions = latents[:-1].flatten(0, 1), latents[1:].flatten(0, 1)  # (T*B, C, H, W)
+    idx = torch.arange(T, device=device).repeat_interleave(B)                # (T*B,)
+    flat_cond = None if cond is None else cond.repeat(T, *([1] * (cond.ndim - 1)))
+    out = []
+    for s in range(0, T * B, chunk):
+        i = torch.arange(s, min(s + chunk, T * B), device=device)
+        with autocast(args, device):
+            out.append(fn(states[i], idx[i], select(flat_cond, i), actions[i]).float())
+    return torch.cat(out).view(T, B)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the PPO update
+# ---------------------------------------------------------------------------------------------------------
+def ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf, args: Args, state: dict, shuffle_gen, device):
+    """Clipped-surrogate PPO over all states of the rollout buffer (thesis 5.3). `state["global_step"]`
+    counts optimizer steps and sets the warmup. Returns a dict of averaged statistics."""
+    T, B = buf["logprobs"].shape
+    b_states = buf["latents"][:-1].flatten(0, 1)                 # (T*B, C, H, W), row i*B + e = step i of env e
+    b_actions = buf["latents"][1:].flatten(0, 1)                 # (T*B, C, H, W)
+    b_idx = torch.arange(T, device=device).repeat_interleave(B)  # (T*B,) step index of each state
+    b_t = schedule.timesteps.to(device)[b_idx]                  # (T*B,) training timestep
+    b_cond = None if buf["cond"] is None else buf["cond"].repeat(T, *([1] * (buf["cond"].ndim - 1)))
+    b_logprobs, b_values = buf["logprobs"].flatten(), buf["values"].flatten()
+    b_returns = buf["returns"].flatten()
+    b_advantages = whiten(buf["advantages"].flatten()) if args.norm_adv else buf["advantages"].flatten()
+    n, mb = T * B, args.minibatch_size
+    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio")}
+    for _ in range(args.update_epochs):
+        if args.minibatch_grouping == "trajectory":  # whole trajectories stay together (DDPO)
+            envs = torch.randperm(B, generator=shuffle_gen)
+            order = (envs[:, None] + B * torch.arange(T)[None]).flatten()
+        else:  # random states mixed across trajectories (thesis 5.3)
+            order = torch.randperm(n, generator=shuffle_gen)
+        order = order.to(device)
+        for j, start in enumerate(range(0, n, mb)):
+            i = order[start:start + mb]
+            sync = (j + 1) % args.grad_accum_steps == 0
+            nosync = [m.no_sync() for m in (policy, value_fn) if isinstance(m, DDP) and not sync]
+            with contextlib.ExitStack() as stack:
+                for ctx in nosync:
+                    stack.enter_context(ctx)
+                with autocast(args, device):
+                    new_logprobs = action_logprob(policy, schedule, b_states[i], b_idx[i], select(b_cond, i), b_actions[i])
+                    new_values = value_fn(b_states[i], b_t[i], select(b_cond, i)).float() if value_fn else None
+                log_ratio = new_logprobs - b_logprobs[i]
+                ratio = log_ratio.exp()
+                adv = b_advantages[i]
+                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                if value_fn is not None:
+                    v_loss = (new_values - b_returns[i]) ** 2
+                    if args.clip_vloss:
+                        v_clipped = b_values[i] + (new_values - b_values[i]).clamp(-args.clip_coef, args.clip_coef)
+                        v_loss = torch.max(v_loss, (v_clipped - b_returns[i]) ** 2)
+                    v_loss = 0.5 * v_loss.mean()
+                else:
+                    v_loss = torch.zeros((), device=device)
+                loss = (pg_loss + args.vf_coef * v_loss) / args.grad_accum_steps
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"epoch {state['epoch']}: non-finite PPO loss (policy {pg_loss.item()}, "
+                                             f"value {v_loss.item()}, max |log-ratio| {log_ratio.abs().max().item():.3g});"
+                                             " try --logprob-reduction mean or a lower --policy-lr")
+                scaler.scale(loss).backward()
+            if sync:
+                for opt, model in ((opt_pi, policy), (opt_vf, value_fn)):
+                    if opt is None:
+                        continue
+                    scaler.unscale_(opt)
+                    if args.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    scaler.step(opt)
+                    opt.zero_grad(set_to_none=True)
+                scaler.update()
+                state["global_step"] += 1
+                set_lrs(opt_pi, opt_vf, args, state)
+            with torch.no_grad():
+                stats["pg_loss"].append(pg_loss.item())
+                stats["v_loss"].append(v_loss.item())
+                stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())  # k3 of the update step
+                stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+                stats["ratio"].append(ratio.mean().item())
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def set_lrs(opt_pi, opt_vf, args: Args, state: dict):
+    early = args.policy_lr_early is not None and state["epoch"] < args.policy_lr_early_epochs
+    set_lr(opt_pi, args.policy_lr_early if early else args.policy_lr, state["global_step"], args.policy_warmup_steps)
+    if opt_vf is not None:
+        set_lr(opt_vf, args.vf_lr, state["global_step"], args.vf_warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights + a resumable state (optimizers, scaler, step, RNG of every rank, args)
+# ---------------------------------------------------------------------------------------------------------
+def rng_state(generators: dict) -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    st.update({k: g.get_state() for k, g in generators.items()})
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict, generators: dict):
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    for k, g in generators.items():
+        g.set_state(st[k])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_checkpoint(path: Path, policy_unet, value_net, opt_pi, opt_vf, scaler, state, args, generators):
+    """Rank 0 writes; every rank's RNG state is gathered first. Written to a temporary folder, then renamed."""
+    rngs = [rng_state(generators)]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state(generators))
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    for name, module in (("policy", policy_unet), ("value", value_net)):
+        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise FloatingPointError(f"non-finite {name} weights at epoch {state['epoch']}: not writing {path}")
+
+    def write(d):
+        save_file({k: v.detach().contiguous().cpu() for k, v in policy_unet.state_dict().items()}, d / "policy.safetensors")
+        if value_net is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in value_net.state_dict().items()}, d / "value.safetensors")
+        torch.save({"opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict() if opt_vf else None,
+                    "scaler": scaler.state_dict(), "state": state, "rng": rngs, "args": dataclasses.asdict(args)},
+                   d / "state.pt")
+    models._atomic_save(path, write)
+    (path.parent / "latest").write_text(path.name)
+
+
+def find_checkpoint(resume: str) -> Path:
+    p = Path(resume)
+    if (p / "checkpoints" / "latest").exists():
+        p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+    if not (p / "state.pt").exists() or not (p / "policy.safetensors").exists():
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected state.pt and policy.safetensors, "
+                                "or a run folder with checkpoints/latest)")
+    return p
+
+
+def load_state(ckpt: Path) -> dict:
+    try:  # weights_only: never execute pickled code from a file
+        return torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"--resume {ckpt}: state.pt is unreadable or corrupt ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
+
+
+def load_weights(module, path: Path):
+    try:
+        module.load_state_dict(load_file(path))
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"--resume: {path} is unreadable or does not fit the model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation: fixed-seed samples, their rewards and image grids
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(policy, schedule, base, reward_fn, args: Args, device, eval_cond, prompt_embeds):
+    g = torch.Generator(device).manual_seed(args.seed + 12345)  # the same seeds every time
+    x_T = torch.randn((args.eval_samples, *base.sample_shape), generator=g, device=device)
+    with autocast(args, device):
+        buf = rollout(policy, schedule, x_T, eval_cond, generator=g)
+    images = base.decode(buf.samples)
+    return images, torch.as_tensor(reward_fn(images, eval_cond)).float().flatten().cpu()
+
+
+def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
+    """Reward histograms of base (grey) and optimized (orange) fixed-seed samples, standardized to the base."""
+    from PIL import Image, ImageDraw
+    mu, sd = before.mean(), before.std() + 1e-12
+    zb, za = (before - mu) / sd, (after - mu) / sd
+    lo, hi = min(zb.min(), za.min()), max(zb.max(), za.max()) + 1e-9
+    hb, _ = np.histogram(zb, bins, (lo, hi))
+    ha, _ = np.histogram(za, bins, (lo, hi))
+    W, H, m = 600, 300, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    top = max(hb.max(), ha.max())
+    bw = (W - 2 * m) / bins
+    for k in range(bins):
+        for h, col, off in ((hb[k], (150, 150, 150), 0), (ha[k], (230, 120, 20), bw / 2)):
+            x0 = m + k * bw + off
+            d.rectangle([x0, H - m - (H - 2 * m) * h / top, x0 + bw / 2 - 1, H - m], fill=col)
+    d.line([m, H - m, W - m, H - m], fill="black")
+    d.text((m, 5), f"reward in base std units: base (grey) mean 0, optimized (orange) mean {za.mean():+.2f}", fill="black")
+    d.text((m, H - m + 5), f"{lo:.1f}", fill="black")
+    d.text((W - m - 30, H - m + 5), f"{hi:.1f}", fill="black")
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main: the method's step 4, epoch by epoch
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args, given = parse_args(argv)
+    if args.resume:  # the saved args, overridden only by flags given explicitly now
+        ckpt = find_checkpoint(args.resume)
+        saved = load_state(ckpt)
+        args = Args(**{**saved["args"], **{k: getattr(args, k) for k in given if k != "resume"}, "resume": args.resume})
+    check_requirements(args)
+    rank, world, device = setup_distributed(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
+
+    # --- batch arithmetic, asserted up front -----------------------------------------------------------------
+    if args.num_envs % world:
+        raise SystemExit(f"--num-envs ({args.num_envs}) must be divisible by the number of processes ({world})")
+    B = args.num_envs // world
+    schedule_cfg = dict(sampler=args.sampler, num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
+                        guidance_scale=args.guidance_scale, logprob_reduction=args.logprob_reduction)
+    T = args.num_steps
+    n_states = B * T
+    if n_states % args.minibatch_size:
+        raise SystemExit(f"--minibatch-size ({args.minibatch_size}) must divide the states per process, "
+                         f"--num-envs/processes x --num-steps = {B} x {T} = {n_states}")
+    if args.minibatch_grouping == "trajectory" and args.minibatch_size % T:
+        raise SystemExit(f"--minibatch-grouping trajectory needs --minibatch-size ({args.minibatch_size}) to be a "
+                         f"multiple of --num-steps ({T})")
+    n_minibatches = n_states // args.minibatch_size
+    if n_minibatches % args.grad_accum_steps:
+        raise SystemExit(f"--grad-accum-steps ({args.grad_accum_steps}) must divide the minibatches per process "
+                         f"and epoch ({n_states} states / --minibatch-size {args.minibatch_size} = {n_minibatches})")
+
+    # --- models ---------------------------------------------------------------------------------------------
+    base = models.load_base_model(args.pretrained, device, args.cache_dir) if not args.pretrained.startswith("toy:") \
+        else models.load_base_model(str(models.toy_model_dir(args.pretrained[4:], args.cache_dir, args.toy_train_steps)), device)
+    res = base.sample_shape[1] * (8 if base.is_latent else 1)
+    for flag, want, have in (("resolution", args.resolution, res), ("conditioning", args.conditioning, base.conditioning),
+                             ("latent", args.latent, base.is_latent)):
+        if want is not None and want != have:
+            raise SystemExit(f"--{flag} {want}: the base model {args.pretrained} has {flag} {have}")
+    sched_cfg = base.scheduler_config
+    schedule = DiffusionSchedule.from_config(sched_cfg, SamplerConfig(
+        **schedule_cfg, steps_offset=sched_cfg.get("steps_offset", 0) if args.spacing == "leading" else 0,
+        variance_type=args.variance_type or sched_cfg.get("variance_type", "fixed_small"),
+        prediction_type=sched_cfg.get("prediction_type", "epsilon"),
+        clip_sample=sched_cfg.get("clip_sample_range", 1.0) if sched_cfg.get("clip_sample", not base.is_latent) and not base.is_latent else None))
+    if schedule.num_steps != T:
+        raise SystemExit(f"--num-steps {T} with --spacing {args.spacing} keeps {schedule.num_steps} distinct steps")
+    reward_fn = make_reward_fn(args, base)
+    base.unet.requires_grad_(True).train()
+    policy_net = models.make_denoiser(base, args.guidance_scale)
+    ref_net = None
+    if args.kl_coef > 0:  # the frozen base policy pi_base, only needed for the KL penalty
+        import copy
+        ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
+    value_net = make_value_fn(args, base)
+    value_net = value_net.to(device) if value_net is not None else None
+    policy = DDP(policy_net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else policy_net
+    value_fn = (DDP(value_net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else value_net) if value_net else None
+    adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
+    opt_pi = torch.optim.AdamW(base.unet.parameters(), lr=args.policy_lr, **adam)
+    opt_vf = torch.optim.AdamW(value_net.parameters(), lr=args.vf_lr, **adam) if value_net else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    prompt_embeds = None
+    if base.conditioning == "text":
+        if not args.prompts:
+            raise SystemExit("--prompts FILE is required for a text-conditional model (one prompt per line)")
+        prompts = [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+        prompt_embeds = base.encode_prompts(prompts)  # computed once per prompt
+    gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank), "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
+    state = {"epoch": 0, "global_step": 0}
+    eval_cond = sample_conditions(base, args, args.eval_samples, torch.Generator().manual_seed(args.seed + 54321), prompt_embeds)
+    eval_cond = None if eval_cond is None else eval_cond.to(device)
+    if args.resume:
+        load_weights(base.unet, ckpt / "policy.safetensors")
+        if value_net is not None:
+            load_weights(value_net, ckpt / "value.safetensors")
+        opt_pi.load_state_dict(saved["opt_pi"])
+        if opt_vf is not None:
+            opt_vf.load_state_dict(saved["opt_vf"])
+        scaler.load_state_dict(saved["scaler"])
+        state = dict(saved["state"])
+        if len(saved["rng"]) != world:
+            raise SystemExit(f"--resume: the checkpoint was written by {len(saved['rng'])} processes, now {world}")
+        set_rng_state(saved["rng"][rank], gens)
+    set_lrs(opt_pi, opt_vf, args, state)
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+    writer = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(out / "tb", purge_step=state["epoch"] if args.resume else None)
+        table = "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+        writer.add_text("args", table)
+        (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        print(f"[drlhf] base {args.pretrained} ({base.conditioning}, {'latent' if base.is_latent else 'pixel'} "
+              f"{tuple(base.sample_shape)}), {T} steps {args.sampler}/{schedule.cfg.variance_type}; {world} process(es) x "
+              f"{B} environments = {B * world}; {n_states} states per process -> {n_minibatches} minibatches of "
+              f"{args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
+        if "base_rewards" not in state:
+            images, base_rewards = evaluate(policy_net, schedule, base, reward_fn, args, device, eval_cond, prompt_embeds)
+            state["base_rewards"] = base_rewards
+            save_png(image_grid(images), out / "samples_base.png")
+            print(f"[drlhf] base model, {args.eval_samples} fixed-seed samples: reward {base_rewards.mean():.4f} "
+                  f"+- {base_rewards.std():.4f}")
+    if dist.is_initialized():  # every rank keeps the same state dict (it is saved by rank 0)
+        box = [state]
+        dist.broadcast_object_list(box)
+        state = box[0]
+
+    # --- the training loop ------------------------------------------------------------------------------------
+    bar = tqdm(range(state["epoch"], args.epochs), initial=state["epoch"], total=args.epochs, disable=rank != 0,
+               desc="PPO epochs", unit="epoch")
+    for epoch in bar:
+        state["epoch"] = epoch
+        t0 = time.perf_counter()
+        # 1. ROLLOUT: all environments, one batch per denoising step
+        cond = sample_conditions(base, args, B, gens["shuffle"], prompt_embeds)
+        cond = None if cond is None else cond.to(device)
+        x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
+        policy_net.eval()
+        with autocast(args, device):
+            buf = rollout(policy_net, schedule, x_T, cond, generator=gens["rollout"])
+        # 2. REWARD: terminal score, per-step KL to the base model, values of every state
+        scores = score_terminal(reward_fn, base, buf.samples, cond, epoch, rank)
+        ref_logprobs = None
+        if ref_net is not None:  # log pi_base of the sampled actions, batched over all T x B states
+            ref_logprobs = evaluate_states(lambda x, t, c, a: action_logprob(ref_net, schedule, x, t, c, a),
+                                           buf.latents, cond, args.minibatch_size, args, device)
+        rewards_t, kl = compute_rewards(scores, buf.logprobs, ref_logprobs, args.kl_coef)
+        if value_net is not None:
+            value_net.eval()
+            values = evaluate_states(lambda x, i, c, a: value_net(x, schedule.timesteps.to(device)[i], c),
+                                     buf.latents, cond, args.minibatch_size, args, device)
+        else:
+            values = torch.zeros_like(rewards_t)
+        # 3. ADVANTAGES: GAE over the denoising steps
+        advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)
+        # 4. UPDATE: PPO over all states in random minibatches
+        policy_net.train()
+        if value_net is not None:
+            value_net.train()
+        buf_d = dict(latents=buf.latents, logprobs=buf.logprobs, cond=cond, values=values, returns=returns, advantages=advantages)
+        stats = ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf_d, args, state, gens["shuffle"], device)
+        # 5. STATS (all ranks' rewards and KL pooled)
+        pooled = all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * args.kl_coef,
+                                             (scores.abs() + kl.sum(0) * args.kl_coef).sum()]).double().cpu()) / (B * world)
+        dt = time.perf_counter() - t0
+        if rank == 0:
+            r_mean = pooled[0].item()
+            r_std = math.sqrt(max(pooled[1].item() - r_mean ** 2, 0.0))
+            bmu, bsd = state["base_rewards"].mean().item(), state["base_rewards"].std().item() + 1e-12
+            var_y = returns.var()
+            logs = {"objective/reward_mean": r_mean, "objective/reward_std": r_std,
+                    "objective/reward_mean_std_units": (r_mean - bmu) / bsd, "objective/kl": kl.sum(0).mean().item(),
+                    "objective/kl_penalty": pooled[2].item(), "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
+                    "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
+                    "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],
+                    "losses/clipfrac": stats["clipfrac"], "losses/ratio": stats["ratio"],
+                    "losses/explained_variance": (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan"),
+                    "charts/policy_lr": opt_pi.param_groups[0]["lr"], "charts/images_per_s": B * world / dt,
+                    "charts/global_step": state["global_step"]}
+            if opt_vf is not None:
+                logs["charts/vf_lr"] = opt_vf.param_groups[0]["lr"]
+            for k, v in logs.items():
+                writer.add_scalar(k, v, epoch)
+            writer.add_histogram("objective/rewards", scores.cpu(), epoch)
+            bar.set_postfix(reward=f"{r_mean:.3f}", kl=f"{logs['objective/kl']:.3g}", clipfrac=f"{stats['clipfrac']:.2f}")
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                images, ev = evaluate(policy_net, schedule, base, reward_fn, args, device, eval_cond, prompt_embeds)
+                writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
+                writer.add_scalar("eval/reward_gain_in_base_std", (ev.mean().item() - bmu) / bsd, epoch)
+                grid = image_grid(images)
+                writer.add_image("eval/samples", grid, epoch, dataformats="HWC")
+                (out / "samples").mkdir(exist_ok=True)
+                save_png(grid, out / "samples" / f"epoch_{epoch + 1:05d}.png")
+                state["last_eval"] = ev
+        if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
+            state["epoch"] = epoch + 1
+            save_checkpoint(out / "checkpoints" / f"epoch_{epoch + 1:05d}", base.unet, value_net, opt_pi, opt_vf,
+                            scaler, state, args, gens)
+    state["epoch"] = args.epochs
+
+    # --- the end: the policy as a diffusers pipeline, before/after pictures ---------------------------------------
+    if rank == 0:
+        models.save_pipeline(base.unet, base, out / "final_policy")
+        images, ev = evaluate(policy_net, schedule, base, reward_fn, args, device, eval_cond, prompt_embeds)
+        before = load_grid(out / "samples_base.png")
+        save_png(np.concatenate([before, np.full((before.shape[0], 4, 3), 255, np.uint8), image_grid(images)], 1),
+                 out / "samples_before_after.png")
+        br = state["base_rewards"]
+        histogram_png(br.numpy(), ev.numpy(), out / "reward_histogram.png")
+        gain = (ev.mean() - br.mean()) / (br.std() + 1e-12)
+        summary = dict(base_reward_mean=br.mean().item(), base_reward_std=br.std().item(), final_reward_mean=ev.mean().item(),
+                       final_reward_std=ev.std().item(), gain_in_base_std=gain.item(), epochs=args.epochs)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"[drlhf] fixed-seed reward {br.mean():.4f} +- {br.std():.4f} -> {ev.mean():.4f} +- {ev.std():.4f} "
+              f"({gain:+.2f} base std); policy saved to {out / 'final_policy'}")
+        writer.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def load_grid(path: Path) -> np.ndarray:
+    from PIL import Image
+    img = Image.open(path)  # saved at 4x by save_png
+    return np.asarray(img.resize((img.width // 4, img.height // 4), Image.NEAREST).convert("RGB"))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (models.ModelLoadError, FileNotFoundError, FloatingPointError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
