@@ -101,12 +101,12 @@ class Args:
     minibatch_grouping: str = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---
-    epochs: int = 120
-    """Table 6.2 "Epochs": rollout + update rounds (offline default: 120, thesis: 3000)"""
+    epochs: int = 50
+    """Table 6.2 "Epochs": rollout + update rounds (offline default: 50, thesis: 3000)"""
     minibatch_size: int = 25
     """Table 6.2 "Minibatch Size": states per forward pass on each process"""
-    policy_lr: float = 2e-5
-    """Table 6.2 "Learning Rate Policy" (offline default 2e-5 to learn in minutes on CPU; thesis: 1e-7)"""
+    policy_lr: float = 5e-5
+    """Table 6.2 "Learning Rate Policy" (offline default 5e-5 to learn in minutes on CPU; thesis: 1e-7)"""
     policy_lr_early: float | None = None
     """Table 6.2 "Aesthetic Score": policy LR for the first --policy-lr-early-epochs epochs (2e-7)"""
     policy_lr_early_epochs: int = 0
@@ -524,7 +524,9 @@ def set_lrs(opt_pi, opt_vf, args: Args, state: dict):
 # Checkpoints: safetensors weights + a resumable state (optimizers, scaler, step, RNG of every rank, args)
 # ---------------------------------------------------------------------------------------------------------
 def rng_state(generators: dict) -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: loadable with weights_only
+    st = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+          "python": random.getstate()}
     st.update({k: g.get_state() for k, g in generators.items()})
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
@@ -533,7 +535,8 @@ def rng_state(generators: dict) -> dict:
 
 def set_rng_state(st: dict, generators: dict):
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(st["python"])
     for k, g in generators.items():
         g.set_state(st[k])

@@ -30,7 +30,7 @@ TOY_MODELS = {
     "digit4-32": dict(digits=[4], rgb=False, resolution=32, class_cond=False),
     "digits-rgb": dict(digits=list(range(10)), rgb=True, resolution=16, class_cond=True),
 }
-TOY_TRAIN_STEPS = 600  # DESIGN.md recipe: clean, varied digits after ~500 AdamW steps at batch 128
+TOY_TRAIN_STEPS = 500  # DESIGN.md recipe: clean, varied digits after ~500 AdamW steps at batch 128
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,63 @@
+"""One PPO update through train_ppo.ppo_update, single-process or under torchrun; rank 0 saves the weights.
+
+    python tests/ddp_check.py OUT.safetensors                              # one process, all 4 environments
+    torchrun --nproc_per_node=2 tests/ddp_check.py OUT.safetensors         # 2 ranks, 2 environments each
+
+The rollout buffer is the same in both cases (built from fixed seeds), each rank takes its share of the
+environments, and each rank's minibatch is all of its states, so the DDP-averaged gradient must equal the
+single-process gradient on the union.
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_ppo  # noqa: E402
+from drlhf import models  # noqa: E402
+from drlhf.sampler import DiffusionSchedule, SamplerConfig, make_betas, rollout, space_timesteps  # noqa: E402
+
+T, B_ALL = 5, 4
+world = int(os.environ.get("WORLD_SIZE", 1))
+rank = int(os.environ.get("RANK", 0))
+if world > 1:
+    dist.init_process_group("gloo")
+torch.manual_seed(0)
+unet = models.toy_unet(1, 16, class_cond=False)
+value_net = models.CriticCNN(1, 16)
+policy_net = models.Denoiser(unet, "none")
+schedule = DiffusionSchedule(make_betas("squaredcos_cap_v2"), space_timesteps(1000, T), SamplerConfig(num_steps=T))
+x_T = torch.randn(B_ALL, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    buf = rollout(policy_net, schedule, x_T, None, generator=torch.Generator().manual_seed(2))
+    scores = torch.randn(B_ALL, generator=torch.Generator().manual_seed(3))
+    rewards_t, _ = train_ppo.compute_rewards(scores, buf.logprobs, None, 0.0)
+    values = torch.stack([value_net(buf.latents[i], schedule.timesteps[i].repeat(B_ALL)) for i in range(T)])
+    advantages, returns = train_ppo.compute_advantages(rewards_t, values, 1.0, 0.95)
+share = slice(rank * B_ALL // world, (rank + 1) * B_ALL // world)
+local = dict(latents=buf.latents[:, share], logprobs=buf.logprobs[:, share], cond=None, values=values[:, share],
+             returns=returns[:, share], advantages=advantages[:, share])
+args = train_ppo.Args(minibatch_size=T * B_ALL // world, grad_accum_steps=1, policy_lr=1.0, vf_lr=1.0,
+                      policy_warmup_steps=1, vf_warmup_steps=1, max_grad_norm=0.5)
+# SGD: the weight change is the (clipped) gradient itself; Adam's first step, lr * g / (|g| + eps), would turn
+# float rounding in near-zero gradients into full-size sign flips
+opt_pi = torch.optim.SGD(unet.parameters(), lr=args.policy_lr)
+opt_vf = torch.optim.SGD(value_net.parameters(), lr=args.vf_lr)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+policy = DDP(policy_net, broadcast_buffers=False) if world > 1 else policy_net
+value_fn = DDP(value_net) if world > 1 else value_net
+init = {f"policy.{k}": v.clone() for k, v in unet.state_dict().items()}
+init.update({f"value.{k}": v.clone() for k, v in value_net.state_dict().items()})
+train_ppo.ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, local, args, {"epoch": 0, "global_step": 0},
+                     torch.Generator().manual_seed(4), torch.device("cpu"))
+if rank == 0:
+    out = {f"policy.{k}": v.contiguous() for k, v in unet.state_dict().items()}
+    out.update({f"value.{k}": v.contiguous() for k, v in value_net.state_dict().items()})
+    save_file(out, sys.argv[1])
+    save_file(init, sys.argv[1] + ".init")
+if world > 1:
+    dist.destroy_process_group()

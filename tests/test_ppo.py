@@ -1,0 +1,277 @@
+"""train_ppo.py: estimators against naive references, presets against Table 6.2, and end-to-end runs."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_ppo
+from conftest import ROOT, TINY
+from drlhf import rewards
+
+TABLE = Path(__file__).parent / "fixtures" / "table_6_2.md"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# estimators
+# ---------------------------------------------------------------------------------------------------------
+def test_gae_matches_a_python_loop():
+    g = torch.Generator().manual_seed(0)
+    rewards_t, values = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    gamma, lam = 0.97, 0.9
+    adv, ret = train_ppo.compute_advantages(rewards_t, values, gamma, lam)
+    for e in range(3):
+        for t in range(7):  # A_t = sum_l (gamma lam)^l delta_{t+l}, V after the last step = 0
+            ref = 0.0
+            for l in range(7 - t):
+                k = t + l
+                nv = values[k + 1, e].item() if k + 1 < 7 else 0.0
+                ref += (gamma * lam) ** l * (rewards_t[k, e].item() + gamma * nv - values[k, e].item())
+            assert adv[t, e].item() == pytest.approx(ref, rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(ret, adv + values)
+
+
+def test_k3_kl_is_nonnegative_and_zero_for_identical_models():
+    g = torch.Generator().manual_seed(1)
+    logprobs = torch.randn(5, 4, generator=g) * 30
+    ref = logprobs + torch.randn(5, 4, generator=g) * 3
+    scores = torch.randn(4, generator=g)
+    rewards_t, kl = train_ppo.compute_rewards(scores, logprobs, ref, kl_coef=0.1)
+    assert (kl >= 0).all()
+    log_ratio = (ref - logprobs).double()
+    torch.testing.assert_close(kl.double(), (log_ratio.exp() - 1) - log_ratio, rtol=1e-5, atol=1e-6)
+    # Eq. 5.3: -beta KL at every step, plus the terminal reward at the last step
+    torch.testing.assert_close(rewards_t[:-1], -0.1 * kl[:-1])
+    torch.testing.assert_close(rewards_t[-1], scores - 0.1 * kl[-1])
+    _, kl0 = train_ppo.compute_rewards(scores, logprobs, logprobs.clone(), kl_coef=0.1)
+    assert torch.equal(kl0, torch.zeros_like(kl0))
+
+
+def test_target_reward_is_algorithm_1():
+    target = rewards.load_target(16, 1)
+    assert rewards.target_image_reward(target * 2 - 1, target).abs().max() < 1e-6  # the target itself: 0
+    img = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = (img + 1) / 2
+    loss = (x - target) ** 2
+    loss = loss + loss * target / target.mean()
+    ref = -10 * loss.mean((1, 2, 3)).sqrt()
+    torch.testing.assert_close(rewards.target_image_reward(img, target), ref)
+    black = -torch.ones(1, 1, 16, 16)
+    assert rewards.target_image_reward(black, target) < ref.max()  # all black is not a good optimum
+
+
+def test_colorfulness_matches_appendix_a_reference():
+    from skimage.color import rgb2lab
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 12, 12, generator=g) * 2 - 1
+    images[0] = 0  # grey: no vivid pixels
+    ours = rewards.colorfulness_reward(images)
+    for k in range(3):  # appendix A, one image at a time with np.digitize
+        lab = rgb2lab(((images[k] + 1) / 2).permute(1, 2, 0).numpy())
+        a, b = lab[..., 1], lab[..., 2]
+        vivid = (a ** 2 + b ** 2 > 10).mean()
+        edges = np.linspace(-np.pi, np.pi, 8)
+        d = np.digitize(np.arctan2(b, a), edges) - 1
+        d[d == 7] = 6
+        p = np.bincount(d.ravel(), minlength=7) / d.size
+        ent = -(p * np.log2(p + np.finfo(float).eps)).sum()
+        assert ours[k].item() == pytest.approx(vivid * ent, rel=1e-5, abs=1e-6)
+    assert ours[0] == 0
+    with pytest.raises(ValueError, match="RGB"):
+        rewards.colorfulness_reward(torch.zeros(2, 1, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# presets = Table 6.2
+# ---------------------------------------------------------------------------------------------------------
+def _table():
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in TABLE.read_text().splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+    header = rows[0][1:]
+    return header, {r[0]: dict(zip(header, r[1:])) for r in rows[1:]}
+
+
+def _num(s):
+    return float(s.split()[0])
+
+
+ROWS = {  # Table 6.2 row -> (Args field, parser of the cell)
+    "resolution": ("resolution", lambda s: int(s.split("×")[0])),
+    "conditioning": ("conditioning", lambda s: s),
+    "CFG scale": ("guidance_scale", lambda s: 1.0 if s == "–" else float(s)),
+    "latent diffusion": ("latent", lambda s: s == "✓"),
+    "rollout timesteps": ("num_steps", int),
+    "environments": ("num_envs", lambda s: int(s.split()[0])),
+    "GAE γ": ("gamma", _num), "GAE λ": ("gae_lambda", _num), "PPO clip coeff.": ("clip_coef", _num),
+    "PPO value-fn coeff.": ("vf_coef", _num), "KL penalty coeff. β": ("kl_coef", _num),
+    "epochs (rollout+update rounds)": ("epochs", int), "minibatch size (states)": ("minibatch_size", int),
+    "policy LR": ("policy_lr", _num), "value-fn LR": ("vf_lr", _num),
+    "policy warmup (optimizer steps)": ("policy_warmup_steps", int),
+    "value-fn warmup (optimizer steps)": ("vf_warmup_steps", int),
+    "Adam ε": ("adam_eps", _num), "weight decay": ("weight_decay", _num),
+    "grad. accumulation steps": ("grad_accum_steps", int),
+    "grad. clip norm": ("max_grad_norm", lambda s: None if s == "–" else float(s)),
+    "precision": ("precision", lambda s: s.split()[0].lower()),
+    "allow TF32": ("tf32", lambda s: s == "✓"),
+}
+REWARDS = {"fixed fn: adjusted": "target", "fixed fn: colorfulness": "colorfulness", "LAION": "aesthetic",
+           "custom RM": "rm", "same RM": "rm", "PickScore": "pickscore"}
+BASES = {"MNIST": "toy:digit4-32", "ImageNet": "guided-diffusion:64x64",
+         "Stable Diffusion v1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+def test_presets_hold_table_6_2():
+    header, table = _table()
+    assert set(header) <= set(train_ppo.PRESETS)
+    checked = 0
+    for exp in header:
+        args, _ = train_ppo.parse_args(["--exp", exp])
+        for row, (field, parse) in ROWS.items():
+            cell = table[row][exp]
+            if cell == "–" and row not in ("CFG scale", "grad. clip norm"):
+                assert args.algo == "backprop", f"{exp}: {row} is '–' only for the non-RL experiment"
+                continue
+            assert getattr(args, field) == parse(cell), f"--exp {exp}: {field}={getattr(args, field)!r}, Table 6.2 " \
+                                                        f"{row!r} says {cell!r}"
+            checked += 1
+        b1, b2 = (float(v) for v in table["Adam β1 / β2"][exp].split("/"))
+        assert (args.adam_beta1, args.adam_beta2) == (b1, b2)
+        assert table["optimizer"][exp] == "AdamW"
+        early = re.search(r"\(([\d.e-]+) for the first (\d+) epochs\)", table["policy LR"][exp])
+        assert (args.policy_lr_early, args.policy_lr_early_epochs) == \
+            ((float(early.group(1)), int(early.group(2))) if early else (None, 0))
+        assert args.reward == next(v for k, v in REWARDS.items() if table["reward"][exp].startswith(k))
+        assert args.pretrained == next(v for k, v in BASES.items() if k in table["base policy"][exp])
+        checked += 5
+    assert checked > 150
+
+
+def test_preset_precedence_and_unknown_preset(capsys):
+    args, given = train_ppo.parse_args(["--exp", "pink", "--policy-lr", "3e-7"])
+    assert args.policy_lr == 3e-7 and args.vf_lr == 1e-6 and args.num_envs == 80 and given == {"exp", "policy_lr"}
+    assert train_ppo.parse_args([])[0].policy_lr == train_ppo.Args.policy_lr
+    with pytest.raises(SystemExit):
+        train_ppo.parse_args(["--exp", "nope"])
+    assert "unknown --exp 'nope'" in capsys.readouterr().err
+
+
+def test_every_flag_has_help():
+    for action in train_ppo.build_parser()._actions:
+        if action.dest != "help":
+            assert len(action.help) > 10, action.dest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# end to end (subprocesses at toy size)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    proc = run("train_ppo.py", *TINY, "--epochs", "2", "--checkpoint-every", "1", "--output-dir", out)
+    return out, proc
+
+
+def test_smoke_run_writes_everything(smoke):
+    out, proc = smoke
+    assert "fixed-seed reward" in proc.stdout
+    for f in ("samples_base.png", "samples_before_after.png", "reward_histogram.png", "summary.json", "args.json",
+              "checkpoints/epoch_00002/policy.safetensors", "checkpoints/epoch_00002/value.safetensors",
+              "checkpoints/epoch_00002/state.pt", "samples/epoch_00002.png"):
+        assert (out / f).exists(), f
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    from diffusers import DDPMPipeline
+    pipe = DDPMPipeline.from_pretrained(out / "final_policy")
+    policy = load_file(out / "checkpoints/epoch_00002/policy.safetensors")
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.equal(v, policy[k]), k
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary["gain_in_base_std"])
+
+
+def test_resume_equals_an_uninterrupted_run(run, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("train_ppo.py", *TINY, "--epochs", "4", "--checkpoint-every", "2", "--output-dir", a)
+    run("train_ppo.py", *TINY, "--epochs", "2", "--checkpoint-every", "2", "--output-dir", b)
+    run("train_ppo.py", "--resume", b, "--epochs", "4")
+    for name in ("policy", "value"):
+        wa = load_file(a / f"checkpoints/epoch_00004/{name}.safetensors")
+        wb = load_file(b / f"checkpoints/epoch_00004/{name}.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+    sa = torch.load(a / "checkpoints/epoch_00004/state.pt", weights_only=True)
+    sb = torch.load(b / "checkpoints/epoch_00004/state.pt", weights_only=True)
+    assert sa["state"]["global_step"] == sb["state"]["global_step"] == 4 * 4  # 20 states / 5 per step x 4 epochs
+
+
+def test_colorfulness_stand_in_with_kl_and_class_conditioning(run, tmp_path):
+    proc = run("train_ppo.py", "--exp", "digits-colorfulness", *TINY, "--epochs", "1", "--guidance-scale", "2",
+               "--output-dir", tmp_path)
+    assert "class" in proc.stdout and (tmp_path / "final_policy" / "model_index.json").exists()
+
+
+def test_torchrun_two_cpu_processes(run, tmp_path):
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *TINY,
+        "--epochs", "1", "--device", "cpu", "--output-dir", tmp_path)
+    assert (tmp_path / "final_policy" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_ddp_update_equals_single_process_on_the_union(run, tmp_path):
+    run(Path(__file__).parent / "ddp_check.py", tmp_path / "single.safetensors")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", Path(__file__).parent / "ddp_check.py",
+        tmp_path / "ddp.safetensors")
+    single, ddp = load_file(tmp_path / "single.safetensors"), load_file(tmp_path / "ddp.safetensors")
+    init = load_file(tmp_path / "single.safetensors.init")
+    moved = 0
+    for k in single:  # SGD with lr 1: the weight change is the all-reduced gradient
+        delta_single, delta_ddp = single[k] - init[k], ddp[k] - init[k]
+        torch.testing.assert_close(delta_ddp, delta_single, rtol=1e-4, atol=1e-5)
+        moved += int(delta_single.abs().max() > 1e-3)
+    assert moved > 10  # the update really changed the weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one actionable sentence, nothing half-written
+# ---------------------------------------------------------------------------------------------------------
+def test_batch_sizes_that_do_not_divide_name_the_flags(run, tmp_path):
+    proc = run("train_ppo.py", *TINY, "--minibatch-size", "7", "--output-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and "--minibatch-size (7)" in proc.stderr and "--num-envs" in proc.stderr
+    proc = run("train_ppo.py", *TINY, "--grad-accum-steps", "3", "--output-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and "--grad-accum-steps (3)" in proc.stderr
+
+
+def test_unknown_preset_and_hub_id_offline(run, tmp_path):
+    proc = run("train_ppo.py", "--exp", "nope", check=False)
+    assert proc.returncode != 0 and "unknown --exp 'nope'" in proc.stderr
+    proc = run("train_ppo.py", "--pretrained", "someone/not-cached-model", "--output-dir", tmp_path, check=False)
+    assert proc.returncode != 0 and "--pretrained someone/not-cached-model" in proc.stderr
+    assert "download" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("train_ppo.py", "--exp", "colorfulness", check=False)
+    assert proc.returncode != 0 and "64x64_diffusion.pt" in proc.stderr
+
+
+def test_nan_reward_stops_with_epoch_and_sample_and_writes_no_checkpoint(run, tmp_path):
+    proc = run("train_ppo.py", *TINY, "--reward", "tests.helpers:nan_for_second_sample", "--value-fn", "none",
+               "--output-dir", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "epoch 0" in proc.stderr and "sample 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_and_corrupt_checkpoints(run, smoke, tmp_path):
+    proc = run("train_ppo.py", "--resume", tmp_path / "nothing", check=False)
+    assert proc.returncode != 0 and "no checkpoint there" in proc.stderr
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(smoke[0] / "checkpoints" / "epoch_00001", broken)
+    (broken / "state.pt").write_bytes(b"not a checkpoint")
+    proc = run("train_ppo.py", "--resume", broken, check=False)
+    assert proc.returncode != 0 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+    model = tmp_path / "model"
+    shutil.copytree(smoke[0] / "final_policy", model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = run("train_ppo.py", "--pretrained", model, "--output-dir", tmp_path / "o", check=False)
+    assert proc.returncode != 0 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
