@@ -98,6 +98,8 @@ class Args:
     """clip the value loss around the rollout values (thesis 5.3)"""
     update_epochs: int = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
+    old_logprobs: str = "rollout"
+    """log pi_old for the PPO ratio: rollout (recorded while sampling, thesis 5.3; exact on CPU) or recompute (one extra no-grad pass in the update's own minibatches, so the ratio starts at exactly 1 on GPUs whose kernels depend on the batch; see losses/ratio_dev_at_start)"""
     minibatch_grouping: str = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---
@@ -425,45 +427,55 @@ def whiten(x: torch.Tensor) -> torch.Tensor:
     return ((x.double() - mean) / (var.sqrt() + 1e-8)).to(x.dtype)
 
 
+def minibatch_orders(args: Args, T: int, B: int, generator, device) -> torch.Tensor:
+    """(update_epochs, T*B) permutations of the flattened states (row i*B + e = step i of environment e)."""
+    orders = []
+    for _ in range(args.update_epochs):
+        if args.minibatch_grouping == "trajectory":  # whole trajectories stay together (DDPO)
+            envs = torch.randperm(B, generator=generator)
+            orders.append((envs[:, None] + B * torch.arange(T)[None]).flatten())
+        elif args.minibatch_grouping == "state":  # random states mixed across trajectories (thesis 5.3)
+            orders.append(torch.randperm(T * B, generator=generator))
+        else:
+            raise ValueError(f"--minibatch-grouping must be state or trajectory, got {args.minibatch_grouping!r}")
+    return torch.stack(orders).to(device)
+
+
 @torch.no_grad()
-def evaluate_states(fn, latents, cond, chunk: int, args: Args, device):
-    """fn(states, step_index, cond, actions) over all T x B states of a rollout, `chunk` at a time -> (T, B)."""
+def evaluate_states(fn, latents, cond, order, chunk: int, args: Args, device):
+    """fn(states, step_index, cond, actions) over all T x B states of a rollout -> (T, B), evaluated in the
+    chunks of the update's minibatch order, so that batch-dependent GPU kernels see the same batches."""
     T, B = latents.shape[0] - 1, latents.shape[1]
     states, actions = latents[:-1].flatten(0, 1), latents[1:].flatten(0, 1)  # (T*B, C, H, W)
     idx = torch.arange(T, device=device).repeat_interleave(B)                # (T*B,)
     flat_cond = None if cond is None else cond.repeat(T, *([1] * (cond.ndim - 1)))
-    out = []
+    out = torch.empty(T * B, device=device)
     for s in range(0, T * B, chunk):
-        i = torch.arange(s, min(s + chunk, T * B), device=device)
+        i = order[s:s + chunk]
         with autocast(args, device):
-            out.append(fn(states[i], idx[i], select(flat_cond, i), actions[i]).float())
-    return torch.cat(out).view(T, B)
+            out[i] = fn(states[i], idx[i], select(flat_cond, i), actions[i]).float()
+    return out.view(T, B)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: the PPO update
 # ---------------------------------------------------------------------------------------------------------
-def ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf, args: Args, state: dict, shuffle_gen, device):
-    """Clipped-surrogate PPO over all states of the rollout buffer (thesis 5.3). `state["global_step"]`
-    counts optimizer steps and sets the warmup. Returns a dict of averaged statistics."""
+def ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf, orders, args: Args, state: dict, device):
+    """Clipped-surrogate PPO over all states of the rollout buffer (thesis 5.3), one pass per row of `orders`.
+    `state["global_step"]` counts optimizer steps and sets the warmup. Returns a dict of averaged statistics."""
     T, B = buf["logprobs"].shape
     b_states = buf["latents"][:-1].flatten(0, 1)                 # (T*B, C, H, W), row i*B + e = step i of env e
     b_actions = buf["latents"][1:].flatten(0, 1)                 # (T*B, C, H, W)
     b_idx = torch.arange(T, device=device).repeat_interleave(B)  # (T*B,) step index of each state
     b_t = schedule.timesteps.to(device)[b_idx]                  # (T*B,) training timestep
     b_cond = None if buf["cond"] is None else buf["cond"].repeat(T, *([1] * (buf["cond"].ndim - 1)))
-    b_logprobs, b_values = buf["logprobs"].flatten(), buf["values"].flatten()
-    b_returns = buf["returns"].flatten()
+    b_logprobs, b_values = buf["logprobs"].flatten(), buf["values"].flatten()   # (T*B,)
+    b_returns = buf["returns"].flatten()                                         # (T*B,)
     b_advantages = whiten(buf["advantages"].flatten()) if args.norm_adv else buf["advantages"].flatten()
     n, mb = T * B, args.minibatch_size
     stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio")}
-    for _ in range(args.update_epochs):
-        if args.minibatch_grouping == "trajectory":  # whole trajectories stay together (DDPO)
-            envs = torch.randperm(B, generator=shuffle_gen)
-            order = (envs[:, None] + B * torch.arange(T)[None]).flatten()
-        else:  # random states mixed across trajectories (thesis 5.3)
-            order = torch.randperm(n, generator=shuffle_gen)
-        order = order.to(device)
+    stats["ratio_dev_at_start"] = []  # max |ratio - 1| of the first minibatch, before any optimizer step
+    for order in orders:
         for j, start in enumerate(range(0, n, mb)):
             i = order[start:start + mb]
             sync = (j + 1) % args.grad_accum_steps == 0
@@ -510,6 +522,8 @@ def ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf, args: Ar
                 stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())  # k3 of the update step
                 stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
                 stats["ratio"].append(ratio.mean().item())
+                if not stats["ratio_dev_at_start"]:
+                    stats["ratio_dev_at_start"].append((ratio - 1).abs().max().item())
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
@@ -640,6 +654,8 @@ def main(argv=None):
         saved = load_state(ckpt)
         args = Args(**{**saved["args"], **{k: getattr(args, k) for k in given if k != "resume"}, "resume": args.resume})
     check_requirements(args)
+    if args.old_logprobs not in ("rollout", "recompute"):
+        raise SystemExit(f"--old-logprobs must be rollout or recompute, got {args.old_logprobs!r}")
     rank, world, device = setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)
@@ -667,8 +683,13 @@ def main(argv=None):
                          f"and epoch ({n_states} states / --minibatch-size {args.minibatch_size} = {n_minibatches})")
 
     # --- models ---------------------------------------------------------------------------------------------
-    base = models.load_base_model(args.pretrained, device, args.cache_dir) if not args.pretrained.startswith("toy:") \
-        else models.load_base_model(str(models.toy_model_dir(args.pretrained[4:], args.cache_dir, args.toy_train_steps)), device)
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 trains and caches toy models first; the others then read the cache
+    base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    torch.manual_seed(args.seed)  # the same value-function init whether or not a toy model was just trained
+    value_net = make_value_fn(args, base)
+    if world > 1 and rank == 0:
+        dist.barrier()
     res = base.sample_shape[1] * (8 if base.is_latent else 1)
     for flag, want, have in (("resolution", args.resolution, res), ("conditioning", args.conditioning, base.conditioning),
                              ("latent", args.latent, base.is_latent)):
@@ -689,7 +710,6 @@ def main(argv=None):
     if args.kl_coef > 0:  # the frozen base policy pi_base, only needed for the KL penalty
         import copy
         ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
-    value_net = make_value_fn(args, base)
     value_net = value_net.to(device) if value_net is not None else None
     policy = DDP(policy_net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else policy_net
     value_fn = (DDP(value_net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else value_net) if value_net else None
@@ -758,30 +778,35 @@ def main(argv=None):
         policy_net.eval()
         with autocast(args, device):
             buf = rollout(policy_net, schedule, x_T, cond, generator=gens["rollout"])
+        orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
+        logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
+        if args.old_logprobs == "recompute":
+            logprobs = evaluate_states(lambda x, i, c, a: action_logprob(policy_net, schedule, x, i, c, a),
+                                       buf.latents, cond, orders[0], args.minibatch_size, args, device)
         # 2. REWARD: terminal score, per-step KL to the base model, values of every state
-        scores = score_terminal(reward_fn, base, buf.samples, cond, epoch, rank)
-        ref_logprobs = None
-        if ref_net is not None:  # log pi_base of the sampled actions, batched over all T x B states
-            ref_logprobs = evaluate_states(lambda x, t, c, a: action_logprob(ref_net, schedule, x, t, c, a),
-                                           buf.latents, cond, args.minibatch_size, args, device)
-        rewards_t, kl = compute_rewards(scores, buf.logprobs, ref_logprobs, args.kl_coef)
+        scores = score_terminal(reward_fn, base, buf.samples, cond, epoch, rank)   # (B,)
+        ref_logprobs = None                                                        # (T, B) log pi_base(a_t|s_t)
+        if ref_net is not None:
+            ref_logprobs = evaluate_states(lambda x, i, c, a: action_logprob(ref_net, schedule, x, i, c, a),
+                                           buf.latents, cond, orders[0], args.minibatch_size, args, device)
+        rewards_t, kl = compute_rewards(scores, logprobs, ref_logprobs, args.kl_coef)  # (T, B) each
+        values = torch.zeros_like(rewards_t)                                          # (T, B) V(x_t, t, c)
         if value_net is not None:
             value_net.eval()
             values = evaluate_states(lambda x, i, c, a: value_net(x, schedule.timesteps.to(device)[i], c),
-                                     buf.latents, cond, args.minibatch_size, args, device)
-        else:
-            values = torch.zeros_like(rewards_t)
+                                     buf.latents, cond, orders[0], args.minibatch_size, args, device)
         # 3. ADVANTAGES: GAE over the denoising steps
-        advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)
+        advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)  # (T, B) each
         # 4. UPDATE: PPO over all states in random minibatches
         policy_net.train()
         if value_net is not None:
             value_net.train()
-        buf_d = dict(latents=buf.latents, logprobs=buf.logprobs, cond=cond, values=values, returns=returns, advantages=advantages)
-        stats = ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf_d, args, state, gens["shuffle"], device)
+        buf_d = dict(latents=buf.latents, logprobs=logprobs, cond=cond, values=values, returns=returns,
+                     advantages=advantages)
+        stats = ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf_d, orders, args, state, device)
         # 5. STATS (all ranks' rewards and KL pooled)
         pooled = all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * args.kl_coef,
-                                             (scores.abs() + kl.sum(0) * args.kl_coef).sum()]).double().cpu()) / (B * world)
+                                             (scores.abs() + kl.sum(0) * args.kl_coef).sum()]).double()).cpu() / (B * world)
         dt = time.perf_counter() - t0
         if rank == 0:
             r_mean = pooled[0].item()
@@ -794,6 +819,7 @@ def main(argv=None):
                     "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
                     "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],
                     "losses/clipfrac": stats["clipfrac"], "losses/ratio": stats["ratio"],
+                    "losses/ratio_dev_at_start": stats["ratio_dev_at_start"],
                     "losses/explained_variance": (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan"),
                     "charts/policy_lr": opt_pi.param_groups[0]["lr"], "charts/images_per_s": B * world / dt,
                     "charts/global_step": state["global_step"]}

@@ -70,31 +70,35 @@ def toy_unet(channels: int, resolution: int, class_cond: bool):
                        num_class_embeds=11 if class_cond else None)  # class 10 = "no class" for CFG
 
 
-def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed: int = 0, batch_size: int = 128,
+def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed: int = 0, batch_size: int = 64,
                     lr: float = 1e-3, cond_drop: float = 0.1):
-    """Train a toy DDPM (cosine schedule, epsilon prediction) and save it as a diffusers DDPMPipeline."""
+    """Train a toy DDPM (cosine schedule, epsilon prediction) and save it as a diffusers DDPMPipeline.
+    Runs on the GPU when there is one (the result then differs in the last bits from a CPU-trained model)."""
     from diffusers import DDPMPipeline, DDPMScheduler
     from tqdm.auto import tqdm
     spec = TOY_MODELS[name]
     torch.manual_seed(seed)
     x, labels = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
-    unet = toy_unet(x.shape[1], spec["resolution"], spec["class_cond"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = toy_unet(x.shape[1], spec["resolution"], spec["class_cond"]).to(device)
+    x, labels = x.to(device), labels.to(device)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc=f"training base model toy:{name} (first use, cached)", unit="step"):
-        i = torch.randint(len(x), (batch_size,), generator=g)
+        i = torch.randint(len(x), (batch_size,), generator=g).to(device)
         x0, y = x[i], labels[i]
         x0 = torch.roll(x0, shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
         kwargs = {}
-        if spec["class_cond"]:
-            kwargs["class_labels"] = torch.where(torch.rand(batch_size, generator=g) < cond_drop, 10, y)
+        if spec["class_cond"]:  # class 10 = "no class" with probability cond_drop, for classifier-free guidance
+            kwargs["class_labels"] = torch.where(torch.rand(batch_size, generator=g).to(device) < cond_drop, 10, y)
         loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, **kwargs).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    unet = unet.cpu()
     _atomic_save(out_dir, lambda d: (DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d),
                                       (Path(d) / "drlhf_toy.json").write_text(json.dumps(
                                           dict(name=name, steps=steps, seed=seed, final_loss=loss.item(),
@@ -121,7 +125,7 @@ def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRA
     if name not in TOY_MODELS:
         raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
                              + ", ".join(f"toy:{k}" for k in TOY_MODELS))
-    path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}"
+    path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}-b64"
     if not (path / "model_index.json").exists():
         train_toy_model(name, path, steps)
     return path
@@ -167,10 +171,10 @@ class BaseModel:
         return images.float().clamp(-1, 1)
 
 
-def _resolve(source: str, cache_dir) -> Path:
+def _resolve(source: str, cache_dir, toy_train_steps: int) -> Path:
     """--pretrained value -> local folder (toy models are trained here on first use)."""
     if source.startswith("toy:"):
-        return toy_model_dir(source[4:], cache_dir)
+        return toy_model_dir(source[4:], cache_dir, toy_train_steps)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -190,10 +194,11 @@ def _resolve(source: str, cache_dir) -> Path:
                          "(owner/name) or one of " + ", ".join(f"toy:{k}" for k in TOY_MODELS))
 
 
-def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=torch.float32) -> BaseModel:
+def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=torch.float32,
+                    toy_train_steps: int = TOY_TRAIN_STEPS) -> BaseModel:
     """Load a base diffusion model from a toy name, a local diffusers folder or a hub id."""
     from diffusers import UNet2DConditionModel, UNet2DModel
-    path = _resolve(source, cache_dir)
+    path = _resolve(source, cache_dir, toy_train_steps)
     index = path / "model_index.json"
     try:
         if index.exists():

@@ -52,8 +52,9 @@ policy = DDP(policy_net, broadcast_buffers=False) if world > 1 else policy_net
 value_fn = DDP(value_net) if world > 1 else value_net
 init = {f"policy.{k}": v.clone() for k, v in unet.state_dict().items()}
 init.update({f"value.{k}": v.clone() for k, v in value_net.state_dict().items()})
-train_ppo.ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, local, args, {"epoch": 0, "global_step": 0},
-                     torch.Generator().manual_seed(4), torch.device("cpu"))
+orders = torch.arange(T * B_ALL // world)[None]  # one minibatch holding all of this rank's states
+train_ppo.ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, local, orders, args,
+                     {"epoch": 0, "global_step": 0}, torch.device("cpu"))
 if rank == 0:
     out = {f"policy.{k}": v.contiguous() for k, v in unet.state_dict().items()}
     out.update({f"value.{k}": v.contiguous() for k, v in value_net.state_dict().items()})

@@ -206,10 +206,25 @@ def test_resume_equals_an_uninterrupted_run(run, tmp_path):
     assert sa["state"]["global_step"] == sb["state"]["global_step"] == 4 * 4  # 20 states / 5 per step x 4 epochs
 
 
-def test_colorfulness_stand_in_with_kl_and_class_conditioning(run, tmp_path):
-    proc = run("train_ppo.py", "--exp", "digits-colorfulness", *TINY, "--epochs", "1", "--guidance-scale", "2",
-               "--output-dir", tmp_path)
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir / "tb"))
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]
+
+
+def test_on_policy_ratio_is_exactly_one_at_the_start_of_each_update(smoke):
+    assert _scalars(smoke[0], "losses/ratio_dev_at_start") == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("old_logprobs", ["rollout", "recompute"])
+def test_colorfulness_stand_in_with_kl_and_class_conditioning(run, tmp_path, old_logprobs):
+    proc = run("train_ppo.py", "--exp", "digits-colorfulness", *TINY, "--epochs", "2", "--guidance-scale", "2",
+               "--old-logprobs", old_logprobs, "--output-dir", tmp_path)
     assert "class" in proc.stdout and (tmp_path / "final_policy" / "model_index.json").exists()
+    kl = _scalars(tmp_path, "objective/kl")
+    assert kl[0] == 0.0 and kl[1] > 0  # the policy equals the frozen base model only before the first update
+    assert _scalars(tmp_path, "losses/ratio_dev_at_start") == [0.0, 0.0]
 
 
 def test_torchrun_two_cpu_processes(run, tmp_path):
