@@ -99,7 +99,7 @@ class Args:
     update_epochs: int = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
     old_logprobs: str = "rollout"
-    """log pi_old for the PPO ratio: rollout (recorded while sampling, thesis 5.3; exact on CPU) or recompute (one extra no-grad pass in the update's own minibatches, so the ratio starts at exactly 1 on GPUs whose kernels depend on the batch; see losses/ratio_dev_at_start)"""
+    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact on CPU and in fp32) or recompute (one extra no-grad pass in the update's own minibatches; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
     minibatch_grouping: str = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---
@@ -197,13 +197,14 @@ PRESETS = {
                  clip_coef=0.2, vf_coef=0.1, kl_coef=0.0, epochs=25500, minibatch_size=16, policy_lr=1e-7,
                  vf_lr=1e-6, policy_warmup_steps=4096, vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999,
                  adam_eps=1e-8, weight_decay=0.01, grad_accum_steps=2, max_grad_norm=1.0, precision="fp16",
-                 tf32=True, value_fn="reward"),
+                 tf32=True, value_fn="reward", old_logprobs="recompute"),
     "pickscore": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
                       conditioning="text", latent=True, guidance_scale=7.5, num_steps=50, reward="pickscore",
                       num_envs=80, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, vf_coef=0.1, kl_coef=0.0,
                       epochs=20850, minibatch_size=10, policy_lr=5e-7, vf_lr=1e-6, policy_warmup_steps=4096,
                       vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
-                      grad_accum_steps=4, max_grad_norm=1.0, precision="fp16", tf32=True, value_fn="reward"),
+                      grad_accum_steps=4, max_grad_norm=1.0, precision="fp16", tf32=True, value_fn="reward",
+                      old_logprobs="recompute"),
     # offline stand-ins that learn within minutes on 2 CPU cores (learning rates differ from the thesis)
     "digits-target": dict(),  # the Args defaults
     "digits-colorfulness": dict(pretrained="toy:digits-rgb", reward="colorfulness", value_fn="encoder",
@@ -656,6 +657,10 @@ def main(argv=None):
     check_requirements(args)
     if args.old_logprobs not in ("rollout", "recompute"):
         raise SystemExit(f"--old-logprobs must be rollout or recompute, got {args.old_logprobs!r}")
+    if args.precision != "fp32" and args.old_logprobs == "rollout":
+        print(f"[drlhf] warning: --precision {args.precision} with --old-logprobs rollout: on GPUs the PPO ratio and "
+              "the KL then start away from 1 and 0 (see losses/ratio_dev_at_start); --old-logprobs recompute fixes it",
+              file=sys.stderr)
     rank, world, device = setup_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(args.seed)

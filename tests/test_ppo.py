@@ -227,6 +227,29 @@ def test_colorfulness_stand_in_with_kl_and_class_conditioning(run, tmp_path, old
     assert _scalars(tmp_path, "losses/ratio_dev_at_start") == [0.0, 0.0]
 
 
+def test_text_conditioned_latent_model_end_to_end(run, tmp_path):
+    """The Stable Diffusion code path on a tiny random pipeline: prompts, CFG, VAE decoding, bf16 autocast,
+    and the final policy saved as a StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_sd import build_tiny_sd
+    model = build_tiny_sd(tmp_path / "tiny-sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    out = tmp_path / "run"
+    proc = run("train_ppo.py", "--pretrained", model, "--prompts", prompts, "--guidance-scale", "7.5", "--latent", "true",
+               "--conditioning", "text", "--resolution", "32", "--reward", "tests.helpers:mean_brightness",
+               "--value-fn", "encoder", "--precision", "bf16", "--old-logprobs", "recompute", *TINY, "--epochs", "2",
+               "--output-dir", out)
+    assert "text, latent (4, 4, 4)" in proc.stdout
+    pipe = StableDiffusionPipeline.from_pretrained(out / "final_policy")
+    policy = load_file(out / "checkpoints/epoch_00002/policy.safetensors")
+    assert all(torch.equal(v, policy[k]) for k, v in pipe.unet.state_dict().items())
+    assert _scalars(out, "losses/ratio_dev_at_start") == [0.0, 0.0]
+    proc = run("train_ppo.py", "--pretrained", model, "--output-dir", tmp_path / "o2", *TINY, "--value-fn", "encoder",
+               check=False)
+    assert proc.returncode != 0 and "--prompts" in proc.stderr
+
+
 def test_torchrun_two_cpu_processes(run, tmp_path):
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *TINY,
         "--epochs", "1", "--device", "cpu", "--output-dir", tmp_path)
