@@ -78,7 +78,7 @@ class Args:
     value_fn: str = "cnn"
     """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5) or none"""
     value_init: str = "classifier"
-    """value-function init: classifier (appendix B net pre-trained on noisy digits, thesis 6.4) or random"""
+    """value-function init: classifier (--value-fn cnn only: appendix B net pre-trained on noisy digits, thesis 6.4) or random"""
     # --- reinforcement learning (Table 6.2) ---
     num_envs: int = 32
     """Table 6.2 "Environments": parallel environments per epoch over all processes"""
@@ -335,7 +335,11 @@ def make_reward_fn(args: Args, base: models.BaseModel):
     if ":" in args.reward:  # module:function, e.g. a custom scoring function
         import importlib
         mod, fn = args.reward.split(":", 1)
-        return getattr(importlib.import_module(mod), fn)
+        try:
+            return getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--reward {args.reward}: cannot import it ({e}); give module:function with the module "
+                             "on the Python path") from None
     c, h, _ = base.sample_shape
     return rewards.get_reward_fn(args.reward, h * (8 if base.is_latent else 1), 3 if base.is_latent else c,
                                  args.target_image)
@@ -352,6 +356,9 @@ def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
             net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc2.")}, strict=False)
         return net
     if args.value_fn == "encoder":
+        if args.value_init != "random":
+            print(f"[drlhf] note: --value-init {args.value_init} applies to --value-fn cnn only; the encoder starts "
+                  "from random weights", file=sys.stderr)
         return models.EncoderValue(c)
     raise ValueError(f"--value-fn must be cnn, encoder or none, got {args.value_fn!r}")
 
@@ -363,6 +370,8 @@ def sample_conditions(base: models.BaseModel, args: Args, n: int, generator, pro
     if base.conditioning == "class":
         classes = torch.tensor([int(c) for c in args.class_labels.split(",")] if args.class_labels
                                else list(range(base.num_classes)))
+        if classes.min() < 0 or classes.max() >= base.num_classes:
+            raise ValueError(f"--class-labels {args.class_labels}: the base model has classes 0..{base.num_classes - 1}")
         return classes[torch.randint(len(classes), (n,), generator=generator)]
     return prompt_embeds[torch.randint(len(prompt_embeds), (n,), generator=generator)]
 
@@ -538,6 +547,10 @@ def set_lrs(opt_pi, opt_vf, args: Args, state: dict):
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: safetensors weights + a resumable state (optimizers, scaler, step, RNG of every rank, args)
 # ---------------------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the file and what to do."""
+
+
 def rng_state(generators: dict) -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors and numbers: loadable with weights_only
     st = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
@@ -596,7 +609,7 @@ def load_state(ckpt: Path) -> dict:
     try:  # weights_only: never execute pickled code from a file
         return torch.load(ckpt / "state.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"--resume {ckpt}: state.pt is unreadable or corrupt ({type(e).__name__}: "
+        raise CheckpointError(f"--resume {ckpt}: state.pt is unreadable or corrupt ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
 
 
@@ -604,7 +617,7 @@ def load_weights(module, path: Path):
     try:
         module.load_state_dict(load_file(path))
     except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"--resume: {path} is unreadable or does not fit the model ({type(e).__name__}: "
+        raise CheckpointError(f"--resume: {path} is unreadable or does not fit the model ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
 
 
@@ -879,6 +892,6 @@ def load_grid(path: Path) -> np.ndarray:
 if __name__ == "__main__":
     try:
         main()
-    except (models.ModelLoadError, FileNotFoundError, FloatingPointError, RuntimeError, ValueError) as e:
+    except (models.ModelLoadError, CheckpointError, FileNotFoundError, FloatingPointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

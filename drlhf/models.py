@@ -143,7 +143,7 @@ class BaseModel:
     scheduler_config: dict
     conditioning: str              # none | class | text
     sample_shape: tuple            # (C, H, W) of x_t: pixels or latents
-    num_classes: int = 0           # class models: labels 0..num_classes-1, num_classes = "no class" (CFG)
+    num_classes: int = 0           # class models: labels 0..num_classes-1 (and num_classes = "no class" if trained so)
     vae: nn.Module | None = None   # latent models only
     text_encoder: nn.Module | None = None
     tokenizer: object = None
@@ -237,7 +237,8 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
     if text_encoder is not None:
         conditioning, num_classes = "text", 0
     elif getattr(c, "num_class_embeds", None):
-        conditioning, num_classes = "class", toy.get("num_classes", c.num_class_embeds - 1)
+        # toy models reserve their last class embedding for "no class" (CFG); other models use them all
+        conditioning, num_classes = "class", toy.get("num_classes", c.num_class_embeds)
     elif getattr(c, "class_embed_type", None) is not None:
         raise ModelLoadError(f"--pretrained {source}: class_embed_type={c.class_embed_type!r} is not supported")
     else:
@@ -284,7 +285,10 @@ class Denoiser(nn.Module):
 
 def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     null = None
-    if base.conditioning == "class":
+    if base.conditioning == "class" and guidance_scale != 1.0:
+        if base.unet.config.num_class_embeds <= base.num_classes:
+            raise ValueError(f"--guidance-scale {guidance_scale}: {base.source} has no unconditional class embedding "
+                             "to guide with; use --guidance-scale 1")
         null = torch.tensor([base.num_classes])
     elif base.conditioning == "text":
         null = base.encode_prompts([""])
