@@ -637,7 +637,7 @@ def evaluate(policy, schedule, base, reward_fn, args: Args, device, eval_cond, p
 def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
     """Reward histograms of base (grey) and optimized (orange) fixed-seed samples, standardized to the base."""
     from PIL import Image, ImageDraw
-    mu, sd = before.mean(), before.std() + 1e-12
+    mu, sd = before.mean(), before.std(ddof=1) + 1e-12  # the same sample std as summary.json
     zb, za = (before - mu) / sd, (after - mu) / sd
     lo, hi = min(zb.min(), za.min()), max(zb.max(), za.max()) + 1e-9
     hb, _ = np.histogram(zb, bins, (lo, hi))

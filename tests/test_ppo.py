@@ -85,6 +85,19 @@ def test_colorfulness_matches_appendix_a_reference():
         rewards.colorfulness_reward(torch.zeros(2, 1, 8, 8))
 
 
+def test_minibatch_orders_state_and_trajectory_grouping():
+    T, B = 5, 6
+    args = train_ppo.Args(update_epochs=2, minibatch_grouping="state")
+    orders = train_ppo.minibatch_orders(args, T, B, torch.Generator().manual_seed(0), "cpu")
+    assert orders.shape == (2, T * B) and all(sorted(o.tolist()) == list(range(T * B)) for o in orders)
+    assert not torch.equal(orders[0], orders[1])
+    args = train_ppo.Args(update_epochs=1, minibatch_grouping="trajectory")
+    order = train_ppo.minibatch_orders(args, T, B, torch.Generator().manual_seed(0), "cpu")[0]
+    for start in range(0, T * B, 2 * T):  # a minibatch of 2T states holds exactly 2 whole trajectories
+        envs = order[start:start + 2 * T] % B
+        assert len(set(envs.tolist())) == 2 and sorted((order[start:start + 2 * T] // B).tolist()) == sorted(list(range(T)) * 2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # presets = Table 6.2
 # ---------------------------------------------------------------------------------------------------------
