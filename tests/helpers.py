@@ -1,5 +1,4 @@
 """Scoring functions used by the tests through `--reward module:function`."""
-import torch
 
 
 def nan_for_second_sample(images, cond=None):

@@ -1,7 +1,6 @@
 """train_ppo.py: estimators against naive references, presets against Table 6.2, and end-to-end runs."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_ppo
-from conftest import ROOT, TINY
+from conftest import TINY
 from drlhf import rewards
 
 TABLE = Path(__file__).parent / "fixtures" / "table_6_2.md"
@@ -167,13 +166,16 @@ def test_preset_precedence_and_unknown_preset(capsys):
     args, given = train_ppo.parse_args(["--exp", "pink", "--policy-lr", "3e-7"])
     assert args.policy_lr == 3e-7 and args.vf_lr == 1e-6 and args.num_envs == 80 and given == {"exp", "policy_lr"}
     assert train_ppo.parse_args([])[0].policy_lr == train_ppo.Args.policy_lr
+    # a value equal to the default still overrides the preset (Args.epochs is 50, pink's preset 25500)
+    assert train_ppo.parse_args(["--exp", "pink", "--epochs", str(train_ppo.Args.epochs)])[0].epochs == train_ppo.Args.epochs
     with pytest.raises(SystemExit):
         train_ppo.parse_args(["--exp", "nope"])
     assert "unknown --exp 'nope'" in capsys.readouterr().err
 
 
 def test_every_flag_has_help():
-    for action in train_ppo.build_parser()._actions:
+    from drlhf import cli
+    for action in cli.build_parser(train_ppo.Args, train_ppo.CHOICES)._actions:
         if action.dest != "help":
             assert len(action.help) > 10, action.dest
 

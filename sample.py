@@ -1,0 +1,298 @@
+"""Curate a labeling dataset from a base diffusion model (thesis chapter 4, step 1 of the method).
+
+N tasks of K images; each task is one prompt or class drawn from a list, sampled with the same sampler settings
+as the PPO rollout (steps, CFG scale, resolution), deterministic from --seed, resumable: re-running the same
+command finishes an interrupted dataset without redoing or duplicating tasks.
+
+Launch:
+    python sample.py                                     # offline: 40 tasks of K=5 "4"s from toy:digit4
+    python sample.py --exp digits-rgb                    # offline: class-conditional colour digits
+    python sample.py --exp pink --out datasets/pink      # Table 6.5 prompts, 120 tasks of K=8, 16 steps, CFG 7.5
+    python sample.py --exp macaw --pretrained DIR        # class 88, 200 tasks of K=5, 25 steps
+
+The dataset folder (read by label.py and train_reward.py; README "File contracts"):
+    dataset.json      base model, sampler settings, K, seed, batch size, conditions, instructions
+    tasks.jsonl       {"task_id", "prompt" | "class_label", "images": [K paths], "latents": [K paths] | null, "seeds": [K]}
+    images/*.png      the images (8-bit, RGB or greyscale)
+    latents/*.safetensors  the finished latents of latent models ({"latent": (C, h, w) float32})
+    instructions.md   the labeling instructions shown by label.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from drlhf import cli, models
+from drlhf.sampler import DiffusionSchedule, SamplerConfig, rollout
+
+VERSION = "0.1"
+BUILTIN_PROMPTS = {  # thesis Table 6.5
+    "pink": [f"A photograph of a {animal} wearing pink sunglasses." for animal in ("corgi", "deer", "lion", "mouse")],
+}
+BUILTIN_INSTRUCTIONS = {
+    # thesis Table 6.3 (Macaw) and Table 6.6 (Pink; {animal} is the animal of the task's prompt)
+    "macaw": ["Always prefer images with a macaw over images without a macaw.",
+              "Of the images with a macaw, prefer the image with the highest perceived fidelity.",
+              "Rank the images in order of what you would most prefer as output from the model."],
+    "pink": ["Always prefer images with {animal} wearing pink sunglasses over images with {animal} not wearing pink "
+             "sunglasses.",
+             "Always prefer images with just {animal} over images without {animal}.",
+             "Always prefer images with just sunglasses over images without {animal} or sunglasses.",
+             "Within these categories, always prefer images with pink sunglasses over images with sunglasses in other "
+             "colors.",
+             "Within these categories, rank the images in order of what you would most prefer as output from the model."],
+    "digits": ["Prefer the image that looks most like a clean, well-formed digit of the task's class.",
+               "Between equally good digits, prefer the bolder, more confident stroke.",
+               "Press t (tie) only when you truly cannot prefer one image over the other."],
+}
+
+
+@dataclass
+class Args:
+    exp: str | None = None
+    """preset: digits (default settings), digits-rgb, macaw (thesis 6.7) or pink (thesis 6.9)"""
+    out: str | None = None
+    """dataset folder to create or finish (default datasets/<exp>)"""
+    pretrained: str = "toy:digit4"
+    """base model: diffusers folder, hub id or toy:digit4 / toy:digit4-32 / toy:digits-rgb (as in train_ppo.py)"""
+    num_tasks: int = 40
+    """tasks N (thesis: 200 for Macaw, 120 for Pink)"""
+    k: int = 5
+    """images per task K (thesis: 5 for Macaw, 8 for Pink)"""
+    prompts: str | None = None
+    """text models: a .txt file (one prompt per line), a .jsonl file with a "prompt" field, or builtin:pink (Table 6.5)"""
+    class_labels: str | None = None
+    """class models: comma-separated classes to draw tasks from (None = all; Macaw: 88)"""
+    instructions: str | None = "builtin:digits"
+    """labeling instructions for label.py: a Markdown file or builtin:macaw / builtin:pink / builtin:digits"""
+    num_steps: int = 25
+    """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same)"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
+    sampler: str = "ddpm"
+    """ddpm or ddim (as in train_ppo.py)"""
+    spacing: str = "leading"
+    """respacing of the training timesteps (as in train_ppo.py)"""
+    eta: float = 1.0
+    """DDIM noise level"""
+    variance_type: str | None = None
+    """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
+    seed: int = 0
+    """seed of the task conditions and of every image"""
+    batch_size: int = 40
+    """images per forward pass, rounded down to whole tasks; fixed for a dataset (stored in dataset.json)"""
+    precision: str = "fp32"
+    """fp32, fp16 or bf16 autocast for sampling"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    cache_dir: str | None = None
+    """cache of the offline toy models (default $DRLHF_CACHE or ~/.cache/drlhf)"""
+    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    """training steps of an offline toy base model on first use"""
+
+
+PRESETS = {
+    "digits": dict(),
+    "digits-rgb": dict(pretrained="toy:digits-rgb", num_tasks=40, k=5),
+    "macaw": dict(pretrained="guided-diffusion:64x64", class_labels="88", num_tasks=200, k=5, num_steps=25,
+                  spacing="guided", variance_type="learned_range", instructions="builtin:macaw"),
+    "pink": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts="builtin:pink", num_tasks=120, k=8,
+                 num_steps=16, guidance_scale=7.5, instructions="builtin:pink", precision="fp16", batch_size=16),
+}
+CHOICES = {"sampler": ("ddpm", "ddim"), "spacing": ("leading", "trailing", "linspace", "guided"),
+           "variance_type": ("fixed_small", "fixed_large", "learned_range"), "precision": ("fp32", "fp16", "bf16"),
+           "device": ("auto", "cpu", "cuda")}
+# settings that must not change when an interrupted dataset is finished
+FIXED = ("pretrained", "num_tasks", "k", "prompts", "class_labels", "num_steps", "guidance_scale", "sampler", "spacing",
+         "eta", "variance_type", "seed", "batch_size")
+
+
+def read_prompts(spec: str) -> list[str]:
+    if spec.startswith("builtin:"):
+        if spec[8:] not in BUILTIN_PROMPTS:
+            raise ValueError(f"--prompts {spec}: built-in lists are " + ", ".join(f"builtin:{k}" for k in BUILTIN_PROMPTS))
+        return BUILTIN_PROMPTS[spec[8:]]
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {spec}: no such file")
+    if path.suffix == ".jsonl":
+        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {spec}: no prompts in the file")
+    return prompts
+
+
+def read_instructions(spec: str | None) -> str:
+    if spec is None:
+        return ""
+    if spec.startswith("builtin:"):
+        if spec[8:] not in BUILTIN_INSTRUCTIONS:
+            raise ValueError(f"--instructions {spec}: built-in sets are "
+                             + ", ".join(f"builtin:{k}" for k in BUILTIN_INSTRUCTIONS))
+        return "# Labeling instructions\n\n" + "\n".join(f"{i}. {line}" for i, line in
+                                                         enumerate(BUILTIN_INSTRUCTIONS[spec[8:]], 1)) + "\n"
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--instructions {spec}: no such file")
+    return path.read_text()
+
+
+def task_conditions(args: Args, base: models.BaseModel) -> list[dict]:
+    """The condition of every task: each prompt/class equally often (as far as N allows), in a seeded order."""
+    if base.conditioning == "text":
+        if not args.prompts:
+            raise ValueError("--prompts is required for a text-conditional model (a file or builtin:pink)")
+        items = [{"prompt": p} for p in read_prompts(args.prompts)]
+    elif base.conditioning == "class":
+        classes = [int(c) for c in args.class_labels.split(",")] if args.class_labels else list(range(base.num_classes))
+        if min(classes) < 0 or max(classes) >= base.num_classes:
+            raise ValueError(f"--class-labels {args.class_labels}: the model has classes 0..{base.num_classes - 1}")
+        items = [{"class_label": c} for c in classes]
+    else:
+        items = [{}]
+    order = torch.randperm(args.num_tasks, generator=torch.Generator().manual_seed(args.seed))
+    return [items[i % len(items)] for i in order.tolist()]
+
+
+def to_png(image: torch.Tensor, path: Path):
+    """(C, H, W) in [-1, 1] -> 8-bit PNG, written to a temporary name and renamed."""
+    from PIL import Image
+    x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    img = Image.fromarray(x[0]) if x.shape[0] == 1 else Image.fromarray(np.moveaxis(x, 0, -1))
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_done(tasks_file: Path) -> list[dict]:
+    """Finished tasks; a last line cut off by a crash is dropped (its task is sampled again)."""
+    if not tasks_file.exists():
+        return []
+    lines = tasks_file.read_text().split("\n")
+    done = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            done.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(done) != len([ln for ln in lines if ln.strip()]):  # rewrite without the broken tail
+        tmp = tasks_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(t) + "\n" for t in done))
+        os.replace(tmp, tasks_file)
+    return done
+
+
+def main(argv=None):
+    args, given = cli.parse_args(Args, PRESETS, argv, CHOICES)
+    out = Path(args.out or f"datasets/{args.exp or 'digits'}")
+    meta_file = out / "dataset.json"
+    if meta_file.exists():  # finishing an interrupted dataset: its settings win, conflicting flags are an error
+        meta = json.loads(meta_file.read_text())
+        stored = meta["args"]
+        clash = [k for k in FIXED if k in given and getattr(args, k) != stored[k]]
+        if clash:
+            raise SystemExit(f"{out} was started with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(stored[k]) for k in clash)}); "
+                             "finish it with those or choose another --out")
+        args = Args(**{**stored, **{k: getattr(args, k) for k in ("device", "precision", "cache_dir", "out")}})
+    if args.pretrained.startswith("guided-diffusion:"):
+        raise SystemExit("--exp macaw needs OpenAI's ImageNet 64x64 model (64x64_diffusion.pt), which this release "
+                         "cannot load yet; pass --pretrained with a diffusers model or use --exp digits-rgb")
+    if args.k < 2:
+        raise SystemExit(f"--k {args.k}: a task needs at least 2 images to compare")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          (args.device if args.device != "auto" else "cpu"))
+    base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    conditions = task_conditions(args, base)
+    schedule = DiffusionSchedule.from_config(base.scheduler_config, SamplerConfig(
+        sampler=args.sampler, num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
+        steps_offset=base.scheduler_config.get("steps_offset", 0) if args.spacing == "leading" else 0,
+        variance_type=args.variance_type or base.scheduler_config.get("variance_type", "fixed_small"),
+        prediction_type=base.scheduler_config.get("prediction_type", "epsilon"),
+        clip_sample=None if base.is_latent else 1.0, guidance_scale=args.guidance_scale))
+    policy = models.make_denoiser(base, args.guidance_scale).eval()
+    prompt_embeds = {}
+    if base.conditioning == "text":  # one text-encoder pass per distinct prompt
+        distinct = sorted({c["prompt"] for c in conditions})
+        prompt_embeds = dict(zip(distinct, base.encode_prompts(distinct)))
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if base.is_latent:
+        (out / "latents").mkdir(exist_ok=True)
+    if not meta_file.exists():
+        res = base.sample_shape[1] * (8 if base.is_latent else 1)
+        meta = dict(tool=f"drlhf sample.py {VERSION}", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    base_model=args.pretrained, base_model_path=base.path, conditioning=base.conditioning,
+                    latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
+                    sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
+                    instructions="instructions.md", args=dataclasses.asdict(args))
+        (out / "instructions.md").write_text(read_instructions(args.instructions))
+        tmp = meta_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_file)
+
+    # SAMPLING: whole tasks per batch; batch b always holds the same tasks, so its images do not depend on
+    # where an earlier run stopped
+    tasks_file = out / "tasks.jsonl"
+    done = {t["task_id"] for t in read_done(tasks_file)}
+    per_batch = max(1, args.batch_size // args.k)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=args.num_tasks, initial=len(done), desc=f"sampling {out}", unit="task")
+    with open(tasks_file, "a") as log:
+        for first in range(0, args.num_tasks, per_batch):
+            ids = [i for i in range(first, min(first + per_batch, args.num_tasks))]
+            if all(i in done for i in ids):
+                continue
+            seeds = [[args.seed * 1_000_003 + i * args.k + j for j in range(args.k)] for i in ids]
+            x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(s))
+                               for row in seeds for s in row]).to(device)  # (n*K, C, H, W), one seed per image
+            cond = None
+            if base.conditioning == "class":
+                cond = torch.tensor([conditions[i]["class_label"] for i in ids for _ in range(args.k)], device=device)
+            elif base.conditioning == "text":
+                cond = torch.stack([prompt_embeds[conditions[i]["prompt"]] for i in ids for _ in range(args.k)])
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + first)
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                samples = rollout(policy, schedule, x_T, cond, generator=g).samples
+            images = base.decode(samples)
+            for n, i in enumerate(ids):
+                if i in done:
+                    continue
+                record = {"task_id": i, **conditions[i], "images": [], "latents": [] if base.is_latent else None,
+                          "seeds": seeds[n]}
+                for j in range(args.k):
+                    name = f"task_{i:05d}_{j}"
+                    to_png(images[n * args.k + j], out / "images" / f"{name}.png")
+                    record["images"].append(f"images/{name}.png")
+                    if base.is_latent:
+                        from safetensors.torch import save_file
+                        save_file({"latent": samples[n * args.k + j].float().cpu().contiguous()},
+                                  out / "latents" / f"{name}.safetensors")
+                        record["latents"].append(f"latents/{name}.safetensors")
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                os.fsync(log.fileno())  # a task line is written only after its images, and is durable
+                bar.update(1)
+    bar.close()
+    print(f"[drlhf] {out}: {args.num_tasks} tasks of {args.k} images ({base.conditioning}-conditioned, "
+          f"{args.num_steps} steps)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (models.ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
