@@ -149,6 +149,10 @@ def read_instructions(spec: str | None) -> str:
 
 def task_conditions(args: Args, base: models.BaseModel) -> list[dict]:
     """The condition of every task: each prompt/class equally often (as far as N allows), in a seeded order."""
+    if args.prompts and base.conditioning != "text":
+        raise ValueError(f"--prompts: {args.pretrained} is {'unconditional' if base.conditioning == 'none' else 'class-conditional'}, not a text model")
+    if args.class_labels and base.conditioning != "class":
+        raise ValueError(f"--class-labels: {args.pretrained} is {'unconditional' if base.conditioning == 'none' else 'text-conditional'}, not a class model")
     if base.conditioning == "text":
         if not args.prompts:
             raise ValueError("--prompts is required for a text-conditional model (a file or builtin:pink)")

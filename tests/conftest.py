@@ -28,4 +28,5 @@ def run(cache_dir):
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         return proc
+    _run.cache_dir = cache_dir
     return _run

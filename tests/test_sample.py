@@ -1,0 +1,78 @@
+"""sample.py: the labeling-dataset contract, determinism, resuming after a crash, and the path into label.py."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from PIL import Image
+
+from conftest import ROOT
+
+SMALL = ["--toy-train-steps", "8", "--num-steps", "5", "--k", "3", "--batch-size", "6"]  # 2 tasks per batch
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "dataset.json"}
+
+
+def test_dataset_contract_and_the_path_into_label(run, tmp_path):
+    out = tmp_path / "ds"
+    run("sample.py", *SMALL, "--exp", "digits-rgb", "--num-tasks", "6", "--class-labels", "3,7", "--out", out)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["k"] == 3 and meta["num_tasks"] == 6 and meta["conditioning"] == "class" and not meta["latent"]
+    assert meta["sampler"]["num_steps"] == 5 and len(meta["sampler"]["timesteps"]) == 5
+    tasks = [json.loads(line) for line in (out / "tasks.jsonl").read_text().splitlines()]
+    assert [t["task_id"] for t in tasks] == list(range(6))
+    assert sorted(t["class_label"] for t in tasks) == [3, 3, 3, 7, 7, 7]  # each class equally often
+    seeds = [s for t in tasks for s in t["seeds"]]
+    assert len(set(seeds)) == 18
+    for t in tasks:
+        assert len(t["images"]) == 3 and t["latents"] is None
+        for p in t["images"]:
+            with Image.open(out / p) as img:
+                assert img.size == (16, 16) and img.mode == "RGB"
+    assert "Labeling instructions" in (out / "instructions.md").read_text()
+    run("label.py", "label", out, "--auto", "builtin:colorfulness")
+    run("label.py", "export", out)
+    rankings = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
+    assert len(rankings) == 6 and all(sorted(i for g in r["ranking"] for i in g) == [0, 1, 2] for r in rankings)
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_dataset(run, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run("sample.py", *SMALL, "--num-tasks", "10", "--out", full)
+    # 1) a crash in the middle of writing a task line, with images of unfinished tasks left behind
+    shutil.copytree(full, cut)
+    lines = (cut / "tasks.jsonl").read_text().splitlines()
+    (cut / "tasks.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+    (cut / "images" / "task_00007_1.png").write_bytes(b"half a png")
+    run("sample.py", "--out", cut)  # the stored settings are used
+    assert files(cut) == files(full)
+    # 2) a real SIGKILL while sampling
+    killed = tmp_path / "killed"
+    env = dict(os.environ, DRLHF_CACHE=str(run.cache_dir), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "sample.py", *SMALL, "--num-tasks", "10", "--out", str(killed)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(2000):
+        if (killed / "tasks.jsonl").exists() and (killed / "tasks.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run("sample.py", "--out", killed)
+    assert files(killed) == files(full)
+
+
+def test_resume_refuses_other_settings_and_bad_k(run, tmp_path):
+    out = tmp_path / "ds"
+    run("sample.py", *SMALL, "--num-tasks", "2", "--out", out)
+    proc = run("sample.py", *SMALL, "--num-tasks", "2", "--num-steps", "7", "--out", out, check=False)
+    assert proc.returncode != 0 and "--num-steps=5" in proc.stderr
+    proc = run("sample.py", *SMALL, "--k", "1", "--out", tmp_path / "k1", check=False)
+    assert proc.returncode != 0 and "at least 2" in proc.stderr
+    proc = run("sample.py", *SMALL, "--prompts", "builtin:pink", "--out", tmp_path / "p", check=False)
+    assert proc.returncode != 0 and "unconditional" in proc.stderr
