@@ -324,18 +324,19 @@ def test_app_in_tmux_shows_prompt_images_strip_and_keys(tmp_path):
     from ansi_png import parse, render
     ds = make_dataset(tmp_path / "ds", num_tasks=2, k=5)
     session = f"drlhf-test-{os.getpid()}"
-    cmd = f"cd {ROOT} && {sys.executable} label.py label {ds} --annotator tmux; sleep 60"
+    # COLUMNS/LINES from the test runner's environment would override the 130x42 window
+    cmd = f"cd {ROOT} && env -u COLUMNS -u LINES {sys.executable} label.py label {ds} --annotator tmux; sleep 60"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "130", "-y", "42", cmd], check=True)
     try:
         screen = ""
-        for _ in range(60):  # wait for the app (and close the instructions once they are up)
+        for _ in range(120):  # wait for the app (and close the instructions once they are up)
             time.sleep(0.5)
             screen = subprocess.run(["tmux", "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
             if "Instructions" in screen:
                 subprocess.run(["tmux", "send-keys", "-t", session, "Escape"])
-            elif "LEFT" in screen and "current ordering" in screen:
-                break
-        time.sleep(1)
+            elif "LEFT" in screen and "current ordering" in screen and screen.count("▀") > 500:
+                break  # both images drawn
+        time.sleep(0.5)
         ansi = subprocess.run(["tmux", "capture-pane", "-t", session, "-e", "-p"], capture_output=True, text=True).stdout
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
