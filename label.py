@@ -160,8 +160,9 @@ class TaskSorter:
 # ---------------------------------------------------------------------------------------------------------
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS projects(name TEXT PRIMARY KEY, dataset TEXT NOT NULL, k INTEGER NOT NULL,
-    all_pairs INTEGER NOT NULL, recheck INTEGER NOT NULL, instructions TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS projects(name TEXT PRIMARY KEY, dataset TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    k INTEGER NOT NULL, all_pairs INTEGER NOT NULL, recheck INTEGER NOT NULL, instructions TEXT NOT NULL,
+    created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY AUTOINCREMENT, project TEXT NOT NULL, annotator TEXT NOT NULL,
     task_id INTEGER, kind TEXT NOT NULL CHECK(kind IN ('decision', 'flag', 'skip', 'undo')), data TEXT NOT NULL,
     ts REAL NOT NULL);
@@ -184,6 +185,14 @@ def filesystem_type(path: Path) -> str:
     best = max((m for m in mounts if len(m) > 2 and (path == m[1] or path.startswith(m[1].rstrip("/") + "/"))),
                key=lambda m: len(m[1]), default=None)
     return best[2] if best else ""
+
+
+def dataset_fingerprint(dataset: Path) -> str:
+    """Identity of a dataset that survives moving its folder: the hash of its dataset.json (written once by
+    sample.py), or of its resolved path when there is none."""
+    meta = dataset / "dataset.json"
+    data = meta.read_bytes() if meta.exists() else str(dataset.resolve()).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 class Store:
@@ -233,17 +242,19 @@ class Store:
         existing = self.project(name, missing_ok=True)
         if existing:
             raise LabelError(f"project {name!r} already exists in {self.path} (dataset {existing['dataset']})")
-        self.con.execute("INSERT INTO projects VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (name, str(dataset.resolve()), k, int(all_pairs), int(recheck), instructions, time.time()))
+        self.con.execute("INSERT INTO projects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (name, str(dataset.resolve()), dataset_fingerprint(dataset), k, int(all_pairs), int(recheck),
+                          instructions, time.time()))
 
     def project(self, name, missing_ok=False):
-        row = self.con.execute("SELECT name, dataset, k, all_pairs, recheck, instructions FROM projects WHERE name = ?",
-                               (name,)).fetchone()
+        row = self.con.execute("SELECT name, dataset, fingerprint, k, all_pairs, recheck, instructions FROM projects "
+                               "WHERE name = ?", (name,)).fetchone()
         if row is None and not missing_ok:
             names = [r[0] for r in self.con.execute("SELECT name FROM projects")]
             raise LabelError(f"no project {name!r} in {self.path}; projects: {', '.join(names) or 'none'} "
                              "(create one with `label.py create`)")
-        return None if row is None else dict(zip(("name", "dataset", "k", "all_pairs", "recheck", "instructions"), row))
+        keys = ("name", "dataset", "fingerprint", "k", "all_pairs", "recheck", "instructions")
+        return None if row is None else dict(zip(keys, row))
 
     def projects(self):
         return [r[0] for r in self.con.execute("SELECT name FROM projects ORDER BY created")]
@@ -677,8 +688,9 @@ def open_project(args, create_default=True):
         if not create_default:
             store.project(args.project)  # raises with the list of projects
         project = create(store, dataset, tasks, args)
-    if Path(project["dataset"]) != dataset.resolve():
-        raise LabelError(f"project {args.project!r} belongs to dataset {project['dataset']}, not {dataset.resolve()}")
+    if project["fingerprint"] != dataset_fingerprint(dataset):
+        raise LabelError(f"project {args.project!r} in {store.path} belongs to another dataset ({project['dataset']}); "
+                         f"choose another --project or --db for {dataset}")
     return dataset, tasks, store, project
 
 
@@ -722,6 +734,9 @@ def main(argv=None):
     exp.add_argument("--out", help="output folder (default: the dataset folder)")
     exp.add_argument("--val-fraction", type=float, default=0.2, help="share of tasks in the validation split")
     exp.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by task")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
+        argv = ["label"] + argv  # `label.py DATASET ...` and `label.py --auto SPEC DATASET` mean `label.py label ...`
     args = p.parse_args(argv)
 
     if args.command == "create":

@@ -3,6 +3,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -272,6 +273,15 @@ def test_bad_inputs_are_named(tmp_path, monkeypatch):
 
 def test_cli_errors_and_wrong_k(run, tmp_path):
     ds = make_dataset(tmp_path / "ds", num_tasks=2)
+    other = make_dataset(tmp_path / "other", num_tasks=2, seed=1)
+    (other / "dataset.json").write_text(json.dumps(dict(k=5, instructions="instructions.md", seed=1)))
+    run("label.py", "--auto", "builtin:ink", ds)  # `label` is the default command
+    proc = run("label.py", "export", other, "--db", ds / "labels.sqlite", check=False)  # a database of another dataset
+    assert proc.returncode == 1 and "belongs to another dataset" in proc.stderr
+    moved = tmp_path / "moved"
+    shutil.move(ds, moved)  # moving a dataset with its database keeps its labels
+    assert "2 complete rankings" in run("label.py", "export", moved).stdout
+    ds = moved
     proc = run("label.py", "export", tmp_path / "nowhere", check=False)
     assert proc.returncode == 1 and "no tasks.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("label.py", "create", ds, "--k", "4", check=False)
