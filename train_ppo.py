@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf import cli, models, rewards
+from drlhf.reward_model import RewardModelError
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, action_logprob, rollout
 
 
@@ -71,13 +72,17 @@ class Args:
     """text models: a text file with one prompt per line, sampled uniformly per environment (thesis 5.3)"""
     # --- reward and value function ---
     reward: str = "target"
-    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A) or module:function on images in [-1,1]"""
+    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), rm (a trained reward model, --reward-model) or module:function on images in [-1,1]"""
+    reward_model: str | None = None
+    """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2), scored on the samples themselves (latents for latent models)"""
+    eval_reward: str | None = None
+    """an extra score of the fixed-seed samples, never optimized: a --reward name or module:function (e.g. the gold function that labeled the reward model's data)"""
     target_image: str | None = None
     """target image of the target reward (default: the bold slanted 4 in drlhf/assets)"""
     value_fn: str = "cnn"
-    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5) or none; reward (Pink) and classifier (ImageNet, thesis 6.5) come with their experiments"""
+    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5), reward (a copy of --reward-model with timestep input, Pink's choice, thesis 6.9) or none; classifier (ImageNet, thesis 6.5) comes with its experiment"""
     value_init: str = "classifier"
-    """value-function init: classifier (--value-fn cnn only: appendix B net pre-trained on noisy digits, thesis 6.4) or random"""
+    """value-function init: classifier (--value-fn cnn only: appendix B net pre-trained on noisy digits, thesis 6.4), random, or reward (the same as --value-fn reward: a copy of --reward-model, thesis 6.9)"""
     # --- reinforcement learning (Table 6.2) ---
     num_envs: int = 32
     """Table 6.2 "Environments": parallel environments per epoch over all processes"""
@@ -217,7 +222,7 @@ PRESETS = {
 CHOICES = {"conditioning": ("none", "class", "text"), "sampler": ("ddpm", "ddim"),
            "spacing": ("leading", "trailing", "linspace", "guided"),
            "variance_type": ("fixed_small", "fixed_large", "learned_range"), "logprob_reduction": ("sum", "mean"),
-           "value_fn": ("cnn", "encoder", "none", "reward", "classifier"), "value_init": ("classifier", "random"),
+           "value_fn": ("cnn", "encoder", "none", "reward", "classifier"), "value_init": ("classifier", "random", "reward"),
            "old_logprobs": ("rollout", "recompute"), "minibatch_grouping": ("state", "trajectory"),
            "precision": ("fp32", "fp16", "bf16"), "device": ("auto", "cpu", "cuda"), "algo": ("ppo", "backprop")}
 
@@ -286,27 +291,37 @@ def check_requirements(args: Args):
     if args.algo != "ppo":
         raise SystemExit(f"--algo {args.algo}: reward back-propagation through the sampling chain (thesis 6.8) is "
                          "not implemented yet; use --algo ppo.")
-    if args.reward in ("rm", "aesthetic", "pickscore"):
-        raise SystemExit(f"--reward {args.reward}: learned reward models (a trained reward-model folder, the LAION "
-                         "aesthetic predictor, PickScore) are not available in this release; built-in: target, "
-                         "colorfulness, or module:function.")
-    if args.value_fn in ("reward", "classifier"):
-        raise SystemExit(f"--value-fn {args.value_fn}: a value function built from a reward model or classifier is "
-                         "not available yet; use cnn or encoder.")
+    if args.reward in ("aesthetic", "pickscore"):
+        raise SystemExit(f"--reward {args.reward}: the LAION aesthetic predictor and PickScore are not available in "
+                         "this release; built-in: target, colorfulness, rm (--reward-model DIR), or module:function.")
+    if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and not args.reward_model:
+        raise SystemExit(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
+                         "written by train_reward.py")
+    if args.value_fn == "classifier":
+        raise SystemExit("--value-fn classifier: the ImageNet noisy-classifier value function is not available yet; "
+                         "use cnn, encoder or reward.")
 
 
-def make_reward_fn(args: Args, base: models.BaseModel):
-    if ":" in args.reward:  # module:function, e.g. a custom scoring function
+def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):
+    """A reward by name -> fn(samples, cond) -> (B,) scores; image rewards see the decoded samples."""
+    if spec == "rm":  # thesis 5.2: the reward model scores the model's own input space, no decoding
+        from drlhf.reward_model import load_reward_model
+        rm, config = load_reward_model(args.reward_model, base, device)
+        rm.eval()
+        return lambda samples, cond: rm(samples.float(), None, cond, guidance=config.get("guidance_weight", 1.0))
+    if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
         import importlib
-        mod, fn = args.reward.split(":", 1)
+        mod, fn = spec.split(":", 1)
         try:
-            return getattr(importlib.import_module(mod), fn)
+            image_fn = getattr(importlib.import_module(mod), fn)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"--reward {args.reward}: cannot import it ({e}); give module:function with the module "
+            raise ValueError(f"--reward {spec}: cannot import it ({e}); give module:function with the module "
                              "on the Python path") from None
-    c, h, _ = base.sample_shape
-    return rewards.get_reward_fn(args.reward, h * (8 if base.is_latent else 1), 3 if base.is_latent else c,
-                                 args.target_image)
+    else:
+        c, h, _ = base.sample_shape
+        image_fn = rewards.get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c,
+                                         args.target_image)
+    return lambda samples, cond: image_fn(base.decode(samples), cond)
 
 
 def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
@@ -319,6 +334,9 @@ def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
             state = models.pretrain_critic_classifier(c, h, args.cache_dir)
             net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc2.")}, strict=False)
         return net
+    if "reward" in (args.value_fn, args.value_init):  # thesis 6.9: the value function starts as a copy of the RM
+        from drlhf.reward_model import load_reward_model
+        return load_reward_model(args.reward_model, base)[0]
     if args.value_fn == "encoder":
         if args.value_init != "random":
             print(f"[drlhf] note: --value-init {args.value_init} applies to --value-fn cnn only; the encoder starts "
@@ -355,7 +373,8 @@ def autocast(args: Args, device):
 @torch.no_grad()
 def score_terminal(reward_fn, base, samples, cond, epoch: int, rank: int) -> torch.Tensor:
     """Terminal reward r(s_0) of each environment (B,); non-finite rewards stop training with the culprit."""
-    scores = torch.as_tensor(reward_fn(base.decode(samples), cond)).float().to(samples.device).flatten()
+    with torch.no_grad():
+        scores = torch.as_tensor(reward_fn(samples, cond)).float().to(samples.device).flatten()
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
         raise FloatingPointError(f"epoch {epoch}: the reward of sample {bad[0].item()} on rank {rank} is "
@@ -589,13 +608,14 @@ def load_weights(module, path: Path):
 # Evaluation: fixed-seed samples, their rewards and image grids
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(policy, schedule, base, reward_fn, args: Args, device, eval_cond, prompt_embeds):
+def evaluate(policy, schedule, base, reward_fns, args: Args, device, eval_cond):
+    """Fixed-seed samples -> decoded images and the scores of each reward function (each (N,) on the CPU)."""
     g = torch.Generator(device).manual_seed(args.seed + 12345)  # the same seeds every time
     x_T = torch.randn((args.eval_samples, *base.sample_shape), generator=g, device=device)
     with autocast(args, device):
         buf = rollout(policy, schedule, x_T, eval_cond, generator=g)
-    images = base.decode(buf.samples)
-    return images, torch.as_tensor(reward_fn(images, eval_cond)).float().flatten().cpu()
+    return base.decode(buf.samples), [torch.as_tensor(fn(buf.samples, eval_cond)).float().flatten().cpu()
+                                      for fn in reward_fns]
 
 
 def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
@@ -685,7 +705,8 @@ def main(argv=None):
         clip_sample=sched_cfg.get("clip_sample_range", 1.0) if sched_cfg.get("clip_sample", not base.is_latent) and not base.is_latent else None))
     if schedule.num_steps != T:
         raise SystemExit(f"--num-steps {T} with --spacing {args.spacing} keeps {schedule.num_steps} distinct steps")
-    reward_fn = make_reward_fn(args, base)
+    reward_fn = make_reward_fn(args.reward, args, base, device)
+    eval_fns = [reward_fn] + ([make_reward_fn(args.eval_reward, args, base, device)] if args.eval_reward else [])
     base.unet.requires_grad_(True).train()
     policy_net = models.make_denoiser(base, args.guidance_scale)
     ref_net = None
@@ -737,8 +758,10 @@ def main(argv=None):
               f"{B} environments = {B * world}; {n_states} states per process -> {n_minibatches} minibatches of "
               f"{args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
         if "base_rewards" not in state:
-            images, base_rewards = evaluate(policy_net, schedule, base, reward_fn, args, device, eval_cond, prompt_embeds)
+            images, (base_rewards, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond)
             state["base_rewards"] = base_rewards
+            if gold:
+                state["base_eval_reward"] = gold[0]
             save_png(image_grid(images), out / "samples_base.png")
             print(f"[drlhf] base model, {args.eval_samples} fixed-seed samples: reward {base_rewards.mean():.4f} "
                   f"+- {base_rewards.std():.4f}")
@@ -812,8 +835,12 @@ def main(argv=None):
             writer.add_histogram("objective/rewards", scores.cpu(), epoch)
             bar.set_postfix(reward=f"{r_mean:.3f}", kl=f"{logs['objective/kl']:.3g}", clipfrac=f"{stats['clipfrac']:.2f}")
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                images, ev = evaluate(policy_net, schedule, base, reward_fn, args, device, eval_cond, prompt_embeds)
+                images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond)
                 writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
+                if gold:
+                    gb = state["base_eval_reward"]
+                    writer.add_scalar("eval/eval_reward_gain_in_base_std",
+                                      ((gold[0].mean() - gb.mean()) / (gb.std() + 1e-12)).item(), epoch)
                 writer.add_scalar("eval/reward_gain_in_base_std", (ev.mean().item() - bmu) / bsd, epoch)
                 grid = image_grid(images)
                 writer.add_image("eval/samples", grid, epoch, dataformats="HWC")
@@ -829,7 +856,7 @@ def main(argv=None):
     # --- the end: the policy as a diffusers pipeline, before/after pictures ---------------------------------------
     if rank == 0:
         models.save_pipeline(base.unet, base, out / "final_policy")
-        images, ev = evaluate(policy_net, schedule, base, reward_fn, args, device, eval_cond, prompt_embeds)
+        images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond)
         before = load_grid(out / "samples_base.png")
         save_png(np.concatenate([before, np.full((before.shape[0], 4, 3), 255, np.uint8), image_grid(images)], 1),
                  out / "samples_before_after.png")
@@ -838,6 +865,14 @@ def main(argv=None):
         gain = (ev.mean() - br.mean()) / (br.std() + 1e-12)
         summary = dict(base_reward_mean=br.mean().item(), base_reward_std=br.std().item(), final_reward_mean=ev.mean().item(),
                        final_reward_std=ev.std().item(), gain_in_base_std=gain.item(), epochs=args.epochs)
+        if gold:  # the extra score, never optimized (e.g. the gold labeler behind a reward model)
+            gb = state["base_eval_reward"]
+            summary.update(eval_reward=args.eval_reward, base_eval_reward_mean=gb.mean().item(),
+                           base_eval_reward_std=gb.std().item(), final_eval_reward_mean=gold[0].mean().item(),
+                           final_eval_reward_std=gold[0].std().item(),
+                           eval_reward_gain_in_base_std=((gold[0].mean() - gb.mean()) / (gb.std() + 1e-12)).item())
+            print(f"[drlhf] {args.eval_reward} of the fixed-seed samples: {gb.mean():.4f} +- {gb.std():.4f} -> "
+                  f"{gold[0].mean():.4f} +- {gold[0].std():.4f} ({summary['eval_reward_gain_in_base_std']:+.2f} base std)")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"[drlhf] fixed-seed reward {br.mean():.4f} +- {br.std():.4f} -> {ev.mean():.4f} +- {ev.std():.4f} "
               f"({gain:+.2f} base std); policy saved to {out / 'final_policy'}")
@@ -856,6 +891,7 @@ def load_grid(path: Path) -> np.ndarray:
 if __name__ == "__main__":
     try:
         main()
-    except (models.ModelLoadError, CheckpointError, FileNotFoundError, FloatingPointError, ValueError) as e:
+    except (models.ModelLoadError, RewardModelError, CheckpointError, FileNotFoundError, FloatingPointError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,185 @@
+"""The reward model of thesis 5.2: the base model's own U-Net encoder with a cross-attention pooling head.
+
+    input (x, t, c) in the model's own input space (latents for latent models, t = 0 for finished samples)
+      -> conv_in, time (+ class) embedding, down blocks, mid block of the base U-Net   (frozen by default)
+      -> mid-block feature map (B, C, h, w)
+      -> CrossAttentionPool: a learned query attends to the image features and the condition tokens
+         (text-encoder hidden states, or the class embedding; nothing for unconditional models)
+      -> one scalar, standardized with the training-set mean and std (Eq. 5.2)
+
+The same module with a timestep input serves as the value function V(x_t, t, c) (thesis 6.9: Pink's value
+function starts as a copy of its reward model). Classifier-free reward guidance: the condition is dropped with
+probability p during training (replaced by a learned null token, and by the unconditional class / empty prompt
+inside the encoder); at use, r = r_uncond + w (r_cond - r_uncond).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+TRAINABLE = ("head", "mid", "encoder")  # new head only (thesis) / + mid block / + the whole encoder
+
+
+class CrossAttentionPool(nn.Module):
+    """One learned query (plus the mean image token) attends over image tokens and condition tokens -> scalar."""
+
+    def __init__(self, feat_dim: int, cond_dim: int | None, width: int = 128, heads: int = 4):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.img_proj = nn.Linear(feat_dim, width)
+        self.cond_proj = nn.Linear(cond_dim, width) if cond_dim else None
+        self.null_cond = nn.Parameter(torch.zeros(1, 1, width)) if cond_dim else None
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, feats, cond_tokens=None, drop=None):
+        img = self.img_proj(feats.flatten(2).transpose(1, 2))            # (B, h*w, width)
+        q = self.query.expand(len(img), -1, -1) + img.mean(1, keepdim=True)
+        kv, mask = img, None
+        if self.cond_proj is not None:
+            c = self.cond_proj(cond_tokens)                                  # (B, L, width)
+            null = self.null_cond.expand(len(img), -1, -1).to(c.dtype)
+            kv = torch.cat([img, c, null], 1)
+            drop = torch.zeros(len(img), dtype=torch.bool, device=img.device) if drop is None else drop
+            # a dropped condition hides its tokens and shows the null token instead (key_padding_mask: True = ignore)
+            mask = torch.cat([torch.zeros(len(img), img.shape[1], dtype=torch.bool, device=img.device),
+                              drop[:, None].expand(-1, c.shape[1]), ~drop[:, None]], 1)
+        pooled, _ = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=False)
+        return self.out(self.norm(pooled[:, 0] + q[:, 0]))[:, 0]
+
+
+def base_fingerprint(unet: nn.Module) -> str:
+    """Identity of a base U-Net: its config and the values of its input convolution and first encoder block."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+                                  sort_keys=True, default=str).encode())
+    for p in list(unet.conv_in.parameters()) + list(unet.down_blocks[0].parameters())[:4]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RewardModel(nn.Module):
+    def __init__(self, unet: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
+                 heads: int = 4, trainable: str = "head"):
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
+        self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable
+        self.fingerprint = base_fingerprint(unet)
+        self.text = hasattr(unet.config, "cross_attention_dim") and conditioning == "text"
+        enc = copy.deepcopy(unet)  # the policy's U-Net stays untouched; the decoder half is dropped here
+        for name in ("up_blocks", "conv_norm_out", "conv_act", "conv_out"):
+            if hasattr(enc, name):
+                setattr(enc, name, None)
+        self.encoder = enc
+        cond_dim = {"text": getattr(unet.config, "cross_attention_dim", None),
+                    "class": unet.time_embedding.linear_2.out_features if conditioning == "class" else None}.get(conditioning)
+        self.head = CrossAttentionPool(unet.config.block_out_channels[-1], cond_dim, width, heads)
+        self.register_buffer("null_text", null_text if null_text is not None else torch.zeros(0), persistent=False)
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(()))
+        self.requires_grad_(False)
+        self.head.requires_grad_(True)
+        if trainable in ("mid", "encoder"):
+            self.encoder.mid_block.requires_grad_(True)
+        if trainable == "encoder":
+            self.encoder.requires_grad_(True)
+
+    # -----------------------------------------------------------------------------------------------------
+    def features(self, x, t, cond, drop):
+        """Mid-block features (B, C, h, w) of the U-Net encoder for inputs x at timesteps t."""
+        e = self.encoder
+        t = t.expand(len(x)) if t.ndim == 0 else t
+        emb = e.time_embedding(e.time_proj(t).to(x.dtype))
+        ehs = None
+        if self.conditioning == "class":
+            class_emb = e.class_embedding(cond).to(emb.dtype)
+            emb = emb + torch.where(drop[:, None], torch.zeros_like(class_emb), class_emb)
+        elif self.conditioning == "text":
+            null = self.null_text.expand(len(x), -1, -1).to(cond.dtype)
+            ehs = torch.where(drop[:, None, None], null, cond)
+        h = e.conv_in(x)
+        for block in e.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        if e.mid_block is not None:
+            h = e.mid_block(h, emb, encoder_hidden_states=ehs) if getattr(e.mid_block, "has_cross_attention", False) \
+                else e.mid_block(h, emb)
+        return h
+
+    def raw(self, x, t=None, cond=None, drop=None):
+        """Unstandardized reward r_phi (B,)."""
+        t = torch.zeros(len(x), dtype=torch.long, device=x.device) if t is None else t
+        drop = torch.zeros(len(x), dtype=torch.bool, device=x.device) if drop is None else drop
+        feats = self.features(x, t, cond, drop)
+        tokens = None
+        if self.conditioning == "class":
+            tokens = self.encoder.class_embedding(cond)[:, None].to(feats.dtype)
+        elif self.conditioning == "text":
+            tokens = cond.to(feats.dtype)
+        return self.head(feats, tokens, drop if self.conditioning != "none" else None).float()
+
+    def forward(self, x, t=None, cond=None, guidance: float = 1.0, standardize: bool = True, drop=None):
+        """r~ (Eq. 5.2) of inputs x (B, C, H, W); with guidance w != 1, r_u + w (r_c - r_u) in one batch of 2B.
+        `drop` (B,) drops the condition of single inputs (training for reward guidance)."""
+        if guidance != 1.0 and self.conditioning != "none":
+            n = len(x)
+            drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(x.device)
+            tt = None if t is None else torch.cat([t, t])
+            r_c, r_u = self.raw(torch.cat([x, x]), tt, torch.cat([cond, cond]), drop).chunk(2)
+            r = r_u + guidance * (r_c - r_u)
+        else:
+            r = self.raw(x, t, cond, drop)
+        return (r - self.reward_mean) / self.reward_std if standardize else r
+
+    # -----------------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict:
+        """What the folder stores: the head, the trainable encoder parts and the standardization buffers."""
+        keep = {n for n, p in self.named_parameters() if p.requires_grad} | {"reward_mean", "reward_std"}
+        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k in keep}
+
+    def save(self, out_dir: Path, config: dict):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), out_dir / "model.safetensors.tmp")
+        (out_dir / "model.safetensors.tmp").replace(out_dir / "model.safetensors")
+        config = dict(config, fingerprint=self.fingerprint, conditioning=self.conditioning, trainable=self.trainable,
+                      width=self.head.out.in_features, heads=self.head.attn.num_heads,
+                      reward_mean=self.reward_mean.item(), reward_std=self.reward_std.item(),
+                      encoder_blocks=["conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block"])
+        (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+
+
+class RewardModelError(Exception):
+    """A reward-model folder that cannot be used; the message says why and what to do."""
+
+
+def load_reward_model(path, base, device="cpu") -> tuple[RewardModel, dict]:
+    """Rebuild a reward model on `base` (a models.BaseModel) and load its trained parts from `path`."""
+    path = Path(path)
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        raise RewardModelError(f"--reward-model {path}: expected config.json and model.safetensors (written by "
+                               "train_reward.py)")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("fingerprint") != base_fingerprint(base.unet):
+        raise RewardModelError(f"--reward-model {path} was trained on base model {config.get('base_model')!r}, which "
+                               f"is not the base model loaded now ({base.source}); train a reward model on this base "
+                               "model or pass the matching --pretrained")
+    null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
+    rm = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
+                     config["trainable"])
+    try:
+        missing, unexpected = rm.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise RewardModelError(f"--reward-model {path}: model.safetensors is unreadable ({type(e).__name__})") from None
+    if unexpected or any(k.startswith("head.") for k in missing):
+        raise RewardModelError(f"--reward-model {path}: model.safetensors does not fit its config.json")
+    return rm.to(device), config

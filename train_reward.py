@@ -1,0 +1,336 @@
+"""Train a reward model from ranked labeling tasks (thesis 5.2, step 3 of the method).
+
+Each task is one batch element: its K images go through the reward model together and the loss is Eq. 5.1 over
+all pairs its ranking implies, normalized per task. After training, the reward mean and std over the training
+images are stored so that the model emits standardized rewards (Eq. 5.2).
+
+Launch:
+    python train_reward.py --dataset datasets/digits                       # offline: a digits labeling dataset
+    python train_reward.py --exp pink --dataset datasets/pink --out rm/pink # Table 6.2 "Pink": batch 4 tasks, 40 epochs
+    torchrun --nproc_per_node=4 train_reward.py --exp macaw --dataset datasets/macaw
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from drlhf import cli, models
+from drlhf.reward_model import RewardModel
+
+
+@dataclass
+class Args:
+    exp: str | None = None
+    """preset: digits (offline), macaw (thesis 6.7) or pink (thesis 6.9)"""
+    dataset: str = "datasets/digits"
+    """labeling dataset folder (sample.py) holding the export of label.py"""
+    rankings: str | None = None
+    """rankings.jsonl from `label.py export` (default DATASET/rankings.jsonl)"""
+    annotator: str | None = None
+    """use the rankings of one annotator only (default: all; tasks ranked by several count once per annotator)"""
+    pretrained: str | None = None
+    """base model whose U-Net encoder is reused (default: the dataset's base model from dataset.json)"""
+    out: str | None = None
+    """reward-model folder to write (default runs/reward-<exp>)"""
+    epochs: int = 60
+    """passes over the training tasks (thesis: 1000 for Macaw, 40 for Pink)"""
+    batch_tasks: int = 8
+    """tasks per optimizer step over all processes (thesis: 8 for Macaw = 40 images, 4 for Pink = 32 images)"""
+    lr: float = 1e-3
+    """AdamW learning rate of the trainable parameters (thesis: 1e-4; offline default 1e-3)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    val_fraction: float | None = None
+    """hold out this share of tasks for validation, seeded (the thesis's preliminary 80/20 model: 0.2);
+    None = use the export's train/val split; 0 = train on everything"""
+    ties: str = "exclude"
+    """pairs inside a tie group: exclude (default) or half (trained toward 0.5)"""
+    cond_drop: float = 0.1
+    """probability of dropping the condition in training, for classifier-free reward guidance (thesis 5.2)"""
+    guidance: float = 1.0
+    """reward guidance weight w stored with the model: r = r_u + w (r_c - r_u) (1 = plain conditional reward)"""
+    trainable: str = "head"
+    """trainable parts: head (thesis: only the new cross-attention pooling), mid (+ mid block) or encoder"""
+    width: int = 128
+    """width of the cross-attention pooling head"""
+    heads: int = 4
+    """attention heads of the pooling head"""
+    seed: int = 0
+    """seed of the split, the task order and the condition dropping"""
+    precision: str = "fp32"
+    """fp32, fp16 (autocast + GradScaler) or bf16 (autocast)"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    cache_dir: str | None = None
+    """cache of the offline toy models"""
+    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    """training steps of an offline toy base model on first use"""
+
+
+PRESETS = {
+    "digits": dict(),
+    "macaw": dict(epochs=1000, batch_tasks=8, lr=1e-4, cond_drop=0.0),   # thesis 6.7: K = 5 tasks of class 88
+    "pink": dict(epochs=40, batch_tasks=4, lr=1e-4, precision="fp16"),   # thesis 6.9: K = 8 tasks, text, dropped text
+}
+CHOICES = {"ties": ("exclude", "half"), "trainable": ("head", "mid", "encoder"), "precision": ("fp32", "fp16", "bf16"),
+           "device": ("auto", "cpu", "cuda")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: tasks as (K images in the model's input space, condition, pair matrices)
+# ---------------------------------------------------------------------------------------------------------
+def read_rankings(path: Path, annotator):
+    if not path.exists():
+        raise FileNotFoundError(f"--rankings {path}: no such file; run `label.py export` on the dataset first")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if annotator:
+        rows = [r for r in rows if r["annotator"] == annotator]
+    if not rows:
+        raise ValueError(f"--rankings {path}: no rankings{' of annotator ' + annotator if annotator else ''}")
+    return rows
+
+
+def pair_matrices(ranking, both_bad, k: int):
+    """(K, K) matrices: win[i, j] = 1 if image i is preferred to j; tie[i, j] = 1 for i != j in one tie group.
+    Images flagged "both bad" rank below all the others (keeping their order among themselves)."""
+    bad = set(both_bad)
+    groups = [[i for i in g if i not in bad] for g in ranking]
+    groups = [g for g in groups if g] + [[i for i in g if i in bad] for g in ranking if any(i in bad for i in g)]
+    rank = {i: n for n, g in enumerate(groups) for i in g}
+    if sorted(rank) != list(range(k)):
+        raise ValueError(f"a ranking {ranking} does not cover images 0..{k - 1}")
+    r = torch.tensor([rank[i] for i in range(k)])
+    win = (r[:, None] < r[None, :]).float()
+    tie = ((r[:, None] == r[None, :]) & ~torch.eye(k, dtype=torch.bool)).float()
+    return win, tie
+
+
+def load_tasks(args: Args, base: models.BaseModel, device):
+    """All ranked tasks as tensors: inputs (N, K, C, H, W), conditions, win/tie matrices (N, K, K), splits."""
+    from PIL import Image
+    dataset = Path(args.dataset)
+    tasks = {t["task_id"]: t for t in map(json.loads, (dataset / "tasks.jsonl").read_text().splitlines())}
+    rows = read_rankings(Path(args.rankings or dataset / "rankings.jsonl"), args.annotator)
+    c, h, w = base.sample_shape
+    inputs, conds, wins, ties, splits, ids = [], [], [], [], [], []
+    for row in rows:
+        task = tasks.get(row["task_id"])
+        if task is None:
+            raise ValueError(f"rankings name task {row['task_id']}, which {dataset / 'tasks.jsonl'} does not have")
+        k = len(task["images"])
+        if base.is_latent:
+            from safetensors.torch import load_file
+            if not task.get("latents"):
+                raise ValueError(f"task {task['task_id']}: a latent base model needs the latents sample.py stores")
+            x = torch.stack([load_file(dataset / p)["latent"] for p in task["latents"]])
+        else:
+            arrays = []
+            for p in task["images"]:
+                with Image.open(dataset / p) as img:
+                    img = img.convert("L" if c == 1 else "RGB")
+                    if img.size != (w, h):
+                        raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
+                    arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
+            x = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+        win, tie = pair_matrices(row["ranking"], row.get("both_bad", []), k)
+        inputs.append(x)
+        conds.append(task.get("class_label", task.get("prompt")))
+        wins.append(win)
+        ties.append(tie)
+        splits.append(row.get("split", "train"))
+        ids.append(task["task_id"])
+    if len({x.shape for x in inputs}) != 1:
+        raise ValueError("tasks have different numbers of images; train_reward.py needs one K per dataset")
+    if args.val_fraction is not None:  # a fresh seeded split by task id (the thesis's preliminary 80/20 model)
+        order = sorted(set(ids))
+        random.Random(args.seed).shuffle(order)
+        val = set(order[:round(len(order) * args.val_fraction)])
+        splits = ["val" if i in val else "train" for i in ids]
+    if base.conditioning == "class":
+        cond = torch.tensor(conds)
+    elif base.conditioning == "text":
+        prompts = sorted(set(conds))
+        table = dict(zip(prompts, base.encode_prompts(prompts).cpu()))
+        cond = torch.stack([table[p] for p in conds])
+    else:
+        cond = None
+    return dict(x=torch.stack(inputs), cond=cond, win=torch.stack(wins), tie=torch.stack(ties),
+                split=np.array(splits), ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# METHOD: Eq. 5.1 over all pairs of each task
+# ---------------------------------------------------------------------------------------------------------
+def ranking_loss(rewards, win, tie, ties: str = "exclude"):
+    """rewards (B, K); win/tie (B, K, K). Per task: the mean over its ordered pairs of -log sigmoid(r_w - r_l)
+    (Eq. 5.1); with ties="half", tied pairs add the cross-entropy toward 0.5. Returns the mean over tasks."""
+    diff = rewards[:, :, None] - rewards[:, None, :]                 # (B, K, K) r_i - r_j
+    loss = (win * F.softplus(-diff)).sum((1, 2))                     # -log sigmoid(r_w - r_l) = softplus(r_l - r_w)
+    pairs = win.sum((1, 2))
+    if ties == "half":  # each unordered tied pair appears twice (i, j) and (j, i): 0.5 (softplus(-d) + softplus(d))
+        loss = loss + (tie * 0.5 * F.softplus(-diff)).sum((1, 2))
+        pairs = pairs + tie.sum((1, 2)) / 2
+    return (loss / pairs.clamp(min=1)).mean()
+
+
+def pair_accuracy(rewards, win):
+    """Share of strictly ordered pairs that the rewards order the same way (ties in reward count half)."""
+    diff = rewards[:, :, None] - rewards[:, None, :]
+    correct = (win * ((diff > 0).float() + 0.5 * (diff == 0).float())).sum()
+    return (correct / win.sum().clamp(min=1)).item()
+
+
+@torch.no_grad()
+def score(model, x, cond, device, args, chunk=64):
+    """Raw rewards (N, K) of tasks x (N, K, C, H, W)."""
+    n, k = x.shape[:2]
+    flat, out = x.flatten(0, 1), []
+    flat_cond = None if cond is None else cond.repeat_interleave(k, 0)
+    for s in range(0, len(flat), chunk):
+        c = None if flat_cond is None else flat_cond[s:s + chunk].to(device)
+        with autocast(args, device):
+            out.append(model.raw(flat[s:s + chunk].to(device), None, c).float())
+    return torch.cat(out).view(n, k)
+
+
+def autocast(args: Args, device):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def strip_image(x, order, rewards):
+    """(K, C, H, W) in [-1, 1] -> uint8 (H, K*(W+1), 3) in the given order (for TensorBoard)."""
+    imgs = ((x[order].float().clamp(-1, 1) + 1) * 127.5).byte()
+    if imgs.shape[1] == 1:
+        imgs = imgs.expand(-1, 3, -1, -1)
+    pad = torch.full((len(order), 3, imgs.shape[2], 1), 255, dtype=torch.uint8)
+    return torch.cat([torch.cat([imgs, pad], 3)[i] for i in range(len(order))], 2).permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args, _ = cli.parse_args(Args, PRESETS, argv, CHOICES)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    torch.manual_seed(args.seed)
+    dataset = Path(args.dataset)
+    if not (dataset / "tasks.jsonl").exists():
+        raise FileNotFoundError(f"--dataset {dataset}: no tasks.jsonl; create it with sample.py")
+    meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
+    pretrained = args.pretrained or meta.get("base_model")
+    if not pretrained:
+        raise ValueError(f"--pretrained is needed: {dataset} has no dataset.json naming its base model")
+    base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    data = load_tasks(args, base, device)
+    train = np.flatnonzero(data["split"] == "train")
+    val = np.flatnonzero(data["split"] == "val")
+    if len(train) == 0:
+        raise ValueError("no training tasks: check --val-fraction or the export's split")
+    if args.batch_tasks % world:
+        raise SystemExit(f"--batch-tasks ({args.batch_tasks}) must be divisible by the number of processes ({world})")
+    null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
+    model = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
+                        args.trainable).to(device)
+    net = DDP(model, device_ids=[device] if use_cuda else None) if world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    out = Path(args.out or f"runs/reward-{args.exp or 'digits'}")
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        out.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(out / "tb")
+        writer.add_text("args", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+        k = data["x"].shape[1]
+        print(f"[drlhf] reward model on {pretrained} ({base.conditioning}), {len(train)} training and {len(val)} "
+              f"validation tasks of K = {k}; {sum(p.numel() for p in params):,} trainable parameters ({args.trainable})")
+    g = torch.Generator().manual_seed(args.seed)
+    from tqdm.auto import tqdm
+    bar = tqdm(range(args.epochs), desc="reward model", unit="epoch", disable=rank != 0)
+    per_rank = args.batch_tasks // world
+    t0 = time.perf_counter()
+    for epoch in bar:
+        model.train()
+        order = train[torch.randperm(len(train), generator=g).numpy()]
+        losses = []
+        for s in range(0, len(order), args.batch_tasks):
+            idx = order[s:s + args.batch_tasks][rank * per_rank:(rank + 1) * per_rank]  # tasks are not shared
+            if len(idx) == 0:
+                continue
+            x = data["x"][idx].to(device)                                   # (b, K, C, H, W)
+            b, k = x.shape[:2]
+            cond = None if data["cond"] is None else data["cond"][idx].to(device).repeat_interleave(k, 0)
+            # classifier-free reward guidance: drop a task's condition for all its images with probability p
+            drop = (torch.rand(b, generator=g) < args.cond_drop).repeat_interleave(k).to(device)
+            with autocast(args, device):
+                r = net(x.flatten(0, 1), None, cond, standardize=False, drop=drop)  # through the DDP wrapper
+                loss = ranking_loss(r.float().view(b, k), data["win"][idx].to(device), data["tie"][idx].to(device),
+                                    args.ties)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        if rank == 0:
+            model.eval()
+            writer.add_scalar("losses/train_loss", float(np.mean(losses)), epoch)
+            logs = {}
+            if len(val):
+                rv = score(model, data["x"][val], None if data["cond"] is None else data["cond"][val], device, args)
+                logs = {"val_loss": ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item(),
+                        "val_accuracy": pair_accuracy(rv, data["win"][val])}
+                for k_, v in logs.items():
+                    writer.add_scalar(f"eval/{k_}", v, epoch)
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k_: f"{v:.3f}" for k_, v in logs.items()})
+    # Eq. 5.2: standardize with the mean and std over the training images
+    model.eval()
+    rt = score(model, data["x"][train], None if data["cond"] is None else data["cond"][train], device, args)
+    model.reward_mean.fill_(rt.mean().item())
+    model.reward_std.fill_(rt.std().item())
+    if rank == 0:
+        result = {"train_accuracy": pair_accuracy(rt, data["win"][train])}
+        if len(val):
+            rv = score(model, data["x"][val], None if data["cond"] is None else data["cond"][val], device, args)
+            result.update(val_accuracy=pair_accuracy(rv, data["win"][val]), val_pairs=int(data["win"][val].sum()))
+            for n in range(min(4, len(val))):  # a few validation tasks: model order above human order
+                human = sorted(range(rv.shape[1]), key=lambda i: -float(data["win"][val[n]][i].sum()))
+                model_order = torch.argsort(rv[n], descending=True).tolist()
+                x = data["x"][val[n]] if not base.is_latent else base.decode(data["x"][val[n]].to(device)).cpu()
+                writer.add_image(f"val_task_{data['ids'][val[n]]}", np.concatenate(
+                    [strip_image(x, model_order, rv[n]), strip_image(x, human, rv[n])], 0), dataformats="HWC")
+        writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
+        config = dict(base_model=pretrained, dataset=str(dataset), guidance_weight=args.guidance,
+                      cond_drop=args.cond_drop, args=dataclasses.asdict(args), minutes=(time.perf_counter() - t0) / 60,
+                      **result)
+        model.save(out, config)
+        writer.close()
+        print(f"[drlhf] reward model saved to {out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                                 for k, v in result.items()))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (models.ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
