@@ -142,6 +142,8 @@ class Args:
     """Table 6.2 "Allow TF32" for matmuls and convolutions on Ampere+ GPUs"""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda"""
+    gradient_checkpointing: bool = False
+    """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     algo: str = "ppo"
     """ppo (thesis 5.3) or backprop (Table 6.2 "Macaw: Without RL", thesis 6.8)"""
     # --- logging and checkpoints ---
@@ -245,6 +247,12 @@ def setup_distributed(device_flag: str):
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
+
+
+def sync_device(device):
+    """Wait for queued GPU work, so that phase timings are real (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -687,7 +695,9 @@ def main(argv=None):
     # --- models ---------------------------------------------------------------------------------------------
     if world > 1 and rank != 0:
         dist.barrier()  # rank 0 trains and caches toy models first; the others then read the cache
-    base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    frozen_dtype = torch.float16 if device.type == "cuda" and args.precision != "fp32" else torch.float32
+    base = models.load_base_model(args.pretrained, device, args.cache_dir, weights_dtype=frozen_dtype,
+                                  toy_train_steps=args.toy_train_steps)  # VAE and text encoder frozen, half on GPU
     torch.manual_seed(args.seed)  # the same value-function init whether or not a toy model was just trained
     value_net = make_value_fn(args, base)
     if world > 1 and rank == 0:
@@ -708,6 +718,8 @@ def main(argv=None):
     reward_fn = make_reward_fn(args.reward, args, base, device)
     eval_fns = [reward_fn] + ([make_reward_fn(args.eval_reward, args, base, device)] if args.eval_reward else [])
     base.unet.requires_grad_(True).train()
+    if args.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
     policy_net = models.make_denoiser(base, args.guidance_scale)
     ref_net = None
     if args.kl_coef > 0:  # the frozen base policy pi_base, only needed for the KL penalty
@@ -771,6 +783,7 @@ def main(argv=None):
         state = box[0]
 
     # --- the training loop ------------------------------------------------------------------------------------
+    epoch_times = []
     bar = tqdm(range(state["epoch"], args.epochs), initial=state["epoch"], total=args.epochs, disable=rank != 0,
                desc="PPO epochs", unit="epoch")
     for epoch in bar:
@@ -783,6 +796,8 @@ def main(argv=None):
         policy_net.eval()
         with autocast(args, device):
             buf = rollout(policy_net, schedule, x_T, cond, generator=gens["rollout"])
+        sync_device(device)
+        t_rollout = time.perf_counter() - t0
         orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
         logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
         if args.old_logprobs == "recompute":
@@ -802,6 +817,8 @@ def main(argv=None):
                                      buf.latents, cond, orders[0], args.minibatch_size, args, device)
         # 3. ADVANTAGES: GAE over the denoising steps
         advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)  # (T, B) each
+        sync_device(device)
+        t_score = time.perf_counter() - t0 - t_rollout
         # 4. UPDATE: PPO over all states in random minibatches
         policy_net.train()
         if value_net is not None:
@@ -812,7 +829,9 @@ def main(argv=None):
         # 5. STATS (all ranks' rewards and KL pooled)
         pooled = all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * args.kl_coef,
                                              (scores.abs() + kl.sum(0) * args.kl_coef).sum()]).double()).cpu() / (B * world)
+        sync_device(device)
         dt = time.perf_counter() - t0
+        epoch_times.append(dt)
         if rank == 0:
             r_mean = pooled[0].item()
             r_std = math.sqrt(max(pooled[1].item() - r_mean ** 2, 0.0))
@@ -827,7 +846,11 @@ def main(argv=None):
                     "losses/ratio_dev_at_start": stats["ratio_dev_at_start"],
                     "losses/explained_variance": (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan"),
                     "charts/policy_lr": opt_pi.param_groups[0]["lr"], "charts/images_per_s": B * world / dt,
-                    "charts/global_step": state["global_step"]}
+                    "charts/global_step": state["global_step"], "charts/seconds_rollout": t_rollout,
+                    "charts/seconds_scoring": t_score,  # rewards, values, pi_base and a recomputed pi_old
+                    "charts/seconds_update": dt - t_rollout - t_score}
+            if device.type == "cuda":
+                logs["charts/peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if opt_vf is not None:
                 logs["charts/vf_lr"] = opt_vf.param_groups[0]["lr"]
             for k, v in logs.items():
@@ -864,7 +887,10 @@ def main(argv=None):
         histogram_png(br.numpy(), ev.numpy(), out / "reward_histogram.png")
         gain = (ev.mean() - br.mean()) / (br.std() + 1e-12)
         summary = dict(base_reward_mean=br.mean().item(), base_reward_std=br.std().item(), final_reward_mean=ev.mean().item(),
-                       final_reward_std=ev.std().item(), gain_in_base_std=gain.item(), epochs=args.epochs)
+                       final_reward_std=ev.std().item(), gain_in_base_std=gain.item(), epochs=args.epochs,
+                       seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else None,
+                       images_per_second=B * world / float(np.mean(epoch_times)) if epoch_times else None,
+                       peak_gpu_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
         if gold:  # the extra score, never optimized (e.g. the gold labeler behind a reward model)
             gb = state["base_eval_reward"]
             summary.update(eval_reward=args.eval_reward, base_eval_reward_mean=gb.mean().item(),
