@@ -31,12 +31,10 @@ import numpy as np
 import torch
 
 from drlhf import cli, models
+from drlhf.prompts import read_prompts
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, rollout
 
 VERSION = "0.1"
-BUILTIN_PROMPTS = {  # thesis Table 6.5
-    "pink": [f"A photograph of a {animal} wearing pink sunglasses." for animal in ("corgi", "deer", "lion", "mouse")],
-}
 BUILTIN_INSTRUCTIONS = {
     # thesis Table 6.3 (Macaw) and Table 6.6 (Pink; {animal} is the animal of the task's prompt)
     "macaw": ["Always prefer images with a macaw over images without a macaw.",
@@ -68,7 +66,7 @@ class Args:
     k: int = 5
     """images per task K (thesis: 5 for Macaw, 8 for Pink)"""
     prompts: str | None = None
-    """text models: a .txt file (one prompt per line), a .jsonl file with a "prompt" field, or builtin:pink (Table 6.5)"""
+    """text models: a .txt/.jsonl/.csv/.parquet prompt file, or builtin:pink (Table 6.5) / builtin:pickscore-eval (appendix D)"""
     class_labels: str | None = None
     """class models: comma-separated classes to draw tasks from (None = all; Macaw: 88)"""
     instructions: str | None = "builtin:digits"
@@ -113,23 +111,6 @@ CHOICES = {"sampler": ("ddpm", "ddim"), "spacing": ("leading", "trailing", "lins
 # settings that must not change when an interrupted dataset is finished
 FIXED = ("pretrained", "num_tasks", "k", "prompts", "class_labels", "num_steps", "guidance_scale", "sampler", "spacing",
          "eta", "variance_type", "seed", "batch_size")
-
-
-def read_prompts(spec: str) -> list[str]:
-    if spec.startswith("builtin:"):
-        if spec[8:] not in BUILTIN_PROMPTS:
-            raise ValueError(f"--prompts {spec}: built-in lists are " + ", ".join(f"builtin:{k}" for k in BUILTIN_PROMPTS))
-        return BUILTIN_PROMPTS[spec[8:]]
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {spec}: no such file")
-    if path.suffix == ".jsonl":
-        prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {spec}: no prompts in the file")
-    return prompts
 
 
 def read_instructions(spec: str | None) -> str:

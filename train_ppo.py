@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf import cli, models, rewards
+from drlhf.prompts import read_prompts
 from drlhf.reward_model import RewardModelError
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, action_logprob, rollout
 
@@ -69,18 +70,22 @@ class Args:
     class_labels: str | None = None
     """class models: comma-separated classes sampled uniformly per environment (None = all classes; thesis 6.5)"""
     prompts: str | None = None
-    """text models: a text file with one prompt per line, sampled uniformly per environment (thesis 5.3)"""
+    """text models: a .txt/.jsonl/.csv/.parquet prompt file or builtin:pink / builtin:pickscore-eval, sampled uniformly per environment (thesis 5.3)"""
     # --- reward and value function ---
     reward: str = "target"
-    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), rm (a trained reward model, --reward-model) or module:function on images in [-1,1]"""
+    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), pickscore (PickScore v1), rm (a trained reward model, --reward-model) or module:function on images in [-1,1] and prompts/class labels"""
     reward_model: str | None = None
     """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2), scored on the samples themselves (latents for latent models)"""
     eval_reward: str | None = None
     """an extra score of the fixed-seed samples, never optimized: a --reward name or module:function (e.g. the gold function that labeled the reward model's data)"""
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    """--reward pickscore: the CLIP preference model (hub id or folder; thesis 6.10)"""
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """--reward pickscore: the CLIP processor (hub id or folder)"""
     target_image: str | None = None
     """target image of the target reward (default: the bold slanted 4 in drlhf/assets)"""
     value_fn: str = "cnn"
-    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5), reward (a copy of --reward-model with timestep input, Pink's choice, thesis 6.9) or none; classifier (ImageNet, thesis 6.5) comes with its experiment"""
+    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5), unet (the reward-model architecture on the base U-Net with a new head), reward (a copy of --reward-model, Pink's choice, thesis 6.9) or none; classifier (ImageNet, thesis 6.5) comes with its experiment"""
     value_init: str = "classifier"
     """value-function init: classifier (--value-fn cnn only: appendix B net pre-trained on noisy digits, thesis 6.4), random, or reward (the same as --value-fn reward: a copy of --reward-model, thesis 6.9)"""
     # --- reinforcement learning (Table 6.2) ---
@@ -209,8 +214,8 @@ PRESETS = {
                       num_envs=80, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, vf_coef=0.1, kl_coef=0.0,
                       epochs=20850, minibatch_size=10, policy_lr=5e-7, vf_lr=1e-6, policy_warmup_steps=4096,
                       vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.01,
-                      grad_accum_steps=4, max_grad_norm=1.0, precision="fp16", tf32=True, value_fn="reward",
-                      old_logprobs="recompute"),
+                      grad_accum_steps=4, max_grad_norm=1.0, precision="fp16", tf32=True, value_fn="unet",
+                      old_logprobs="recompute", prompts="builtin:pickscore-eval"),
     # offline stand-ins that learn within minutes on 2 CPU cores (learning rates differ from the thesis)
     "digits-target": dict(),  # the Args defaults
     # colour digits: the thesis's beta = 0.02 let the summed KL (~1e3 per trajectory here) swamp the reward at
@@ -224,7 +229,7 @@ PRESETS = {
 CHOICES = {"conditioning": ("none", "class", "text"), "sampler": ("ddpm", "ddim"),
            "spacing": ("leading", "trailing", "linspace", "guided"),
            "variance_type": ("fixed_small", "fixed_large", "learned_range"), "logprob_reduction": ("sum", "mean"),
-           "value_fn": ("cnn", "encoder", "none", "reward", "classifier"), "value_init": ("classifier", "random", "reward"),
+           "value_fn": ("cnn", "encoder", "unet", "none", "reward", "classifier"), "value_init": ("classifier", "random", "reward"),
            "old_logprobs": ("rollout", "recompute"), "minibatch_grouping": ("state", "trajectory"),
            "precision": ("fp32", "fp16", "bf16"), "device": ("auto", "cpu", "cuda"), "algo": ("ppo", "backprop")}
 
@@ -299,9 +304,9 @@ def check_requirements(args: Args):
     if args.algo != "ppo":
         raise SystemExit(f"--algo {args.algo}: reward back-propagation through the sampling chain (thesis 6.8) is "
                          "not implemented yet; use --algo ppo.")
-    if args.reward in ("aesthetic", "pickscore"):
-        raise SystemExit(f"--reward {args.reward}: the LAION aesthetic predictor and PickScore are not available in "
-                         "this release; built-in: target, colorfulness, rm (--reward-model DIR), or module:function.")
+    if args.reward == "aesthetic":
+        raise SystemExit("--reward aesthetic: the LAION aesthetic predictor is not available in this release; "
+                         "built-in: target, colorfulness, pickscore, rm (--reward-model DIR), or module:function.")
     if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and not args.reward_model:
         raise SystemExit(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
                          "written by train_reward.py")
@@ -316,7 +321,8 @@ def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):
         from drlhf.reward_model import load_reward_model
         rm, config = load_reward_model(args.reward_model, base, device)
         rm.eval()
-        return lambda samples, cond: rm(samples.float(), None, cond, guidance=config.get("guidance_weight", 1.0))
+        return lambda samples, cond, prompts=None: rm(samples.float(), None, cond,
+                                                      guidance=config.get("guidance_weight", 1.0))
     if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
         import importlib
         mod, fn = spec.split(":", 1)
@@ -328,8 +334,9 @@ def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):
     else:
         c, h, _ = base.sample_shape
         image_fn = rewards.get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c,
-                                         args.target_image)
-    return lambda samples, cond: image_fn(base.decode(samples), cond)
+                                         args.target_image, args.pickscore_model, args.pickscore_processor, device)
+    # image rewards get the condition in human terms: the prompts of text models, the class labels otherwise
+    return lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)
 
 
 def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
@@ -345,6 +352,10 @@ def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
     if "reward" in (args.value_fn, args.value_init):  # thesis 6.9: the value function starts as a copy of the RM
         from drlhf.reward_model import load_reward_model
         return load_reward_model(args.reward_model, base)[0]
+    if args.value_fn == "unet":  # the reward-model architecture on the base U-Net, with a new head
+        from drlhf.reward_model import RewardModel
+        null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
+        return RewardModel(base.unet, base.conditioning, null_text, base.num_classes)
     if args.value_fn == "encoder":
         if args.value_init != "random":
             print(f"[drlhf] note: --value-init {args.value_init} applies to --value-fn cnn only; the encoder starts "
@@ -353,17 +364,19 @@ def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
     raise ValueError(f"--value-fn must be cnn, encoder or none, got {args.value_fn!r}")
 
 
-def sample_conditions(base: models.BaseModel, args: Args, n: int, generator, prompt_embeds=None):
-    """Conditioning of n environments, drawn uniformly (thesis 5.3); None for unconditional models."""
+def sample_conditions(base: models.BaseModel, args: Args, n: int, generator, prompts=None, prompt_embeds=None):
+    """Conditions of n environments, drawn uniformly (thesis 5.3): (cond for the model, prompts or None).
+    cond is None (unconditional), class labels (n,) or text-encoder states (n, L, D) of the drawn prompts."""
     if base.conditioning == "none":
-        return None
+        return None, None
     if base.conditioning == "class":
         classes = torch.tensor([int(c) for c in args.class_labels.split(",")] if args.class_labels
                                else list(range(base.num_classes)))
         if classes.min() < 0 or classes.max() >= base.num_classes:
             raise ValueError(f"--class-labels {args.class_labels}: the base model has classes 0..{base.num_classes - 1}")
-        return classes[torch.randint(len(classes), (n,), generator=generator)]
-    return prompt_embeds[torch.randint(len(prompt_embeds), (n,), generator=generator)]
+        return classes[torch.randint(len(classes), (n,), generator=generator)], None
+    idx = torch.randint(len(prompts), (n,), generator=generator)
+    return prompt_embeds[idx], [prompts[i] for i in idx.tolist()]
 
 
 def select(cond, index):
@@ -379,10 +392,10 @@ def autocast(args: Args, device):
 # ALGO LOGIC: rewards with the per-step KL penalty, values, GAE
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_terminal(reward_fn, base, samples, cond, epoch: int, rank: int) -> torch.Tensor:
+def score_terminal(reward_fn, samples, cond, prompts, epoch: int, rank: int) -> torch.Tensor:
     """Terminal reward r(s_0) of each environment (B,); non-finite rewards stop training with the culprit."""
     with torch.no_grad():
-        scores = torch.as_tensor(reward_fn(samples, cond)).float().to(samples.device).flatten()
+        scores = torch.as_tensor(reward_fn(samples, cond, prompts)).float().to(samples.device).flatten()
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
         raise FloatingPointError(f"epoch {epoch}: the reward of sample {bad[0].item()} on rank {rank} is "
@@ -616,13 +629,13 @@ def load_weights(module, path: Path):
 # Evaluation: fixed-seed samples, their rewards and image grids
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(policy, schedule, base, reward_fns, args: Args, device, eval_cond):
+def evaluate(policy, schedule, base, reward_fns, args: Args, device, eval_cond, eval_prompts=None):
     """Fixed-seed samples -> decoded images and the scores of each reward function (each (N,) on the CPU)."""
     g = torch.Generator(device).manual_seed(args.seed + 12345)  # the same seeds every time
     x_T = torch.randn((args.eval_samples, *base.sample_shape), generator=g, device=device)
     with autocast(args, device):
         buf = rollout(policy, schedule, x_T, eval_cond, generator=g)
-    return base.decode(buf.samples), [torch.as_tensor(fn(buf.samples, eval_cond)).float().flatten().cpu()
+    return base.decode(buf.samples), [torch.as_tensor(fn(buf.samples, eval_cond, eval_prompts)).float().flatten().cpu()
                                       for fn in reward_fns]
 
 
@@ -732,15 +745,17 @@ def main(argv=None):
     opt_pi = torch.optim.AdamW(base.unet.parameters(), lr=args.policy_lr, **adam)
     opt_vf = torch.optim.AdamW(value_net.parameters(), lr=args.vf_lr, **adam) if value_net else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    prompt_embeds = None
+    prompts = prompt_embeds = None
     if base.conditioning == "text":
         if not args.prompts:
-            raise SystemExit("--prompts FILE is required for a text-conditional model (one prompt per line)")
-        prompts = [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+            raise SystemExit("--prompts is required for a text-conditional model: a .txt (one prompt per line), "
+                             ".jsonl, .csv or .parquet file, or builtin:pink")
+        prompts = read_prompts(args.prompts)
         prompt_embeds = base.encode_prompts(prompts)  # computed once per prompt
     gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank), "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
     state = {"epoch": 0, "global_step": 0}
-    eval_cond = sample_conditions(base, args, args.eval_samples, torch.Generator().manual_seed(args.seed + 54321), prompt_embeds)
+    eval_cond, eval_prompts = sample_conditions(base, args, args.eval_samples,
+                                                torch.Generator().manual_seed(args.seed + 54321), prompts, prompt_embeds)
     eval_cond = None if eval_cond is None else eval_cond.to(device)
     if args.resume:
         load_weights(base.unet, ckpt / "policy.safetensors")
@@ -770,7 +785,7 @@ def main(argv=None):
               f"{B} environments = {B * world}; {n_states} states per process -> {n_minibatches} minibatches of "
               f"{args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
         if "base_rewards" not in state:
-            images, (base_rewards, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond)
+            images, (base_rewards, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond, eval_prompts)
             state["base_rewards"] = base_rewards
             if gold:
                 state["base_eval_reward"] = gold[0]
@@ -790,7 +805,7 @@ def main(argv=None):
         state["epoch"] = epoch
         t0 = time.perf_counter()
         # 1. ROLLOUT: all environments, one batch per denoising step
-        cond = sample_conditions(base, args, B, gens["shuffle"], prompt_embeds)
+        cond, cond_prompts = sample_conditions(base, args, B, gens["shuffle"], prompts, prompt_embeds)
         cond = None if cond is None else cond.to(device)
         x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
         policy_net.eval()
@@ -804,7 +819,7 @@ def main(argv=None):
             logprobs = evaluate_states(lambda x, i, c, a: action_logprob(policy_net, schedule, x, i, c, a),
                                        buf.latents, cond, orders[0], args.minibatch_size, args, device)
         # 2. REWARD: terminal score, per-step KL to the base model, values of every state
-        scores = score_terminal(reward_fn, base, buf.samples, cond, epoch, rank)   # (B,)
+        scores = score_terminal(reward_fn, buf.samples, cond, cond_prompts, epoch, rank)   # (B,)
         ref_logprobs = None                                                        # (T, B) log pi_base(a_t|s_t)
         if ref_net is not None:
             ref_logprobs = evaluate_states(lambda x, i, c, a: action_logprob(ref_net, schedule, x, i, c, a),
@@ -858,7 +873,7 @@ def main(argv=None):
             writer.add_histogram("objective/rewards", scores.cpu(), epoch)
             bar.set_postfix(reward=f"{r_mean:.3f}", kl=f"{logs['objective/kl']:.3g}", clipfrac=f"{stats['clipfrac']:.2f}")
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond)
+                images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond, eval_prompts)
                 writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
                 if gold:
                     gb = state["base_eval_reward"]
@@ -879,7 +894,7 @@ def main(argv=None):
     # --- the end: the policy as a diffusers pipeline, before/after pictures ---------------------------------------
     if rank == 0:
         models.save_pipeline(base.unet, base, out / "final_policy")
-        images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond)
+        images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond, eval_prompts)
         before = load_grid(out / "samples_base.png")
         save_png(np.concatenate([before, np.full((before.shape[0], 4, 3), 255, np.uint8), image_grid(images)], 1),
                  out / "samples_before_after.png")

@@ -2,6 +2,7 @@
 
     target        Algorithm 1 (thesis 6.4): adjusted RMSE to a bold, slanted target "4", times -10
     colorfulness  appendix A (thesis 6.5): share of vivid pixels x entropy of their hue histogram
+    pickscore     PickScore v1 (thesis 6.10), or any CLIP-based preference model of image-prompt pairs
 """
 from __future__ import annotations
 
@@ -74,8 +75,40 @@ def colorfulness_reward(images: torch.Tensor, vivid_threshold: float = 10.0, n_h
     return torch.tensor(vivid_ratio * entropy, dtype=torch.float32, device=images.device)
 
 
-def get_reward_fn(name: str, resolution: int, channels: int, target_image=None):
-    """Reward name (`--reward`) -> function images -> rewards."""
+class CLIPPreferenceReward:
+    """PickScore v1 (Kirstain et al. 2023) and other CLIP-based preference models of images and prompts, through
+    transformers' CLIPModel: score = logit_scale * cos(image embedding, text embedding) for each image-prompt pair."""
+
+    def __init__(self, model: str, processor: str, device="cpu"):
+        from transformers import AutoProcessor, CLIPModel
+        try:
+            self.processor = AutoProcessor.from_pretrained(processor)
+            self.model = CLIPModel.from_pretrained(model).eval().requires_grad_(False).to(device)
+        except OSError as e:
+            raise ValueError(f"--pickscore-model {model} / --pickscore-processor {processor}: cannot load them "
+                             f"({type(e).__name__}). They are hub ids or local folders; offline, download them first "
+                             "(`hf download yuvalkirstain/PickScore_v1` and `hf download "
+                             "laion/CLIP-ViT-H-14-laion2B-s32B-b79K`) and pass the folders") from None
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        from PIL import Image
+        if prompts is None or isinstance(prompts, torch.Tensor):
+            raise ValueError("--reward pickscore scores image-prompt pairs: it needs a text-conditional base model")
+        x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        pil = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in x]
+        inputs = self.processor(images=pil, text=list(prompts), padding=True, truncation=True,
+                                return_tensors="pt").to(self.device)
+        out = self.model(**inputs)  # image_embeds and text_embeds are L2-normalized by CLIPModel
+        return (self.model.logit_scale.exp() * (out.image_embeds * out.text_embeds).sum(-1)).float().to(images.device)
+
+
+def get_reward_fn(name: str, resolution: int, channels: int, target_image=None, pickscore_model=None,
+                  pickscore_processor=None, device="cpu"):
+    """Reward name (`--reward`) -> function (images, prompts or class labels) -> rewards."""
+    if name == "pickscore":
+        return CLIPPreferenceReward(pickscore_model, pickscore_processor, device)
     if name == "target":
         target = load_target(resolution, channels, target_image)
         return lambda images, cond=None: target_image_reward(images, target)
@@ -83,8 +116,8 @@ def get_reward_fn(name: str, resolution: int, channels: int, target_image=None):
         if channels != 3:
             raise ValueError(f"--reward colorfulness needs an RGB base model; this one has {channels} channel(s)")
         return lambda images, cond=None: colorfulness_reward(images)
-    raise ValueError(f"--reward {name!r} is not available here; built-in rewards: target, colorfulness "
-                     "(aesthetic, pickscore and trained reward models come with their own experiments)")
+    raise ValueError(f"--reward {name!r} is not available here; built-in rewards: target, colorfulness, pickscore, "
+                     "rm (a trained reward model), or module:function")
 
 
 if __name__ == "__main__":  # regenerate the committed target image: python -m drlhf.rewards

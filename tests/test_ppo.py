@@ -265,6 +265,32 @@ def test_text_conditioned_latent_model_end_to_end(run, tmp_path):
     assert proc.returncode != 0 and "--prompts" in proc.stderr
 
 
+def test_pickscore_path_with_a_tiny_clip(run, tmp_path):
+    """--reward pickscore (a CLIP preference model of image-prompt pairs) on the tiny SD pipeline, with the
+    built-in appendix D prompts and the U-Net-encoder value function."""
+    from tiny_sd import build_tiny_clip, build_tiny_sd
+    from drlhf import rewards
+    model = build_tiny_sd(tmp_path / "tiny-sd")
+    clip, processor = build_tiny_clip(tmp_path / "clip")
+    scorer = rewards.CLIPPreferenceReward(str(clip), str(processor))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    s1 = scorer(images, ["a lion", "a mouse"])  # the tiny tokenizer keeps 14 characters
+    s2 = scorer(images, ["a mouse", "a lion"])
+    assert s1.shape == (2,) and not torch.allclose(s1, s2)  # the score depends on the prompt of each image
+    with pytest.raises(ValueError, match="text-conditional"):
+        scorer(images, torch.tensor([1, 2]))
+    out = tmp_path / "run"
+    run("train_ppo.py", "--exp", "pickscore", "--pretrained", model, "--resolution", "32", "--pickscore-model", clip,
+        "--pickscore-processor", processor, "--precision", "fp32", "--num-envs", "4", "--minibatch-size", "5",
+        "--grad-accum-steps", "1", "--num-steps", "5", "--epochs", "1", "--eval-samples", "4",
+        "--policy-warmup-steps", "1", "--output-dir", out)
+    assert np.isfinite(json.loads((out / "summary.json").read_text())["final_reward_mean"])
+    proc = run("train_ppo.py", "--exp", "pickscore", "--pretrained", model, "--resolution", "32", "--pickscore-model",
+               tmp_path / "nothing", "--num-envs", "4", "--minibatch-size", "5", "--num-steps", "5",
+               "--output-dir", tmp_path / "x", check=False)
+    assert proc.returncode == 1 and "--pickscore-model" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_torchrun_two_cpu_processes(run, tmp_path):
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_ppo.py", *TINY,
         "--epochs", "1", "--device", "cpu", "--output-dir", tmp_path)

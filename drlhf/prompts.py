@@ -1,0 +1,113 @@
+"""Prompt lists shared by sample.py and train_ppo.py: built-in sets from the thesis, and prompt files.
+
+    builtin:pink                Table 6.5: the four Pink labeling prompts
+    builtin:pickscore-diverse   appendix D.1: 24 diverse evaluation prompts of the PickScore experiment
+    builtin:pickscore-animals   appendix D.2: 24 animal evaluation prompts of the PickScore experiment
+    builtin:pickscore-eval      both appendix D lists (48 prompts)
+
+Files: .txt (one prompt per line), .jsonl (a "prompt" or "caption" field), .csv (a "caption" or "prompt"
+column) or .parquet (the same columns; needs pyarrow). Duplicates are dropped, first occurrence kept.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+PINK = [f"A photograph of a {animal} wearing pink sunglasses." for animal in ("corgi", "deer", "lion", "mouse")]
+PICKSCORE_DIVERSE = [
+    "a photo of an astronaut riding a horse",
+    "a blue sky with fluffy white clouds",
+    "a serene landscape in the style of Impressionism, filled with bright yellows and deep blues, featuring a river reflecting the afternoon sun",
+    "a futuristic cityscape at night, bustling with neon signs, hyperloops, and flying cars, in the vein of cyberpunk aesthetics",
+    "a simple still life composition of assorted fruits on a tablecloth, reminiscent of Caravaggio’s use of chiaroscuro",
+    "a dreamy representation of the Aurora Borealis, vibrant with green and purple hues, reflecting in a still, clear lake",
+    "the concept of ‘chaos’ portrayed through an abstract expressionist painting, using a riot of swirling colors and brushstrokes",
+    "yellow duck, colored, splash, high detailed, painting",
+    "a lighthouse on a stormy night, waves crashing against the rocks",
+    "a photo of a hot air balloon over a wheat field",
+    "landscape photography of swiss alps, mountains, nature, high quality, summer, bloom",
+    "macro photography of a red mushroom, morning dew, nature, high quality, bokeh, dslr",
+    "a cherry blossom tree by a tranquil pond, pink, expressed through minimalist Japanese ink painting",
+    "a grand Gothic cathedral under a stormy sky, with dramatic shadows and highlights, inspired by Romanticism",
+    "a tranquil rural scene of a cottage amidst a blooming meadow under the midday sun, painted in the style of American Regionalism",
+    "a photograph of a deer wearing pink sunglasses",
+    "green apple, shiny surface, vivid colors",
+    "an ancient Egyptian pyramid under a starry night sky.",
+    "a macaw parrot with a colorful plumage perched on a branch",
+    "low poly elephant figure",
+    "sunset over the ocean, with a sailboat in the distance",
+    "logo of a red fox",
+    "photo of a nebula by the Hubble space telescope",
+    "a mystical depiction of a unicorn in an enchanted forest",
+]
+PICKSCORE_ANIMALS = [
+    "a photograph of a lion",
+    "a photograph of a mouse",
+    "a photograph of a corgi",
+    "a photograph of a deer",
+    "a photograph of a fox",
+    "a photograph of an elephant",
+    "a photograph of a kangaroo",
+    "a photograph of a eagle",
+    "a photograph of a koala",
+    "a photograph of a turtle",
+    "a photograph of a squirrel",
+    "a photograph of a hedgehog",
+    "a photograph of a panda",
+    "a photograph of a hummingbird",
+    "a photograph of a frog",
+    "a photograph of a monkey",
+    "a photograph of an owl",
+    "a photograph of a bee",
+    "a photograph of an octopus",
+    "a photograph of an otter",
+    "a photograph of a raccoon",
+    "a photograph of a llama",
+    "a photograph of a jellyfish",
+    "a photograph of a pig",
+]
+BUILTIN = {"pink": PINK, "pickscore-diverse": PICKSCORE_DIVERSE, "pickscore-animals": PICKSCORE_ANIMALS,
+           "pickscore-eval": PICKSCORE_DIVERSE + PICKSCORE_ANIMALS}
+COLUMNS = ("caption", "prompt", "text")
+
+
+def read_prompts(spec: str, flag: str = "--prompts") -> list[str]:
+    """Prompts from builtin:NAME or a .txt/.jsonl/.csv/.parquet file, deduplicated in order."""
+    if spec.startswith("builtin:"):
+        if spec[8:] not in BUILTIN:
+            raise ValueError(f"{flag} {spec}: built-in lists are " + ", ".join(f"builtin:{k}" for k in BUILTIN))
+        return list(BUILTIN[spec[8:]])
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {spec}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        prompts = [_field(r, path, flag) for r in rows]
+    elif suffix == ".csv":
+        with open(path, newline="") as f:
+            prompts = [_field(r, path, flag) for r in csv.DictReader(f)]
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{flag} {spec}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        column = next((c for c in COLUMNS if c in table.column_names), None)
+        if column is None:
+            raise ValueError(f"{flag} {spec}: no column named one of {COLUMNS} (columns: {table.column_names})")
+        prompts = [str(p) for p in table.column(column).to_pylist() if p is not None]
+    else:
+        prompts = path.read_text().splitlines()
+    prompts = list(dict.fromkeys(p.strip() for p in prompts if p and p.strip()))
+    if not prompts:
+        raise ValueError(f"{flag} {spec}: no prompts in the file")
+    return prompts
+
+
+def _field(row: dict, path: Path, flag: str) -> str:
+    for c in COLUMNS:
+        if c in row:
+            return row[c]
+    raise ValueError(f"{flag} {path}: a row without one of the fields {COLUMNS}: {str(row)[:80]}")
