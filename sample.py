@@ -6,6 +6,7 @@ command finishes an interrupted dataset without redoing or duplicating tasks.
 
 Launch:
     python sample.py                                     # offline: 40 tasks of K=5 "4"s from toy:digit4
+    python sample.py eval --checkpoints runs/digits-target --reward target   # base vs policy: grids, histograms
     python sample.py --exp digits-rgb                    # offline: class-conditional colour digits
     python sample.py --exp pink --out datasets/pink      # Table 6.5 prompts, 120 tasks of K=8, 16 steps, CFG 7.5
     python sample.py --exp macaw --pretrained DIR        # class 88, 200 tasks of K=5, 25 steps
@@ -275,9 +276,162 @@ def main(argv=None):
           f"{args.num_steps} steps)")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# sample.py eval: same-seed pictures of the base model next to optimized policies (thesis chapter 6)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class EvalArgs:
+    pretrained: str = "toy:digit4"
+    """the base model (as in train_ppo.py)"""
+    checkpoints: str = ""
+    """comma-separated policies to compare with the base: train_ppo.py run folders (their latest checkpoint),
+    checkpoint folders (policy.safetensors) or diffusers folders (final_policy)"""
+    out: str = "runs/eval"
+    """folder for comparison.png, progression.png, histogram_*.png and scores.json"""
+    num_samples: int = 64
+    """fixed-seed samples per model (conditions cycle through the prompt/class list)"""
+    prompts: str | None = None
+    """text models: a prompt file or builtin:pink / pink-colors / pink-no-sunglasses / pickscore-eval (appendix C, D)"""
+    class_labels: str | None = None
+    """class models: comma-separated classes to cycle through (None = all)"""
+    num_steps: int = 25
+    """denoising steps (the thesis's figures: 250 for the small models, 25 for Stable Diffusion)"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance scale"""
+    sampler: str = "ddpm"
+    """ddpm or ddim"""
+    spacing: str = "leading"
+    """respacing of the training timesteps"""
+    eta: float = 1.0
+    """DDIM noise level"""
+    variance_type: str | None = None
+    """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
+    reward: str | None = None
+    """score every sample: target, colorfulness, pickscore, rm (with --reward-model) or module:function"""
+    reward_model: str | None = None
+    """--reward rm: the reward-model folder"""
+    heldout_reward_model: str | None = None
+    """a second reward model never optimized against, as an over-optimization check"""
+    pickscore_model: str = "yuvalkirstain/PickScore_v1"
+    """--reward pickscore: the CLIP preference model"""
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    """--reward pickscore: its processor"""
+    seed: int = 0
+    """seed of the initial noise and of every sampling step (the same for every model)"""
+    batch_size: int = 64
+    """samples per forward pass"""
+    precision: str = "fp32"
+    """fp32, fp16 or bf16 autocast"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    cache_dir: str | None = None
+    """cache of the offline toy models"""
+    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    """training steps of an offline toy base model on first use"""
+
+
+def load_policy_unet(spec: str, base: models.BaseModel, device):
+    """A policy U-Net from a run folder, a checkpoint folder or a diffusers folder."""
+    import copy
+    from safetensors.torch import load_file
+    path = Path(spec)
+    if (path / "checkpoints" / "latest").exists():
+        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+    if (path / "policy.safetensors").exists():
+        unet = copy.deepcopy(base.unet)
+        unet.load_state_dict(load_file(path / "policy.safetensors"))
+        return unet.to(device).eval()
+    if path.is_dir():
+        return models.load_base_model(str(path), device).unet.eval()
+    raise FileNotFoundError(f"--checkpoints {spec}: not a run folder, checkpoint folder or diffusers folder")
+
+
+def eval_main(argv=None):
+    from drlhf import pictures, rewards
+    parser = cli.build_parser(EvalArgs, CHOICES)
+    args = EvalArgs(**vars(parser.parse_args(argv)))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          (args.device if args.device != "auto" else "cpu"))
+    base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    schedule_cfg = SamplerConfig(
+        sampler=args.sampler, num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
+        steps_offset=base.scheduler_config.get("steps_offset", 0) if args.spacing == "leading" else 0,
+        variance_type=args.variance_type or base.scheduler_config.get("variance_type", "fixed_small"),
+        prediction_type=base.scheduler_config.get("prediction_type", "epsilon"),
+        clip_sample=None if base.is_latent else 1.0, guidance_scale=args.guidance_scale)
+    schedule = DiffusionSchedule.from_config(base.scheduler_config, schedule_cfg)
+    n = args.num_samples
+    cond, prompts = None, None  # the same conditions, seeds and step noise for every model
+    if base.conditioning == "class":
+        classes = [int(c) for c in args.class_labels.split(",")] if args.class_labels else list(range(base.num_classes))
+        cond = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
+    elif base.conditioning == "text":
+        if not args.prompts:
+            raise ValueError("--prompts is required for a text-conditional model")
+        plist = read_prompts(args.prompts)
+        prompts = [plist[i % len(plist)] for i in range(n)]
+        table = dict(zip(plist, base.encode_prompts(plist)))
+        cond = torch.stack([table[p] for p in prompts])
+    x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
+                       for i in range(n)]).to(device)
+    scorers = {}
+    if args.reward:
+        scorers["reward"] = rewards.build(args.reward, base, device, args.reward_model, None, args.pickscore_model,
+                                          args.pickscore_processor)
+    if args.heldout_reward_model:
+        scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model)
+    names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
+    specs = [None] + [c for c in args.checkpoints.split(",") if c]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    from tqdm.auto import tqdm
+    images, scores = [], {k: [] for k in scorers}
+    for name, spec in tqdm(list(zip(names, specs)), desc="sampling models", unit="model"):
+        unet = base.unet if spec is None else load_policy_unet(spec, base, device)
+        policy = models.make_denoiser(dataclasses.replace(base, unet=unet), args.guidance_scale).eval()
+        outs = []
+        for s in range(0, n, args.batch_size):
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + s)
+            c = None if cond is None else cond[s:s + args.batch_size]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                samples = rollout(policy, schedule, x_T[s:s + args.batch_size], c, generator=g).samples
+            outs.append(samples)
+            for k, fn in scorers.items():
+                p = None if prompts is None else prompts[s:s + args.batch_size]
+                with torch.no_grad():
+                    scores[k].append(torch.as_tensor(fn(samples, c, p)).float().flatten().cpu())
+        samples = torch.cat(outs)
+        images.append(base.decode(samples).cpu())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = min(n, 8)
+    # rows = models, columns = seeds (the same seeds in every row)
+    pictures.save_png(pictures.image_grid(torch.cat([im[:cols] for im in images]), nrow=cols), out / "comparison.png")
+    # rows = seeds, columns = models in the given order (optimization progression)
+    prog = torch.stack([im[:cols] for im in images], 1).flatten(0, 1)
+    pictures.save_png(pictures.image_grid(prog, nrow=len(images)), out / "progression.png")
+    summary = {"models": names, "prompts": prompts[:cols] if prompts else None}
+    for k, vals in scores.items():
+        per_model = [torch.cat(vals[m * len(vals) // len(names):(m + 1) * len(vals) // len(names)])
+                     for m in range(len(names))]
+        b = per_model[0]
+        summary[k] = {name: dict(mean=v.mean().item(), std=v.std().item(),
+                                 gain_in_base_std=((v.mean() - b.mean()) / (b.std() + 1e-12)).item())
+                      for name, v in zip(names, per_model)}
+        for name, v in zip(names[1:], per_model[1:]):
+            pictures.histogram_png(b.numpy(), v.numpy(), out / f"histogram_{k}_{name}.png")
+    (out / "scores.json").write_text(json.dumps(summary, indent=1))
+    print(f"[drlhf] {out}: comparison.png, progression.png" + (", histograms and scores.json" if scores else ""))
+    for k in scores:
+        print(f"  {k}: " + ", ".join(f"{m} {v['mean']:.4f} ({v['gain_in_base_std']:+.2f} base std)"
+                                    for m, v in summary[k].items()))
+
+
 if __name__ == "__main__":
     try:
-        main()
+        if len(sys.argv) > 1 and sys.argv[1] == "eval":
+            eval_main(sys.argv[2:])
+        else:
+            main()
     except (models.ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -32,7 +32,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from drlhf import cli, models, rewards
+from drlhf import cli, models, pictures, rewards
 from drlhf.prompts import read_prompts
 from drlhf.reward_model import RewardModelError
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, action_logprob, rollout
@@ -272,26 +272,6 @@ def set_lr(optimizer, lr: float, step: int, warmup: int):
         group["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
 
 
-def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with 1-pixel gaps."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 64, dtype=torch.uint8)
-    for k in range(n):  # plumbing: a picture, not the training path
-        r, col = divmod(k, nrow)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[k]
-    return grid.permute(1, 2, 0).numpy()
-
-
-def save_png(array: np.ndarray, path: Path, scale: int = 4):
-    from PIL import Image
-    img = Image.fromarray(array)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Setup: models, reward, value function
 # ---------------------------------------------------------------------------------------------------------
@@ -316,27 +296,9 @@ def check_requirements(args: Args):
 
 
 def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):
-    """A reward by name -> fn(samples, cond) -> (B,) scores; image rewards see the decoded samples."""
-    if spec == "rm":  # thesis 5.2: the reward model scores the model's own input space, no decoding
-        from drlhf.reward_model import load_reward_model
-        rm, config = load_reward_model(args.reward_model, base, device)
-        rm.eval()
-        return lambda samples, cond, prompts=None: rm(samples.float(), None, cond,
-                                                      guidance=config.get("guidance_weight", 1.0))
-    if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
-        import importlib
-        mod, fn = spec.split(":", 1)
-        try:
-            image_fn = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"--reward {spec}: cannot import it ({e}); give module:function with the module "
-                             "on the Python path") from None
-    else:
-        c, h, _ = base.sample_shape
-        image_fn = rewards.get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c,
-                                         args.target_image, args.pickscore_model, args.pickscore_processor, device)
-    # image rewards get the condition in human terms: the prompts of text models, the class labels otherwise
-    return lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)
+    """A reward by name -> fn(samples, cond, prompts) -> (B,) scores (drlhf.rewards.build)."""
+    return rewards.build(spec, base, device, reward_model=args.reward_model, target_image=args.target_image,
+                         pickscore_model=args.pickscore_model, pickscore_processor=args.pickscore_processor)
 
 
 def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
@@ -639,30 +601,6 @@ def evaluate(policy, schedule, base, reward_fns, args: Args, device, eval_cond, 
                                       for fn in reward_fns]
 
 
-def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
-    """Reward histograms of base (grey) and optimized (orange) fixed-seed samples, standardized to the base."""
-    from PIL import Image, ImageDraw
-    mu, sd = before.mean(), before.std(ddof=1) + 1e-12  # the same sample std as summary.json
-    zb, za = (before - mu) / sd, (after - mu) / sd
-    lo, hi = min(zb.min(), za.min()), max(zb.max(), za.max()) + 1e-9
-    hb, _ = np.histogram(zb, bins, (lo, hi))
-    ha, _ = np.histogram(za, bins, (lo, hi))
-    W, H, m = 600, 300, 30
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    top = max(hb.max(), ha.max())
-    bw = (W - 2 * m) / bins
-    for k in range(bins):
-        for h, col, off in ((hb[k], (150, 150, 150), 0), (ha[k], (230, 120, 20), bw / 2)):
-            x0 = m + k * bw + off
-            d.rectangle([x0, H - m - (H - 2 * m) * h / top, x0 + bw / 2 - 1, H - m], fill=col)
-    d.line([m, H - m, W - m, H - m], fill="black")
-    d.text((m, 5), f"reward in base std units: base (grey) mean 0, optimized (orange) mean {za.mean():+.2f}", fill="black")
-    d.text((m, H - m + 5), f"{lo:.1f}", fill="black")
-    d.text((W - m - 30, H - m + 5), f"{hi:.1f}", fill="black")
-    img.save(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # main: the method's step 4, epoch by epoch
 # ---------------------------------------------------------------------------------------------------------
@@ -789,7 +727,7 @@ def main(argv=None):
             state["base_rewards"] = base_rewards
             if gold:
                 state["base_eval_reward"] = gold[0]
-            save_png(image_grid(images), out / "samples_base.png")
+            pictures.save_png(pictures.image_grid(images), out / "samples_base.png")
             print(f"[drlhf] base model, {args.eval_samples} fixed-seed samples: reward {base_rewards.mean():.4f} "
                   f"+- {base_rewards.std():.4f}")
     if dist.is_initialized():  # every rank keeps the same state dict (it is saved by rank 0)
@@ -880,10 +818,10 @@ def main(argv=None):
                     writer.add_scalar("eval/eval_reward_gain_in_base_std",
                                       ((gold[0].mean() - gb.mean()) / (gb.std() + 1e-12)).item(), epoch)
                 writer.add_scalar("eval/reward_gain_in_base_std", (ev.mean().item() - bmu) / bsd, epoch)
-                grid = image_grid(images)
+                grid = pictures.image_grid(images)
                 writer.add_image("eval/samples", grid, epoch, dataformats="HWC")
                 (out / "samples").mkdir(exist_ok=True)
-                save_png(grid, out / "samples" / f"epoch_{epoch + 1:05d}.png")
+                pictures.save_png(grid, out / "samples" / f"epoch_{epoch + 1:05d}.png")
                 state["last_eval"] = ev
         if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
             state["epoch"] = epoch + 1
@@ -895,11 +833,11 @@ def main(argv=None):
     if rank == 0:
         models.save_pipeline(base.unet, base, out / "final_policy")
         images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond, eval_prompts)
-        before = load_grid(out / "samples_base.png")
-        save_png(np.concatenate([before, np.full((before.shape[0], 4, 3), 255, np.uint8), image_grid(images)], 1),
+        before = pictures.load_grid(out / "samples_base.png")
+        pictures.save_png(np.concatenate([before, np.full((before.shape[0], 4, 3), 255, np.uint8), pictures.image_grid(images)], 1),
                  out / "samples_before_after.png")
         br = state["base_rewards"]
-        histogram_png(br.numpy(), ev.numpy(), out / "reward_histogram.png")
+        pictures.histogram_png(br.numpy(), ev.numpy(), out / "reward_histogram.png")
         gain = (ev.mean() - br.mean()) / (br.std() + 1e-12)
         summary = dict(base_reward_mean=br.mean().item(), base_reward_std=br.std().item(), final_reward_mean=ev.mean().item(),
                        final_reward_std=ev.std().item(), gain_in_base_std=gain.item(), epochs=args.epochs,
@@ -921,12 +859,6 @@ def main(argv=None):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def load_grid(path: Path) -> np.ndarray:
-    from PIL import Image
-    img = Image.open(path)  # saved at 4x by save_png
-    return np.asarray(img.resize((img.width // 4, img.height // 4), Image.NEAREST).convert("RGB"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     builtin:pickscore-diverse   appendix D.1: 24 diverse evaluation prompts of the PickScore experiment
     builtin:pickscore-animals   appendix D.2: 24 animal evaluation prompts of the PickScore experiment
     builtin:pickscore-eval      both appendix D lists (48 prompts)
+    builtin:pink-colors         appendix C: 64 animals x 8 colours of sunglasses (Pink's generalization, Fig. 6.31)
+    builtin:pink-no-sunglasses  appendix C.1: the 64 animals without sunglasses (Fig. 6.32)
 
 Files: .txt (one prompt per line), .jsonl (a "prompt" or "caption" field), .csv (a "caption" or "prompt"
 column) or .parquet (the same columns; needs pyarrow). Duplicates are dropped, first occurrence kept.
@@ -67,7 +69,20 @@ PICKSCORE_ANIMALS = [
     "a photograph of a jellyfish",
     "a photograph of a pig",
 ]
-BUILTIN = {"pink": PINK, "pickscore-diverse": PICKSCORE_DIVERSE, "pickscore-animals": PICKSCORE_ANIMALS,
+ANIMALS_C1 = """elephant dolphin parrot giraffe koala turtle squirrel hippopotamus rabbit hedgehog goose lemur bear sheep
+cat pig tiger panda horse hummingbird penguin fox wolf monkey frog chicken duck zebra rhinoceros kangaroo crocodile
+snake spider shark whale antelope butterfly eagle owl bee jellyfish lobster octopus crab moose seahorse gorilla sloth
+otter walrus raccoon skunk bat armadillo beaver cow donkey camel llama goat swan flamingo lizard chameleon""".split()
+COLORS_C2 = ["red", "orange", "yellow", "green", "blue", "purple", "black", "white"]
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+PINK_COLORS = [f"A photograph of {_article(a)} wearing {c} sunglasses." for a in ANIMALS_C1 for c in COLORS_C2]
+PINK_NO_SUNGLASSES = [f"A photograph of {_article(a)}." for a in ANIMALS_C1]
+BUILTIN = {"pink": PINK, "pink-colors": PINK_COLORS, "pink-no-sunglasses": PINK_NO_SUNGLASSES, "pickscore-diverse": PICKSCORE_DIVERSE, "pickscore-animals": PICKSCORE_ANIMALS,
            "pickscore-eval": PICKSCORE_DIVERSE + PICKSCORE_ANIMALS}
 COLUMNS = ("caption", "prompt", "text")
 

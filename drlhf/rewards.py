@@ -120,6 +120,37 @@ def get_reward_fn(name: str, resolution: int, channels: int, target_image=None, 
                      "rm (a trained reward model), or module:function")
 
 
+def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
+          pickscore_model="yuvalkirstain/PickScore_v1",
+          pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+    """A reward by name for a base model (models.BaseModel) -> fn(samples, cond, prompts=None) -> (B,) scores.
+
+    rm scores the samples themselves (latents for latent models; thesis 5.2); every other reward sees the decoded
+    images in [-1, 1] and the condition in human terms: the prompts of text models, the class labels otherwise.
+    """
+    if spec == "rm":
+        if not reward_model:
+            raise ValueError("--reward rm needs --reward-model DIR, a folder written by train_reward.py")
+        from drlhf.reward_model import load_reward_model
+        rm, config = load_reward_model(reward_model, base, device)
+        rm.eval()
+        return lambda samples, cond, prompts=None: rm(samples.float(), None, cond,
+                                                      guidance=config.get("guidance_weight", 1.0))
+    if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
+        import importlib
+        mod, fn = spec.split(":", 1)
+        try:
+            image_fn = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"--reward {spec}: cannot import it ({e}); give module:function with the module "
+                             "on the Python path") from None
+    else:
+        c, h, _ = base.sample_shape
+        image_fn = get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c, target_image,
+                                 pickscore_model, pickscore_processor, device)
+    return lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)
+
+
 if __name__ == "__main__":  # regenerate the committed target image: python -m drlhf.rewards
     TARGET_PNG.parent.mkdir(exist_ok=True)
     make_target_four().save(TARGET_PNG)

@@ -76,3 +76,22 @@ def test_resume_refuses_other_settings_and_bad_k(run, tmp_path):
     assert proc.returncode != 0 and "at least 2" in proc.stderr
     proc = run("sample.py", *SMALL, "--prompts", "builtin:pink", "--out", tmp_path / "p", check=False)
     assert proc.returncode != 0 and "unconditional" in proc.stderr
+
+
+def test_eval_pictures_and_scores(run, tmp_path):
+    from conftest import TINY
+    ppo = tmp_path / "ppo"
+    run("train_ppo.py", *TINY, "--epochs", "1", "--output-dir", ppo)
+    out = tmp_path / "eval"
+    proc = run("sample.py", "eval", "--toy-train-steps", "8", "--checkpoints", f"{ppo},{ppo / 'final_policy'}",
+               "--reward", "target", "--num-samples", "8", "--num-steps", "5", "--batch-size", "4", "--out", out)
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["models"] == ["base", "ppo", "final_policy"]
+    # the run folder (its latest checkpoint) and its final diffusers policy are the same weights: same samples
+    assert scores["reward"]["ppo"]["mean"] == scores["reward"]["final_policy"]["mean"]
+    assert scores["reward"]["base"]["gain_in_base_std"] == 0
+    for f in ("comparison.png", "progression.png", "histogram_reward_ppo.png"):
+        assert (out / f).exists(), f
+    with Image.open(out / "progression.png") as img:  # 8 rows (seeds) x 3 columns (models) of 16x16 at 4x
+        assert img.size == (4 * (3 * 17 + 1), 4 * (8 * 17 + 1))
+    assert "[drlhf]" in proc.stdout

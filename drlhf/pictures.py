@@ -1,0 +1,58 @@
+"""Pictures shared by train_ppo.py and sample.py eval: image grids and reward histograms as PNG files."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with 1-pixel gaps."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, c, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 64, dtype=torch.uint8)
+    for k in range(n):  # plumbing: a picture, not the training path
+        r, col = divmod(k, nrow)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[k]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 4):
+    from PIL import Image
+    img = Image.fromarray(array)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
+def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
+    """Reward histograms of base (grey) and optimized (orange) fixed-seed samples, standardized to the base."""
+    from PIL import Image, ImageDraw
+    mu, sd = before.mean(), before.std(ddof=1) + 1e-12  # the same sample std as summary.json
+    zb, za = (before - mu) / sd, (after - mu) / sd
+    lo, hi = min(zb.min(), za.min()), max(zb.max(), za.max()) + 1e-9
+    hb, _ = np.histogram(zb, bins, (lo, hi))
+    ha, _ = np.histogram(za, bins, (lo, hi))
+    W, H, m = 600, 300, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    top = max(hb.max(), ha.max())
+    bw = (W - 2 * m) / bins
+    for k in range(bins):
+        for h, col, off in ((hb[k], (150, 150, 150), 0), (ha[k], (230, 120, 20), bw / 2)):
+            x0 = m + k * bw + off
+            d.rectangle([x0, H - m - (H - 2 * m) * h / top, x0 + bw / 2 - 1, H - m], fill=col)
+    d.line([m, H - m, W - m, H - m], fill="black")
+    d.text((m, 5), f"reward in base std units: base (grey) mean 0, optimized (orange) mean {za.mean():+.2f}", fill="black")
+    d.text((m, H - m + 5), f"{lo:.1f}", fill="black")
+    d.text((W - m - 30, H - m + 5), f"{hi:.1f}", fill="black")
+    img.save(path)
+
+
+def load_grid(path: Path) -> np.ndarray:
+    from PIL import Image
+    img = Image.open(path)  # saved at 4x by save_png
+    return np.asarray(img.resize((img.width // 4, img.height // 4), Image.NEAREST).convert("RGB"))
