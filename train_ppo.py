@@ -277,10 +277,6 @@ def set_lr(optimizer, lr: float, step: int, warmup: int):
 # ---------------------------------------------------------------------------------------------------------
 def check_requirements(args: Args):
     """Stop early, before loading anything large, when a preset needs parts that are not available here."""
-    if args.pretrained.startswith("guided-diffusion:"):
-        raise SystemExit(f"--exp {args.exp}: needs OpenAI's ImageNet 64x64 checkpoints (64x64_diffusion.pt and "
-                         "64x64_classifier.pt from https://github.com/openai/guided-diffusion), which this release "
-                         "cannot load yet. Offline stand-in: --exp digits-colorfulness.")
     if args.algo != "ppo":
         raise SystemExit(f"--algo {args.algo}: reward back-propagation through the sampling chain (thesis 6.8) is "
                          "not implemented yet; use --algo ppo.")
@@ -291,8 +287,9 @@ def check_requirements(args: Args):
         raise SystemExit(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
                          "written by train_reward.py")
     if args.value_fn == "classifier":
-        raise SystemExit("--value-fn classifier: the ImageNet noisy-classifier value function is not available yet; "
-                         "use cnn, encoder or reward.")
+        raise SystemExit("--value-fn classifier: the ImageNet noisy-classifier value function is not available yet "
+                         "(the classifier itself loads: drlhf.guided_diffusion.GuidedClassifier); use --value-fn "
+                         "encoder with the ImageNet model, or the offline stand-in --exp digits-colorfulness.")
 
 
 def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):

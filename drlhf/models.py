@@ -171,6 +171,56 @@ class BaseModel:
         return images.float().clamp(-1, 1)
 
 
+GUIDED_64X64 = dict(image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
+                    attention_resolutions=[32, 16, 8], channel_mult=[1, 2, 3, 4], num_classes=1000,
+                    num_head_channels=64)  # the README flags of OpenAI's 64x64_diffusion.pt
+GUIDED_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_diffusion.pt"
+GUIDED_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000, variance_type="learned_range",
+                        prediction_type="epsilon", clip_sample=True)  # cosine schedule, learned range (thesis 6.5)
+
+
+def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel":
+    """OpenAI's class-conditional ImageNet U-Net from a .pt file (or its URL, fetched into the cache), read with
+    torch.load(weights_only=True): no pickled code runs. A sidecar FILE.json may give other constructor kwargs."""
+    import torch
+    from drlhf.guided_diffusion import GuidedUNet
+    src = spec.split(":", 1)[1]
+    if src == "64x64":
+        src = str(Path(cache_dir or default_cache_dir()) / "guided-diffusion" / "64x64_diffusion.pt")
+    if src.startswith(("http://", "https://")):
+        path = Path(cache_dir or default_cache_dir()) / "guided-diffusion" / src.rsplit("/", 1)[1]
+        if not path.exists():
+            import urllib.request
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                urllib.request.urlretrieve(src, path.with_suffix(".part"))
+            except OSError as e:
+                raise ModelLoadError(f"--pretrained {spec}: could not download it ({e}); fetch {src} elsewhere and pass "
+                                     "--pretrained guided-diffusion:/path/to/64x64_diffusion.pt") from None
+            path.with_suffix(".part").rename(path)
+        src = str(path)
+    path = Path(src)
+    if not path.is_file():
+        raise ModelLoadError(f"--pretrained {spec}: {path} does not exist. Download OpenAI's ImageNet 64x64 model "
+                             f"({GUIDED_URL}, and for the value function/reward model 64x64_classifier.pt next to it) "
+                             "and pass --pretrained guided-diffusion:/path/to/64x64_diffusion.pt, or put it at "
+                             f"{Path(cache_dir or default_cache_dir()) / 'guided-diffusion'}")
+    kwargs = dict(GUIDED_64X64)
+    if path.with_suffix(".json").exists():
+        kwargs.update(json.loads(path.with_suffix(".json").read_text()))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        unet = GuidedUNet(**{**kwargs, "attention_resolutions": tuple(kwargs["attention_resolutions"]),
+                             "channel_mult": tuple(kwargs["channel_mult"])})
+        unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # dropout 0: the policy must be
+    except Exception as e:  # noqa: BLE001                                            deterministic for PPO ratios
+        raise ModelLoadError(f"--pretrained {spec}: could not load {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+    unet = unet.to(device).requires_grad_(False)
+    return BaseModel(spec, str(path), unet, dict(GUIDED_SCHEDULER), "class",
+                     (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]), kwargs["num_classes"])
+
+
 def _resolve(source: str, cache_dir, toy_train_steps: int) -> Path:
     """--pretrained value -> local folder (toy models are trained here on first use)."""
     if source.startswith("toy:"):
@@ -198,6 +248,8 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
                     toy_train_steps: int = TOY_TRAIN_STEPS) -> BaseModel:
     """Load a base diffusion model from a toy name, a local diffusers folder or a hub id."""
     from diffusers import UNet2DConditionModel, UNet2DModel
+    if source.startswith("guided-diffusion:"):
+        return load_guided_diffusion(source, device, cache_dir)
     path = _resolve(source, cache_dir, toy_train_steps)
     index = path / "model_index.json"
     try:
@@ -265,6 +317,8 @@ class Denoiser(nn.Module):
         self.register_buffer("null_cond", null_cond, persistent=False)
 
     def _unet(self, x, t, cond):
+        if not hasattr(self.unet, "config"):  # OpenAI's U-Net (drlhf.guided_diffusion): a plain tensor out
+            return self.unet(x, t, cond)
         if self.conditioning == "none":
             return self.unet(x, t).sample
         if self.conditioning == "class":
@@ -286,7 +340,7 @@ class Denoiser(nn.Module):
 def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     null = None
     if base.conditioning == "class" and guidance_scale != 1.0:
-        if base.unet.config.num_class_embeds <= base.num_classes:
+        if getattr(getattr(base.unet, "config", None), "num_class_embeds", 0) <= base.num_classes:
             raise ValueError(f"--guidance-scale {guidance_scale}: {base.source} has no unconditional class embedding "
                              "to guide with; use --guidance-scale 1")
         null = torch.tensor([base.num_classes])
@@ -298,6 +352,14 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
 def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
     """Save a policy U-Net as a diffusers pipeline next to the base model's other components."""
     from diffusers import DDPMPipeline, DDPMScheduler
+
+    if not hasattr(unet, "config"):  # OpenAI's U-Net: its weights in the original key names, readable by upstream
+        def write_guided(d):
+            from safetensors.torch import save_file
+            save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()},
+                      Path(d) / "guided_unet.safetensors")
+        _atomic_save(Path(out_dir), write_guided)
+        return
 
     def write(d):
         sched = DDPMScheduler.from_config(base.scheduler_config) if base.scheduler_config else DDPMScheduler()

@@ -327,8 +327,11 @@ def test_unknown_preset_and_hub_id_offline(run, tmp_path):
     proc = run("train_ppo.py", "--pretrained", "someone/not-cached-model", "--output-dir", tmp_path, check=False)
     assert proc.returncode != 0 and "--pretrained someone/not-cached-model" in proc.stderr
     assert "download" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("train_ppo.py", "--exp", "colorfulness", "--value-fn", "encoder", "--pretrained",
+               f"guided-diffusion:{tmp_path / 'missing.pt'}", check=False)
+    assert proc.returncode != 0 and "64x64_diffusion.pt" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("train_ppo.py", "--exp", "colorfulness", check=False)
-    assert proc.returncode != 0 and "64x64_diffusion.pt" in proc.stderr
+    assert proc.returncode != 0 and "--value-fn classifier" in proc.stderr
 
 
 def test_nan_reward_stops_with_epoch_and_sample_and_writes_no_checkpoint(run, tmp_path):
@@ -354,3 +357,23 @@ def test_missing_and_corrupt_checkpoints(run, smoke, tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     proc = run("train_ppo.py", "--pretrained", model, "--output-dir", tmp_path / "o", check=False)
     assert proc.returncode != 0 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_openai_checkpoint_as_policy(run, tmp_path):
+    """A guided-diffusion .pt checkpoint (the fixture's reduced U-Net, with a sidecar of its constructor kwargs),
+    read with weights_only=True, as a class-conditional learned-range policy with guided-diffusion respacing."""
+    from safetensors.torch import load_file as load_st
+    fixture = Path(__file__).parent / "fixtures" / "guided_diffusion"
+    readme = json.loads((fixture / "README.json").read_text())
+    k = readme["models"]["unet_small"]["resulting_UNetModel_kwargs"]
+    torch.save({n: v.float() for n, v in load_st(fixture / "unet_small.safetensors").items()}, tmp_path / "small.pt")
+    (tmp_path / "small.json").write_text(json.dumps(dict(model_channels=k["model_channels"],
+                                                         num_res_blocks=k["num_res_blocks"],
+                                                         num_head_channels=k["num_head_channels"])))
+    out = tmp_path / "run"
+    proc = run("train_ppo.py", "--exp", "colorfulness", "--pretrained", f"guided-diffusion:{tmp_path / 'small.pt'}",
+               "--value-fn", "encoder", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5", "--epochs", "1",
+               "--eval-samples", "4", "--policy-warmup-steps", "1", "--vf-warmup-steps", "1", "--output-dir", out)
+    assert "class, pixel (3, 64, 64)), 5 steps ddpm/learned_range" in proc.stdout
+    assert (out / "final_policy" / "guided_unet.safetensors").exists()
+    assert _scalars(out, "losses/ratio_dev_at_start") == [0.0]
