@@ -431,7 +431,7 @@ def export(store, project, tasks, out: Path, val_fraction: float, seed: int) -> 
         for t in sorted(done):
             ranking = state.sorters[t].ranking()
             rankings.append(dict(task_id=t, ranking=ranking, both_bad=sorted(state.both_bad[t]), split=split[t],
-                                 annotator=annotator, project=project["name"]))
+                                 annotator=annotator, project=project["name"], dataset=project["fingerprint"]))
             ranks[annotator, t] = {i: g for g, group in enumerate(ranking) for i in group}
         for e in state.decisions:
             label = {"a": (1.0, 0.0), "b": (0.0, 1.0), "tie": (0.5, 0.5)}[e["outcome"]]

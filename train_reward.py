@@ -12,6 +12,7 @@ Launch:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -122,7 +123,14 @@ def load_tasks(args: Args, base: models.BaseModel, device):
     from PIL import Image
     dataset = Path(args.dataset)
     tasks = {t["task_id"]: t for t in map(json.loads, (dataset / "tasks.jsonl").read_text().splitlines())}
-    rows = read_rankings(Path(args.rankings or dataset / "rankings.jsonl"), args.annotator)
+    rankings_file = Path(args.rankings or dataset / "rankings.jsonl")
+    rows = read_rankings(rankings_file, args.annotator)
+    meta = dataset / "dataset.json"  # the dataset identity label.py writes into every ranking (README contracts)
+    fingerprint = hashlib.sha256(meta.read_bytes() if meta.exists() else str(dataset.resolve()).encode()).hexdigest()[:16]
+    foreign = [r["task_id"] for r in rows if r.get("dataset", fingerprint) != fingerprint]
+    if foreign:
+        raise ValueError(f"{rankings_file} was exported from another labeling dataset than {dataset} (tasks "
+                         f"{foreign[:5]}); pass the matching --dataset or --rankings")
     c, h, w = base.sample_shape
     inputs, conds, wins, ties, splits, ids = [], [], [], [], [], []
     for row in rows:
@@ -130,6 +138,8 @@ def load_tasks(args: Args, base: models.BaseModel, device):
         if task is None:
             raise ValueError(f"rankings name task {row['task_id']}, which {dataset / 'tasks.jsonl'} does not have")
         k = len(task["images"])
+        if k < 2:
+            raise ValueError(f"{dataset / 'tasks.jsonl'}: task {task['task_id']} has {k} image(s); a task needs >= 2")
         if base.is_latent:
             from safetensors.torch import load_file
             if not task.get("latents"):
@@ -144,7 +154,10 @@ def load_tasks(args: Args, base: models.BaseModel, device):
                         raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
                     arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
             x = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
-        win, tie = pair_matrices(row["ranking"], row.get("both_bad", []), k)
+        try:
+            win, tie = pair_matrices(row["ranking"], row.get("both_bad", []), k)
+        except ValueError as e:
+            raise ValueError(f"{rankings_file}: task {task['task_id']}: {e}") from None
         inputs.append(x)
         conds.append(task.get("class_label", task.get("prompt")))
         wins.append(win)
@@ -245,6 +258,9 @@ def main(argv=None):
         raise ValueError("no training tasks: check --val-fraction or the export's split")
     if args.batch_tasks % world:
         raise SystemExit(f"--batch-tasks ({args.batch_tasks}) must be divisible by the number of processes ({world})")
+    if world > 1 and len(train) < args.batch_tasks:
+        raise SystemExit(f"{len(train)} training tasks are fewer than --batch-tasks ({args.batch_tasks}) over {world} "
+                         "processes")
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
     model = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
                         args.trainable).to(device)
@@ -270,6 +286,8 @@ def main(argv=None):
     for epoch in bar:
         model.train()
         order = train[torch.randperm(len(train), generator=g).numpy()]
+        if world > 1:  # every rank must take part in every optimizer step: drop the last incomplete batch
+            order = order[:len(order) // args.batch_tasks * args.batch_tasks]
         losses = []
         for s in range(0, len(order), args.batch_tasks):
             idx = order[s:s + args.batch_tasks][rank * per_rank:(rank + 1) * per_rank]  # tasks are not shared

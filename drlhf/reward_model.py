@@ -68,6 +68,9 @@ class RewardModel(nn.Module):
     def __init__(self, unet: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
                  heads: int = 4, trainable: str = "head"):
         super().__init__()
+        if not hasattr(unet, "config"):
+            raise ValueError("the reward model reuses a diffusers U-Net (UNet2DModel / UNet2DConditionModel); for "
+                             "OpenAI's ImageNet model the classifier-based reward model is not available yet")
         if trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable

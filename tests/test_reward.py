@@ -130,3 +130,58 @@ def test_four_step_loop_offline(run, tmp_path):
     assert other.returncode == 1 and "not the base model loaded now" in other.stderr
     with pytest.raises(RewardModelError, match="expected config.json"):
         load_reward_model(tmp_path, base)
+
+
+def test_frozen_blocks_get_no_gradient_and_save_reload_is_identical(tmp_path):
+    unet = _class_unet()
+    rm = RewardModel(unet, "class", num_classes=10)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    rm(x, None, y, standardize=False).sum().backward()
+    assert all(p.grad is None for p in rm.encoder.parameters())  # frozen: not even a zero gradient
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in rm.head.named_parameters()
+               if n != "null_cond")
+    rm.reward_mean.fill_(0.3)
+    rm.reward_std.fill_(2.0)
+    rm.save(tmp_path / "rm", dict(base_model="toy"))
+    base = models.BaseModel("toy", "toy", unet, {}, "class", (3, 16, 16), 10)
+    again, config = load_reward_model(tmp_path / "rm", base)
+    rm.eval(), again.eval()
+    with torch.no_grad():
+        assert torch.equal(rm(x, None, y, guidance=2.0), again(x, None, y, guidance=2.0))
+    assert config["reward_std"] == 2.0 and config["trainable"] == "head"
+
+
+def test_bad_rankings_are_named(run, tmp_path):
+    ds = tmp_path / "ds"
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "3", "--num-tasks", "4", "--k", "3", "--out", ds)
+    run("label.py", "--auto", "builtin:ink", ds)
+    run("label.py", "export", ds)
+    good = (ds / "rankings.jsonl").read_text()
+    common = ["train_reward.py", "--dataset", ds, "--epochs", "1", "--toy-train-steps", "8", "--out", tmp_path / "rm"]
+
+    def fails_with(text, rankings):
+        (tmp_path / "r.jsonl").write_text(rankings)
+        proc = run(*common, "--rankings", tmp_path / "r.jsonl", check=False)
+        assert proc.returncode == 1 and text in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+    rows = [json.loads(line) for line in good.splitlines()]
+    fails_with("does not have", json.dumps({**rows[0], "task_id": 99}) + "\n")              # unknown task
+    fails_with("does not cover images", json.dumps({**rows[0], "ranking": [[0], [7]]}) + "\n")  # unknown image
+    fails_with("another labeling dataset", json.dumps({**rows[0], "dataset": "0" * 16}) + "\n")
+    fails_with("no training tasks", "".join(json.dumps({**r, "split": "val"}) + "\n" for r in rows))
+    lines = (ds / "tasks.jsonl").read_text().splitlines()
+    one = json.loads(lines[0])
+    one["images"] = one["images"][:1]
+    (ds / "tasks.jsonl").write_text("\n".join([json.dumps(one)] + lines[1:]) + "\n")
+    fails_with(">= 2", good)
+
+
+def test_train_reward_under_torchrun(run, tmp_path):
+    ds = tmp_path / "ds"
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "3", "--num-tasks", "8", "--k", "3", "--out", ds)
+    run("label.py", "--auto", "builtin:ink", ds)
+    run("label.py", "export", ds)
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_reward.py", "--dataset", ds,
+        "--epochs", "2", "--batch-tasks", "4", "--toy-train-steps", "8", "--device", "cpu", "--out", tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["reward_std"] > 0 and "train_accuracy" in config
