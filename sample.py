@@ -33,7 +33,7 @@ import torch
 
 from drlhf import cli, models
 from drlhf.prompts import read_prompts
-from drlhf.sampler import DiffusionSchedule, SamplerConfig, rollout
+from drlhf.sampler import DiffusionSchedule, rollout
 
 VERSION = "0.1"
 BUILTIN_INSTRUCTIONS = {
@@ -201,12 +201,8 @@ def main(argv=None):
                           (args.device if args.device != "auto" else "cpu"))
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     conditions = task_conditions(args, base)
-    schedule = DiffusionSchedule.from_config(base.scheduler_config, SamplerConfig(
-        sampler=args.sampler, num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
-        steps_offset=base.scheduler_config.get("steps_offset", 0) if args.spacing == "leading" else 0,
-        variance_type=args.variance_type or base.scheduler_config.get("variance_type", "fixed_small"),
-        prediction_type=base.scheduler_config.get("prediction_type", "epsilon"),
-        clip_sample=None if base.is_latent else 1.0, guidance_scale=args.guidance_scale))
+    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
+                                           args.spacing, args.eta, args.variance_type, args.guidance_scale)
     policy = models.make_denoiser(base, args.guidance_scale).eval()
     prompt_embeds = {}
     if base.conditioning == "text":  # one text-encoder pass per distinct prompt
@@ -353,13 +349,8 @@ def eval_main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           (args.device if args.device != "auto" else "cpu"))
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
-    schedule_cfg = SamplerConfig(
-        sampler=args.sampler, num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
-        steps_offset=base.scheduler_config.get("steps_offset", 0) if args.spacing == "leading" else 0,
-        variance_type=args.variance_type or base.scheduler_config.get("variance_type", "fixed_small"),
-        prediction_type=base.scheduler_config.get("prediction_type", "epsilon"),
-        clip_sample=None if base.is_latent else 1.0, guidance_scale=args.guidance_scale)
-    schedule = DiffusionSchedule.from_config(base.scheduler_config, schedule_cfg)
+    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
+                                           args.spacing, args.eta, args.variance_type, args.guidance_scale)
     n = args.num_samples
     cond, prompts = None, None  # the same conditions, seeds and step noise for every model
     if base.conditioning == "class":

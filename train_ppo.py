@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from drlhf import cli, models, pictures, rewards
 from drlhf.prompts import read_prompts
 from drlhf.reward_model import RewardModelError
-from drlhf.sampler import DiffusionSchedule, SamplerConfig, action_logprob, rollout
+from drlhf.sampler import DiffusionSchedule, action_logprob, rollout
 
 
 @dataclass
@@ -655,12 +655,8 @@ def main(argv=None):
                              ("latent", args.latent, base.is_latent)):
         if want is not None and want != have:
             raise SystemExit(f"--{flag} {want}: the base model {args.pretrained} has {flag} {have}")
-    sched_cfg = base.scheduler_config
-    schedule = DiffusionSchedule.from_config(sched_cfg, SamplerConfig(
-        **schedule_cfg, steps_offset=sched_cfg.get("steps_offset", 0) if args.spacing == "leading" else 0,
-        variance_type=args.variance_type or sched_cfg.get("variance_type", "fixed_small"),
-        prediction_type=sched_cfg.get("prediction_type", "epsilon"),
-        clip_sample=sched_cfg.get("clip_sample_range", 1.0) if sched_cfg.get("clip_sample", not base.is_latent) and not base.is_latent else None))
+    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, **schedule_cfg,
+                                           variance_type=args.variance_type)
     if schedule.num_steps != T:
         raise SystemExit(f"--num-steps {T} with --spacing {args.spacing} keeps {schedule.num_steps} distinct steps")
     reward_fn = make_reward_fn(args.reward, args, base, device)

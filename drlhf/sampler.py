@@ -166,6 +166,21 @@ class DiffusionSchedule:
         steps = space_timesteps(len(betas), cfg.num_steps, cfg.spacing, cfg.steps_offset)
         return cls(betas, steps, cfg)
 
+    @classmethod
+    def for_model(cls, scheduler_config: dict, is_latent: bool, sampler: str = "ddpm", num_steps=25,
+                  spacing: str = "leading", eta: float = 1.0, variance_type: str | None = None,
+                  guidance_scale: float = 1.0, logprob_reduction: str = "sum") -> "DiffusionSchedule":
+        """The rollout schedule of a base model: its training betas, prediction type, variance type (unless
+        overridden) and x0 clipping (pixel models only), with the run's sampler flags."""
+        clip = scheduler_config.get("clip_sample", not is_latent) and not is_latent
+        return cls.from_config(scheduler_config, SamplerConfig(
+            sampler=sampler, num_steps=num_steps, spacing=spacing, eta=eta, guidance_scale=guidance_scale,
+            logprob_reduction=logprob_reduction,
+            steps_offset=scheduler_config.get("steps_offset", 0) if spacing == "leading" else 0,
+            variance_type=variance_type or scheduler_config.get("variance_type", "fixed_small"),
+            prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+            clip_sample=scheduler_config.get("clip_sample_range", 1.0) if clip else None))
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
