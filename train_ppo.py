@@ -78,6 +78,8 @@ class Args:
     """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2), scored on the samples themselves (latents for latent models)"""
     eval_reward: str | None = None
     """an extra score of the fixed-seed samples, never optimized: a --reward name or module:function (e.g. the gold function that labeled the reward model's data)"""
+    classifier: str | None = None
+    """--value-fn classifier: OpenAI's noisy-image classifier, guided-diffusion:/path/to/64x64_classifier.pt (thesis 6.5)"""
     pickscore_model: str = "yuvalkirstain/PickScore_v1"
     """--reward pickscore: the CLIP preference model (hub id or folder; thesis 6.10)"""
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -85,7 +87,7 @@ class Args:
     target_image: str | None = None
     """target image of the target reward (default: the bold slanted 4 in drlhf/assets)"""
     value_fn: str = "cnn"
-    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5), unet (the reward-model architecture on the base U-Net with a new head), reward (a copy of --reward-model, Pink's choice, thesis 6.9) or none; classifier (ImageNet, thesis 6.5) comes with its experiment"""
+    """value function V(x_t, t, c): cnn (appendix B), encoder (small conv encoder, cf. thesis 6.5), classifier (OpenAI's ImageNet classifier + a linear layer, --classifier; thesis 6.5), unet (the reward-model architecture on the base U-Net with a new head), reward (a copy of --reward-model, Pink's choice, thesis 6.9) or none"""
     value_init: str = "classifier"
     """value-function init: classifier (--value-fn cnn only: appendix B net pre-trained on noisy digits, thesis 6.4), random, or reward (the same as --value-fn reward: a copy of --reward-model, thesis 6.9)"""
     # --- reinforcement learning (Table 6.2) ---
@@ -181,7 +183,8 @@ PRESETS = {
                          gae_lambda=0.95, clip_coef=0.2, vf_coef=0.5, kl_coef=0.02, epochs=400, minibatch_size=32,
                          policy_lr=1e-6, vf_lr=1e-5, policy_warmup_steps=8192, vf_warmup_steps=1024, adam_beta1=0.9,
                          adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_accum_steps=1, max_grad_norm=0.5,
-                         precision="fp32", tf32=False, value_fn="classifier", spacing="guided",
+                         precision="fp32", tf32=False, value_fn="classifier", classifier="guided-diffusion:64x64",
+                         spacing="guided",
                          variance_type="learned_range"),
     "aesthetic": dict(pretrained="guided-diffusion:64x64", resolution=64, conditioning="class", latent=False,
                       guidance_scale=1.0, num_steps=50, reward="aesthetic", num_envs=32, gamma=1.0, gae_lambda=0.95,
@@ -189,13 +192,14 @@ PRESETS = {
                       policy_lr_early=2e-7, policy_lr_early_epochs=100, vf_lr=1e-5, policy_warmup_steps=8192,
                       vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0,
                       grad_accum_steps=1, max_grad_norm=0.5, precision="fp32", tf32=False, value_fn="classifier",
-                      spacing="guided", variance_type="learned_range"),
+                      classifier="guided-diffusion:64x64", spacing="guided", variance_type="learned_range"),
     "macaw": dict(pretrained="guided-diffusion:64x64", resolution=64, conditioning="class", latent=False,
                   guidance_scale=1.0, num_steps=25, reward="rm", class_labels="88", num_envs=32, gamma=1.0,
                   gae_lambda=0.95, clip_coef=0.2, vf_coef=0.5, kl_coef=0.02, epochs=250, minibatch_size=25,
                   policy_lr=1e-6, vf_lr=1e-5, policy_warmup_steps=8192, vf_warmup_steps=1024, adam_beta1=0.9,
                   adam_beta2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_accum_steps=1, max_grad_norm=0.5,
-                  precision="fp32", tf32=False, value_fn="classifier", spacing="guided",
+                  precision="fp32", tf32=False, value_fn="classifier", classifier="guided-diffusion:64x64",
+                  spacing="guided",
                   variance_type="learned_range"),
     "macaw-norl": dict(algo="backprop", pretrained="guided-diffusion:64x64", resolution=64, conditioning="class",
                        latent=False, guidance_scale=1.0, num_steps=25, reward="rm", class_labels="88", num_envs=32,
@@ -286,10 +290,9 @@ def check_requirements(args: Args):
     if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and not args.reward_model:
         raise SystemExit(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
                          "written by train_reward.py")
-    if args.value_fn == "classifier":
-        raise SystemExit("--value-fn classifier: the ImageNet noisy-classifier value function is not available yet "
-                         "(the classifier itself loads: drlhf.guided_diffusion.GuidedClassifier); use --value-fn "
-                         "encoder with the ImageNet model, or the offline stand-in --exp digits-colorfulness.")
+    if args.value_fn == "classifier" and not args.classifier:
+        raise SystemExit("--value-fn classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
+                         "(OpenAI's noisy-image classifier); offline stand-in: --exp digits-colorfulness")
 
 
 def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):
@@ -311,6 +314,8 @@ def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
     if "reward" in (args.value_fn, args.value_init):  # thesis 6.9: the value function starts as a copy of the RM
         from drlhf.reward_model import load_reward_model
         return load_reward_model(args.reward_model, base)[0]
+    if args.value_fn == "classifier":  # thesis 6.5: the ImageNet classifier + a linear layer to one scalar
+        return models.ClassifierValue(models.load_guided_classifier(args.classifier, args.cache_dir))
     if args.value_fn == "unet":  # the reward-model architecture on the base U-Net, with a new head
         from drlhf.reward_model import RewardModel
         null_text = base.encode_prompts([""]) if base.conditioning == "text" else None

@@ -221,6 +221,50 @@ def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel
                      (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]), kwargs["num_classes"])
 
 
+GUIDED_CLASSIFIER_64X64 = dict(image_size=64, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=4,
+                               attention_resolutions=[32, 16, 8], channel_mult=[1, 2, 3, 4], num_head_channels=64)
+
+
+def load_guided_classifier(spec: str, cache_dir=None):
+    """OpenAI's noisy-image classifier (64x64_classifier.pt) from guided-diffusion:PATH, read with
+    torch.load(weights_only=True); a sidecar FILE.json may give other constructor kwargs."""
+    import torch
+    from drlhf.guided_diffusion import GuidedClassifier
+    src = spec.split(":", 1)[1] if spec.startswith("guided-diffusion:") else spec
+    if src == "64x64":
+        src = str(Path(cache_dir or default_cache_dir()) / "guided-diffusion" / "64x64_classifier.pt")
+    path = Path(src)
+    if not path.is_file():
+        raise ModelLoadError(f"--classifier {spec}: {path} does not exist. Download OpenAI's "
+                             f"{GUIDED_URL.replace('64x64_diffusion', '64x64_classifier')} and pass --classifier "
+                             "guided-diffusion:/path/to/64x64_classifier.pt")
+    kwargs = dict(GUIDED_CLASSIFIER_64X64)
+    if path.with_suffix(".json").exists():
+        kwargs.update(json.loads(path.with_suffix(".json").read_text()))
+    try:
+        clf = GuidedClassifier(**{**kwargs, "attention_resolutions": tuple(kwargs["attention_resolutions"]),
+                                  "channel_mult": tuple(kwargs["channel_mult"])})
+        clf.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()},
+                            strict=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"--classifier {spec}: could not load {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+    return clf
+
+
+class ClassifierValue(nn.Module):
+    """The noisy-image classifier with a new linear layer from its 1000 logits to one scalar (thesis 6.5: the
+    value function of Experiments 2-4, given x_t and the timestep, no class)."""
+
+    def __init__(self, classifier: nn.Module, num_logits: int = 1000):
+        super().__init__()
+        self.classifier = classifier
+        self.head = nn.Linear(num_logits, 1)
+
+    def forward(self, x, t, cond=None):
+        return self.head(self.classifier(x, t))[:, 0]
+
+
 def _resolve(source: str, cache_dir, toy_train_steps: int) -> Path:
     """--pretrained value -> local folder (toy models are trained here on first use)."""
     if source.startswith("toy:"):

@@ -330,8 +330,8 @@ def test_unknown_preset_and_hub_id_offline(run, tmp_path):
     proc = run("train_ppo.py", "--exp", "colorfulness", "--value-fn", "encoder", "--pretrained",
                f"guided-diffusion:{tmp_path / 'missing.pt'}", check=False)
     assert proc.returncode != 0 and "64x64_diffusion.pt" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("train_ppo.py", "--exp", "colorfulness", check=False)
-    assert proc.returncode != 0 and "--value-fn classifier" in proc.stderr
+    proc = run("train_ppo.py", "--exp", "colorfulness", "--classifier", "none", check=False)
+    assert proc.returncode != 0 and "--value-fn classifier needs --classifier" in proc.stderr
 
 
 def test_nan_reward_stops_with_epoch_and_sample_and_writes_no_checkpoint(run, tmp_path):
@@ -360,8 +360,9 @@ def test_missing_and_corrupt_checkpoints(run, smoke, tmp_path):
 
 
 def test_openai_checkpoint_as_policy(run, tmp_path):
-    """A guided-diffusion .pt checkpoint (the fixture's reduced U-Net, with a sidecar of its constructor kwargs),
-    read with weights_only=True, as a class-conditional learned-range policy with guided-diffusion respacing."""
+    """Guided-diffusion .pt checkpoints (the fixture's reduced U-Net and classifier, with sidecars of their
+    constructor kwargs), read with weights_only=True: a class-conditional learned-range policy with guided-diffusion
+    respacing, and the classifier + a linear layer as its value function."""
     from safetensors.torch import load_file as load_st
     fixture = Path(__file__).parent / "fixtures" / "guided_diffusion"
     readme = json.loads((fixture / "README.json").read_text())
@@ -370,9 +371,15 @@ def test_openai_checkpoint_as_policy(run, tmp_path):
     (tmp_path / "small.json").write_text(json.dumps(dict(model_channels=k["model_channels"],
                                                          num_res_blocks=k["num_res_blocks"],
                                                          num_head_channels=k["num_head_channels"])))
-    out = tmp_path / "run"
+    c = readme["models"]["classifier_small"]["EncoderUNetModel_kwargs"]
+    torch.save({n: v.float() for n, v in load_st(fixture / "classifier_small.safetensors").items()},
+               tmp_path / "clf.pt")
+    (tmp_path / "clf.json").write_text(json.dumps(dict(model_channels=c["model_channels"],
+                                                       num_res_blocks=c["num_res_blocks"],
+                                                       num_head_channels=c["num_head_channels"])))
+    out = tmp_path / "run"  # Table 6.2 "Colorfulness" with the classifier value function (thesis 6.5), toy sizes
     proc = run("train_ppo.py", "--exp", "colorfulness", "--pretrained", f"guided-diffusion:{tmp_path / 'small.pt'}",
-               "--value-fn", "encoder", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5", "--epochs", "1",
+               "--classifier", f"guided-diffusion:{tmp_path / 'clf.pt'}", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5", "--epochs", "1",
                "--eval-samples", "4", "--policy-warmup-steps", "1", "--vf-warmup-steps", "1", "--output-dir", out)
     assert "class, pixel (3, 64, 64)), 5 steps ddpm/learned_range" in proc.stdout
     assert (out / "final_policy" / "guided_unet.safetensors").exists()
