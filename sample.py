@@ -150,6 +150,11 @@ def task_conditions(args: Args, base: models.BaseModel) -> list[dict]:
     return [items[i % len(items)] for i in order.tolist()]
 
 
+def resolve_device(flag: str) -> torch.device:
+    """--device auto|cpu|cuda -> a device (auto: cuda when there is one)."""
+    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def to_png(image: torch.Tensor, path: Path):
     """(C, H, W) in [-1, 1] -> 8-bit PNG, written to a temporary name and renamed."""
     from PIL import Image
@@ -197,8 +202,7 @@ def main(argv=None):
                          "cannot load yet; pass --pretrained with a diffusers model or use --exp digits-rgb")
     if args.k < 2:
         raise SystemExit(f"--k {args.k}: a task needs at least 2 images to compare")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))
+    device = resolve_device(args.device)
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     conditions = task_conditions(args, base)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
@@ -346,8 +350,7 @@ def eval_main(argv=None):
     from drlhf import pictures, rewards
     parser = cli.build_parser(EvalArgs, CHOICES)
     args = EvalArgs(**vars(parser.parse_args(argv)))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))
+    device = resolve_device(args.device)
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                            args.spacing, args.eta, args.variance_type, args.guidance_scale)
