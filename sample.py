@@ -101,6 +101,8 @@ class Args:
 PRESETS = {
     "digits": dict(),
     "digits-rgb": dict(pretrained="toy:digits-rgb", num_tasks=40, k=5),
+    # the offline stand-in of Macaw: one class of the class-conditional colour digits, K = 5
+    "digits-macaw": dict(pretrained="toy:digits-rgb", class_labels="4", num_tasks=100, k=5, num_steps=25),
     "macaw": dict(pretrained="guided-diffusion:64x64", class_labels="88", num_tasks=200, k=5, num_steps=25,
                   spacing="guided", variance_type="learned_range", instructions="builtin:macaw"),
     "pink": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts="builtin:pink", num_tasks=120, k=8,

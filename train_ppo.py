@@ -35,13 +35,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from drlhf import cli, models, pictures, rewards
 from drlhf.prompts import read_prompts
 from drlhf.reward_model import RewardModelError
-from drlhf.sampler import DiffusionSchedule, action_logprob, rollout
+from drlhf.sampler import DiffusionSchedule, ReparameterizedChain, action_logprob, rollout
 
 
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: one Table 6.2 column (target, colorfulness, aesthetic, macaw, macaw-norl, pink, pickscore) or an offline one (digits-target, digits-colorfulness); flags given on the command line override it"""
+    """preset: one Table 6.2 column (target, colorfulness, aesthetic, macaw, macaw-norl, pink, pickscore) or an offline stand-in (digits-target, digits-colorfulness, digits-aesthetic, digits-macaw, digits-macaw-norl); flags given on the command line override it"""
     seed: int = 0
     """base seed; rank r samples with seed + r"""
     # --- diffusion (Table 6.2, "Diffusion") ---
@@ -73,7 +73,7 @@ class Args:
     """text models: a .txt/.jsonl/.csv/.parquet prompt file or builtin:pink / builtin:pickscore-eval, sampled uniformly per environment (thesis 5.3)"""
     # --- reward and value function ---
     reward: str = "target"
-    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), pickscore (PickScore v1), rm (a trained reward model, --reward-model) or module:function on images in [-1,1] and prompts/class labels"""
+    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), aesthetic (LAION Aesthetics Predictor V2), pickscore (PickScore v1), rm (a trained reward model, --reward-model) or module:function on images in [-1,1] and prompts/class labels"""
     reward_model: str | None = None
     """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2), scored on the samples themselves (latents for latent models)"""
     eval_reward: str | None = None
@@ -84,6 +84,10 @@ class Args:
     """--reward pickscore: the CLIP preference model (hub id or folder; thesis 6.10)"""
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """--reward pickscore: the CLIP processor (hub id or folder)"""
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"
+    """--reward aesthetic: the CLIP image encoder of the LAION Aesthetics Predictor V2 (hub id or folder; thesis 6.6)"""
+    aesthetic_mlp: str = rewards.AESTHETIC_MLP_URL
+    """--reward aesthetic: the predictor's MLP weights, sac+logos+ava1-l14-linearMSE.pth (path or URL, read with weights_only)"""
     target_image: str | None = None
     """target image of the target reward (default: the bold slanted 4 in drlhf/assets)"""
     value_fn: str = "cnn"
@@ -151,8 +155,16 @@ class Args:
     """auto (cuda if available), cpu or cuda"""
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
+    lora_rank: int = 0
+    """train low-rank adapters (peft LoRA) of this rank instead of the whole U-Net (0 = full fine-tuning, the thesis); for small GPUs. Checkpoints then hold the adapters only; the final pipeline has them merged"""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (None = --lora-rank, i.e. a scale of 1)"""
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    """comma-separated module names that get adapters (default: the attention projections of diffusers U-Nets)"""
     algo: str = "ppo"
-    """ppo (thesis 5.3) or backprop (Table 6.2 "Macaw: Without RL", thesis 6.8)"""
+    """ppo (thesis 5.3) or backprop: loss = -reward back-propagated through the whole sampling chain, no value function, base model or KL (Table 6.2 "Macaw: Without RL", thesis 6.8)"""
+    chain_checkpointing: bool = True
+    """--algo backprop: keep only x_t of each denoising step and recompute its U-Net forward in the backward pass (thesis 6.8: what makes 25 steps fit in memory)"""
     # --- logging and checkpoints ---
     output_dir: str | None = None
     """run folder for TensorBoard logs, checkpoints, sample grids and the final policy (default runs/<exp>)"""
@@ -212,7 +224,7 @@ PRESETS = {
                  clip_coef=0.2, vf_coef=0.1, kl_coef=0.0, epochs=25500, minibatch_size=16, policy_lr=1e-7,
                  vf_lr=1e-6, policy_warmup_steps=4096, vf_warmup_steps=1024, adam_beta1=0.9, adam_beta2=0.999,
                  adam_eps=1e-8, weight_decay=0.01, grad_accum_steps=2, max_grad_norm=1.0, precision="fp16",
-                 tf32=True, value_fn="reward", old_logprobs="recompute"),
+                 tf32=True, value_fn="reward", old_logprobs="recompute", prompts="builtin:pink"),  # Table 6.5
     "pickscore": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
                       conditioning="text", latent=True, guidance_scale=7.5, num_steps=50, reward="pickscore",
                       num_envs=80, gamma=1.0, gae_lambda=0.95, clip_coef=0.2, vf_coef=0.1, kl_coef=0.0,
@@ -227,6 +239,20 @@ PRESETS = {
     "digits-colorfulness": dict(pretrained="toy:digits-rgb", reward="colorfulness", value_fn="encoder",
                                 value_init="random", num_steps=25, kl_coef=0.002, minibatch_size=25, epochs=40,
                                 adam_eps=1e-8, weight_decay=0.0),
+    # Aesthetic Score on the colour digits, with the toy classifier as value function: needs --aesthetic-clip and
+    # --aesthetic-mlp (the real ones offline, or any CLIP vision model with an MLP of the predictor's layout)
+    "digits-aesthetic": dict(pretrained="toy:digits-rgb", reward="aesthetic", value_fn="classifier",
+                             classifier="toy:digits-rgb", num_steps=25, kl_coef=0.003, minibatch_size=25, epochs=30,
+                             policy_lr_early=2e-5, policy_lr_early_epochs=5, adam_eps=1e-8, weight_decay=0.0),
+    # Macaw and Macaw without RL on class 4 of the colour digits, with the reward model of
+    # `train_reward.py --exp digits-macaw` (the toy classifier + a linear layer) and the toy classifier as value fn
+    "digits-macaw": dict(pretrained="toy:digits-rgb", class_labels="4", reward="rm",
+                         reward_model="runs/reward-digits-macaw", value_fn="classifier", classifier="toy:digits-rgb",
+                         num_steps=25, kl_coef=0.002, minibatch_size=25, epochs=30, adam_eps=1e-8, weight_decay=0.0),
+    "digits-macaw-norl": dict(algo="backprop", pretrained="toy:digits-rgb", class_labels="4", reward="rm",
+                              reward_model="runs/reward-digits-macaw", value_fn="none", kl_coef=0.0, num_steps=25,
+                              num_envs=32, minibatch_size=100, grad_accum_steps=8, epochs=30, policy_lr=1e-4,
+                              policy_warmup_steps=5, adam_eps=1e-8, weight_decay=0.01, max_grad_norm=None),
 }
 
 
@@ -264,6 +290,12 @@ def sync_device(device):
         torch.cuda.synchronize(device)
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x)
@@ -276,17 +308,37 @@ def set_lr(optimizer, lr: float, step: int, warmup: int):
         group["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
 
 
+def batch_arithmetic(args: Args, world: int) -> tuple[int, int, int]:
+    """Environments, states and minibatches per process and epoch, checked for exact divisibility (Table 6.2:
+    Pink on 10 GPUs = 8 environments x 16 steps = 128 states -> 8 minibatches of 16 -> 4 optimizer steps)."""
+    if args.num_envs % world:
+        raise SystemExit(f"--num-envs ({args.num_envs}) must be divisible by the number of processes ({world})")
+    B, T = args.num_envs // world, args.num_steps
+    n_states = B * T
+    if n_states % args.minibatch_size:
+        raise SystemExit(f"--minibatch-size ({args.minibatch_size}) must divide the states per process, "
+                         f"--num-envs/processes x --num-steps = {B} x {T} = {n_states}")
+    if args.algo == "backprop" and args.minibatch_size % T:
+        raise SystemExit(f"--algo backprop back-propagates through whole chains: --minibatch-size ({args.minibatch_size}"
+                         f" states) must be a multiple of --num-steps ({T}); Table 6.2: 100 = 4 images x 25 steps")
+    if args.minibatch_grouping == "trajectory" and args.minibatch_size % T:
+        raise SystemExit(f"--minibatch-grouping trajectory needs --minibatch-size ({args.minibatch_size}) to be a "
+                         f"multiple of --num-steps ({T})")
+    n_minibatches = n_states // args.minibatch_size
+    if n_minibatches % args.grad_accum_steps:
+        raise SystemExit(f"--grad-accum-steps ({args.grad_accum_steps}) must divide the minibatches per process "
+                         f"and epoch ({n_states} states / --minibatch-size {args.minibatch_size} = {n_minibatches})")
+    return B, n_states, n_minibatches
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Setup: models, reward, value function
 # ---------------------------------------------------------------------------------------------------------
 def check_requirements(args: Args):
     """Stop early, before loading anything large, when a preset needs parts that are not available here."""
-    if args.algo != "ppo":
-        raise SystemExit(f"--algo {args.algo}: reward back-propagation through the sampling chain (thesis 6.8) is "
-                         "not implemented yet; use --algo ppo.")
-    if args.reward == "aesthetic":
-        raise SystemExit("--reward aesthetic: the LAION aesthetic predictor is not available in this release; "
-                         "built-in: target, colorfulness, pickscore, rm (--reward-model DIR), or module:function.")
+    if args.algo == "backprop" and (args.value_fn != "none" or args.kl_coef):
+        raise SystemExit(f"--algo backprop (thesis 6.8) has no value function and no KL penalty: pass --value-fn none "
+                         f"and --kl-coef 0 (got --value-fn {args.value_fn}, --kl-coef {args.kl_coef})")
     if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and not args.reward_model:
         raise SystemExit(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
                          "written by train_reward.py")
@@ -298,7 +350,8 @@ def check_requirements(args: Args):
 def make_reward_fn(spec: str, args: Args, base: models.BaseModel, device):
     """A reward by name -> fn(samples, cond, prompts) -> (B,) scores (drlhf.rewards.build)."""
     return rewards.build(spec, base, device, reward_model=args.reward_model, target_image=args.target_image,
-                         pickscore_model=args.pickscore_model, pickscore_processor=args.pickscore_processor)
+                         pickscore_model=args.pickscore_model, pickscore_processor=args.pickscore_processor,
+                         cache_dir=args.cache_dir, aesthetic_clip=args.aesthetic_clip, aesthetic_mlp=args.aesthetic_mlp)
 
 
 def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
@@ -313,7 +366,7 @@ def make_value_fn(args: Args, base: models.BaseModel) -> nn.Module | None:
         return net
     if "reward" in (args.value_fn, args.value_init):  # thesis 6.9: the value function starts as a copy of the RM
         from drlhf.reward_model import load_reward_model
-        return load_reward_model(args.reward_model, base)[0]
+        return load_reward_model(args.reward_model, base, cache_dir=args.cache_dir)[0]
     if args.value_fn == "classifier":  # thesis 6.5: the ImageNet classifier + a linear layer to one scalar
         return models.ClassifierValue(models.load_guided_classifier(args.classifier, args.cache_dir))
     if args.value_fn == "unet":  # the reward-model architecture on the base U-Net, with a new head
@@ -505,6 +558,96 @@ def ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf, orders, 
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: one PPO epoch, the method's step 4 (thesis 5.3)
+# ---------------------------------------------------------------------------------------------------------
+def ppo_epoch(policy, policy_net, ref_net, value_fn, value_net, schedule, reward_fn, opt_pi, opt_vf, scaler, x_T, cond,
+              prompts, args: Args, state: dict, gens: dict, device, t0: float):
+    """Rollout -> terminal reward + per-step KL -> values -> GAE -> PPO update, for environments starting at
+    x_T (B, C, H, W). Returns the rewards (B,), the KL (T, B), the update statistics and the phase timings."""
+    T, B = schedule.num_steps, len(x_T)
+    # 1. ROLLOUT: all environments, one batch per denoising step
+    policy_net.eval()
+    with autocast(args, device):
+        buf = rollout(policy_net, schedule, x_T, cond, generator=gens["rollout"])
+    sync_device(device)
+    t_rollout = time.perf_counter() - t0
+    orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
+    logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
+    if args.old_logprobs == "recompute":
+        logprobs = evaluate_states(lambda x, i, c, a: action_logprob(policy_net, schedule, x, i, c, a),
+                                   buf.latents, cond, orders[0], args.minibatch_size, args, device)
+    # 2. REWARD: terminal score, per-step KL to the base model, values of every state
+    scores = score_terminal(reward_fn, buf.samples, cond, prompts, state["epoch"], int(os.environ.get("RANK", 0)))  # (B,)
+    ref_logprobs = None                                                        # (T, B) log pi_base(a_t|s_t)
+    if ref_net is not None:
+        ref_logprobs = evaluate_states(lambda x, i, c, a: action_logprob(ref_net, schedule, x, i, c, a),
+                                       buf.latents, cond, orders[0], args.minibatch_size, args, device)
+    rewards_t, kl = compute_rewards(scores, logprobs, ref_logprobs, args.kl_coef)  # (T, B) each
+    values = torch.zeros_like(rewards_t)                                          # (T, B) V(x_t, t, c)
+    if value_net is not None:
+        value_net.eval()
+        values = evaluate_states(lambda x, i, c, a: value_net(x, schedule.timesteps.to(device)[i], c),
+                                 buf.latents, cond, orders[0], args.minibatch_size, args, device)
+    # 3. ADVANTAGES: GAE over the denoising steps
+    advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)  # (T, B) each
+    sync_device(device)
+    t_score = time.perf_counter() - t0 - t_rollout
+    # 4. UPDATE: PPO over all states in random minibatches
+    policy_net.train()
+    if value_net is not None:
+        value_net.train()
+    buf_d = dict(latents=buf.latents, logprobs=logprobs, cond=cond, values=values, returns=returns,
+                 advantages=advantages)
+    stats = ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf_d, orders, args, state, device)
+    var_y = returns.var()
+    stats["explained_variance"] = (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan")
+    return scores, kl, stats, t_rollout, t_score
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: without RL, the reward back-propagated through the sampling chain (thesis 6.8)
+# ---------------------------------------------------------------------------------------------------------
+def backprop_update(chain, reward_fn, opt_pi, scaler, x_T, noise, cond, prompts, args: Args, state: dict, device):
+    """Table 6.2 "Macaw: Without RL": each minibatch of --minibatch-size / T images is sampled through the whole
+    chain with gradients (`chain` = a ReparameterizedChain, DDP-wrapped under torchrun), scored by the frozen
+    reward, and loss = -reward is back-propagated; the gradients of --grad-accum-steps minibatches make one
+    optimizer step (thesis: 8 minibatches of 4 images = all 32 environments). x_T (B, C, H, W), noise (T, B, C, H, W).
+    Returns the rewards (B,) and averaged statistics."""
+    B, n_img = len(x_T), args.minibatch_size // len(noise)
+    scores, stats = [], {"loss": [], "grad_norm": []}
+    for j, start in enumerate(range(0, B, n_img)):
+        i = torch.arange(start, start + n_img, device=device)
+        sync = (j + 1) % args.grad_accum_steps == 0
+        with chain.no_sync() if isinstance(chain, DDP) and not sync else contextlib.nullcontext():
+            with autocast(args, device):
+                x_0 = chain(x_T[i], select(cond, i), noise[:, i])                         # (n, C, H, W)
+            mb_prompts = None if prompts is None else [prompts[k] for k in i.tolist()]
+            r = torch.as_tensor(reward_fn(x_0.float(), select(cond, i), mb_prompts)).float().flatten()  # (n,)
+            if not torch.isfinite(r).all():
+                bad = (~torch.isfinite(r)).nonzero()[0].item()
+                raise FloatingPointError(f"epoch {state['epoch']}: the reward of sample {start + bad} is {r[bad].item()};"
+                                         " stopping before the update so that no checkpoint is written from it")
+            if not r.requires_grad:
+                raise ValueError(f"--algo backprop: --reward {args.reward} gives no gradient (it is not a torch "
+                                 "function of the samples); use --reward rm or target, or a differentiable module:function")
+            loss = -r.mean() / args.grad_accum_steps  # thesis 6.8: loss = -reward
+            scaler.scale(loss).backward()
+        if sync:
+            scaler.unscale_(opt_pi)
+            params = [p for g in opt_pi.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            scaler.step(opt_pi)
+            scaler.update()
+            opt_pi.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            set_lrs(opt_pi, None, args, state)
+            stats["grad_norm"].append(norm.item())
+        stats["loss"].append(loss.item() * args.grad_accum_steps)
+        scores.append(r.detach())
+    return torch.cat(scores), {k: float(np.mean(v)) for k, v in stats.items()}
+
+
 def set_lrs(opt_pi, opt_vf, args: Args, state: dict):
     early = args.policy_lr_early is not None and state["epoch"] < args.policy_lr_early_epochs
     set_lr(opt_pi, args.policy_lr_early if early else args.policy_lr, state["global_step"], args.policy_warmup_steps)
@@ -553,7 +696,10 @@ def save_checkpoint(path: Path, policy_unet, value_net, opt_pi, opt_vf, scaler, 
             raise FloatingPointError(f"non-finite {name} weights at epoch {state['epoch']}: not writing {path}")
 
     def write(d):
-        save_file({k: v.detach().contiguous().cpu() for k, v in policy_unet.state_dict().items()}, d / "policy.safetensors")
+        weights = policy_unet.state_dict()
+        if args.lora_rank:  # the base weights never change: the adapters are the whole trained state
+            weights = {k: v for k, v in weights.items() if "lora_" in k}
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, d / "policy.safetensors")
         if value_net is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in value_net.state_dict().items()}, d / "value.safetensors")
         torch.save({"opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict() if opt_vf else None,
@@ -581,9 +727,11 @@ def load_state(ckpt: Path) -> dict:
                            f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
 
 
-def load_weights(module, path: Path):
+def load_weights(module, path: Path, adapters_only: bool = False):
     try:
-        module.load_state_dict(load_file(path))
+        missing, unexpected = module.load_state_dict(load_file(path), strict=not adapters_only)
+        if adapters_only and (unexpected or any("lora_" in k for k in missing)):
+            raise KeyError("adapter keys do not match (--lora-rank / --lora-targets changed?)")
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"--resume: {path} is unreadable or does not fit the model ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
@@ -627,23 +775,10 @@ def main(argv=None):
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
 
     # --- batch arithmetic, asserted up front -----------------------------------------------------------------
-    if args.num_envs % world:
-        raise SystemExit(f"--num-envs ({args.num_envs}) must be divisible by the number of processes ({world})")
-    B = args.num_envs // world
+    B, n_states, n_minibatches = batch_arithmetic(args, world)
+    T = args.num_steps
     schedule_cfg = dict(sampler=args.sampler, num_steps=args.num_steps, spacing=args.spacing, eta=args.eta,
                         guidance_scale=args.guidance_scale, logprob_reduction=args.logprob_reduction)
-    T = args.num_steps
-    n_states = B * T
-    if n_states % args.minibatch_size:
-        raise SystemExit(f"--minibatch-size ({args.minibatch_size}) must divide the states per process, "
-                         f"--num-envs/processes x --num-steps = {B} x {T} = {n_states}")
-    if args.minibatch_grouping == "trajectory" and args.minibatch_size % T:
-        raise SystemExit(f"--minibatch-grouping trajectory needs --minibatch-size ({args.minibatch_size}) to be a "
-                         f"multiple of --num-steps ({T})")
-    n_minibatches = n_states // args.minibatch_size
-    if n_minibatches % args.grad_accum_steps:
-        raise SystemExit(f"--grad-accum-steps ({args.grad_accum_steps}) must divide the minibatches per process "
-                         f"and epoch ({n_states} states / --minibatch-size {args.minibatch_size} = {n_minibatches})")
 
     # --- models ---------------------------------------------------------------------------------------------
     if world > 1 and rank != 0:
@@ -674,11 +809,17 @@ def main(argv=None):
     if args.kl_coef > 0:  # the frozen base policy pi_base, only needed for the KL penalty
         import copy
         ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
+    if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
+        models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
     value_net = value_net.to(device) if value_net is not None else None
+    if args.algo == "backprop":  # thesis 6.8: the whole sampling chain is one differentiable forward
+        policy_net = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing)
     policy = DDP(policy_net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else policy_net
+    if args.algo == "backprop":
+        policy_net = policy_net.model  # the plain denoiser, for rollouts without gradients
     value_fn = (DDP(value_net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else value_net) if value_net else None
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
-    opt_pi = torch.optim.AdamW(base.unet.parameters(), lr=args.policy_lr, **adam)
+    opt_pi = torch.optim.AdamW([p for p in base.unet.parameters() if p.requires_grad], lr=args.policy_lr, **adam)
     opt_vf = torch.optim.AdamW(value_net.parameters(), lr=args.vf_lr, **adam) if value_net else None
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     prompts = prompt_embeds = None
@@ -694,7 +835,7 @@ def main(argv=None):
                                                 torch.Generator().manual_seed(args.seed + 54321), prompts, prompt_embeds)
     eval_cond = None if eval_cond is None else eval_cond.to(device)
     if args.resume:
-        load_weights(base.unet, ckpt / "policy.safetensors")
+        load_weights(base.unet, ckpt / "policy.safetensors", adapters_only=bool(args.lora_rank))
         if value_net is not None:
             load_weights(value_net, ckpt / "value.safetensors")
         opt_pi.load_state_dict(saved["opt_pi"])
@@ -736,48 +877,25 @@ def main(argv=None):
     # --- the training loop ------------------------------------------------------------------------------------
     epoch_times = []
     bar = tqdm(range(state["epoch"], args.epochs), initial=state["epoch"], total=args.epochs, disable=rank != 0,
-               desc="PPO epochs", unit="epoch")
+               desc=f"{args.algo} epochs", unit="epoch")
     for epoch in bar:
         state["epoch"] = epoch
         t0 = time.perf_counter()
-        # 1. ROLLOUT: all environments, one batch per denoising step
         cond, cond_prompts = sample_conditions(base, args, B, gens["shuffle"], prompts, prompt_embeds)
         cond = None if cond is None else cond.to(device)
         x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
-        policy_net.eval()
-        with autocast(args, device):
-            buf = rollout(policy_net, schedule, x_T, cond, generator=gens["rollout"])
-        sync_device(device)
-        t_rollout = time.perf_counter() - t0
-        orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
-        logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
-        if args.old_logprobs == "recompute":
-            logprobs = evaluate_states(lambda x, i, c, a: action_logprob(policy_net, schedule, x, i, c, a),
-                                       buf.latents, cond, orders[0], args.minibatch_size, args, device)
-        # 2. REWARD: terminal score, per-step KL to the base model, values of every state
-        scores = score_terminal(reward_fn, buf.samples, cond, cond_prompts, epoch, rank)   # (B,)
-        ref_logprobs = None                                                        # (T, B) log pi_base(a_t|s_t)
-        if ref_net is not None:
-            ref_logprobs = evaluate_states(lambda x, i, c, a: action_logprob(ref_net, schedule, x, i, c, a),
-                                           buf.latents, cond, orders[0], args.minibatch_size, args, device)
-        rewards_t, kl = compute_rewards(scores, logprobs, ref_logprobs, args.kl_coef)  # (T, B) each
-        values = torch.zeros_like(rewards_t)                                          # (T, B) V(x_t, t, c)
-        if value_net is not None:
-            value_net.eval()
-            values = evaluate_states(lambda x, i, c, a: value_net(x, schedule.timesteps.to(device)[i], c),
-                                     buf.latents, cond, orders[0], args.minibatch_size, args, device)
-        # 3. ADVANTAGES: GAE over the denoising steps
-        advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)  # (T, B) each
-        sync_device(device)
-        t_score = time.perf_counter() - t0 - t_rollout
-        # 4. UPDATE: PPO over all states in random minibatches
-        policy_net.train()
-        if value_net is not None:
-            value_net.train()
-        buf_d = dict(latents=buf.latents, logprobs=logprobs, cond=cond, values=values, returns=returns,
-                     advantages=advantages)
-        stats = ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, buf_d, orders, args, state, device)
-        # 5. STATS (all ranks' rewards and KL pooled)
+        if args.algo == "backprop":  # thesis 6.8: sample with gradients, loss = -reward, no RL
+            noise = torch.randn((T, *x_T.shape), generator=gens["rollout"], device=device)  # (T, B, C, H, W)
+            policy_net.train()
+            scores, stats = backprop_update(policy, reward_fn, opt_pi, scaler, x_T, noise, cond, cond_prompts,
+                                               args, state, device)
+            kl = torch.zeros(T, B, device=device)
+            t_rollout = t_score = 0.0
+        else:
+            scores, kl, stats, t_rollout, t_score = ppo_epoch(policy, policy_net, ref_net, value_fn, value_net, schedule,
+                                                              reward_fn, opt_pi, opt_vf, scaler, x_T, cond, cond_prompts,
+                                                              args, state, gens, device, t0)
+        # STATS (all ranks' rewards and KL pooled)
         pooled = all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * args.kl_coef,
                                              (scores.abs() + kl.sum(0) * args.kl_coef).sum()]).double()).cpu() / (B * world)
         sync_device(device)
@@ -787,19 +905,24 @@ def main(argv=None):
             r_mean = pooled[0].item()
             r_std = math.sqrt(max(pooled[1].item() - r_mean ** 2, 0.0))
             bmu, bsd = state["base_rewards"].mean().item(), state["base_rewards"].std().item() + 1e-12
-            var_y = returns.var()
             logs = {"objective/reward_mean": r_mean, "objective/reward_std": r_std,
-                    "objective/reward_mean_std_units": (r_mean - bmu) / bsd, "objective/kl": kl.sum(0).mean().item(),
-                    "objective/kl_penalty": pooled[2].item(), "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
+                    "objective/reward_mean_std_units": (r_mean - bmu) / bsd,
+                    "charts/policy_lr": opt_pi.param_groups[0]["lr"], "charts/images_per_s": B * world / dt,
+                    "charts/global_step": state["global_step"], "charts/seconds_update": dt - t_rollout - t_score}
+            if args.algo == "backprop":
+                logs.update({"losses/loss": stats["loss"], "losses/grad_norm": stats["grad_norm"]})
+            else:
+                logs.update({
+                    "objective/kl": kl.sum(0).mean().item(), "objective/kl_penalty": pooled[2].item(),
+                    "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
                     "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
                     "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],
                     "losses/clipfrac": stats["clipfrac"], "losses/ratio": stats["ratio"],
                     "losses/ratio_dev_at_start": stats["ratio_dev_at_start"],
-                    "losses/explained_variance": (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan"),
-                    "charts/policy_lr": opt_pi.param_groups[0]["lr"], "charts/images_per_s": B * world / dt,
-                    "charts/global_step": state["global_step"], "charts/seconds_rollout": t_rollout,
-                    "charts/seconds_scoring": t_score,  # rewards, values, pi_base and a recomputed pi_old
-                    "charts/seconds_update": dt - t_rollout - t_score}
+                    "losses/explained_variance": stats["explained_variance"],
+                    "charts/seconds_rollout": t_rollout,
+                    "charts/seconds_scoring": t_score})  # rewards, values, pi_base and a recomputed pi_old
+            logs["charts/peak_rss_gb"] = peak_rss_gb()
             if device.type == "cuda":
                 logs["charts/peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if opt_vf is not None:
@@ -807,7 +930,8 @@ def main(argv=None):
             for k, v in logs.items():
                 writer.add_scalar(k, v, epoch)
             writer.add_histogram("objective/rewards", scores.cpu(), epoch)
-            bar.set_postfix(reward=f"{r_mean:.3f}", kl=f"{logs['objective/kl']:.3g}", clipfrac=f"{stats['clipfrac']:.2f}")
+            bar.set_postfix(reward=f"{r_mean:.3f}", **({"loss": f"{stats['loss']:.3g}"} if args.algo == "backprop" else
+                                                      {"kl": f"{logs['objective/kl']:.3g}", "clipfrac": f"{stats['clipfrac']:.2f}"}))
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond, eval_prompts)
                 writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
@@ -829,7 +953,7 @@ def main(argv=None):
 
     # --- the end: the policy as a diffusers pipeline, before/after pictures ---------------------------------------
     if rank == 0:
-        models.save_pipeline(base.unet, base, out / "final_policy")
+        models.save_pipeline(models.merge_lora(base.unet) if args.lora_rank else base.unet, base, out / "final_policy")
         images, (ev, *gold) = evaluate(policy_net, schedule, base, eval_fns, args, device, eval_cond, eval_prompts)
         before = pictures.load_grid(out / "samples_base.png")
         pictures.save_png(np.concatenate([before, np.full((before.shape[0], 4, 3), 255, np.uint8), pictures.image_grid(images)], 1),
@@ -841,7 +965,8 @@ def main(argv=None):
                        final_reward_std=ev.std().item(), gain_in_base_std=gain.item(), epochs=args.epochs,
                        seconds_per_epoch=float(np.mean(epoch_times)) if epoch_times else None,
                        images_per_second=B * world / float(np.mean(epoch_times)) if epoch_times else None,
-                       peak_gpu_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+                       peak_gpu_memory_gb=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
+                       peak_rss_gb=peak_rss_gb())
         if gold:  # the extra score, never optimized (e.g. the gold labeler behind a reward model)
             gb = state["base_eval_reward"]
             summary.update(eval_reward=args.eval_reward, base_eval_reward_mean=gb.mean().item(),

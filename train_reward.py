@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf import cli, models
-from drlhf.reward_model import RewardModel
+from drlhf.reward_model import ClassifierRewardModel, RewardModel
 
 
 @dataclass
@@ -62,8 +62,14 @@ class Args:
     """probability of dropping the condition in training, for classifier-free reward guidance (thesis 5.2)"""
     guidance: float = 1.0
     """reward guidance weight w stored with the model: r = r_u + w (r_c - r_u) (1 = plain conditional reward)"""
+    backbone: str = "unet"
+    """unet: the base model's U-Net encoder + a cross-attention pooling head (thesis 5.2, Pink); classifier: OpenAI's noisy-image classifier + a linear layer to one scalar (thesis 6.7, Macaw; --classifier)"""
+    classifier: str | None = None
+    """--backbone classifier: guided-diffusion:/path/to/64x64_classifier.pt, or toy:digits-rgb (offline stand-in)"""
+    standardize: bool = True
+    """store the training-set reward mean and std so that the model emits standardized rewards (Eq. 5.2; the thesis's Macaw model was not standardized)"""
     trainable: str = "head"
-    """trainable parts: head (thesis: only the new cross-attention pooling), mid (+ mid block) or encoder"""
+    """trainable parts: head (thesis: only the new head), mid (+ mid block; classifier: + middle block and attention pool) or encoder"""
     width: int = 128
     """width of the cross-attention pooling head"""
     heads: int = 4
@@ -82,10 +88,18 @@ class Args:
 
 PRESETS = {
     "digits": dict(),
-    "macaw": dict(epochs=1000, batch_tasks=8, lr=1e-4, cond_drop=0.0),   # thesis 6.7: K = 5 tasks of class 88
+    # thesis 6.7: K = 5 tasks of class 88; the ImageNet classifier + a linear layer, outputs not standardized
+    "macaw": dict(epochs=1000, batch_tasks=8, lr=1e-4, cond_drop=0.0, backbone="classifier",
+                  classifier="guided-diffusion:64x64", standardize=False),
+    # offline stand-in: colour "4"s (sample.py --exp digits-macaw) and the toy classifier of the same architecture;
+    # its 10 logits are too few for a linear probe (66 % validation accuracy on ink rankings), so the middle block
+    # and attention pool train too (96 %)
+    "digits-macaw": dict(epochs=60, batch_tasks=8, lr=1e-3, cond_drop=0.0, backbone="classifier",
+                         classifier="toy:digits-rgb", standardize=False, trainable="mid",
+                         dataset="datasets/digits-macaw"),
     "pink": dict(epochs=40, batch_tasks=4, lr=1e-4, precision="fp16"),   # thesis 6.9: K = 8 tasks, text, dropped text
 }
-CHOICES = {"ties": ("exclude", "half"), "trainable": ("head", "mid", "encoder"), "precision": ("fp32", "fp16", "bf16"),
+CHOICES = {"ties": ("exclude", "half"), "trainable": ("head", "mid", "encoder"), "backbone": ("unet", "classifier"), "precision": ("fp32", "fp16", "bf16"),
            "device": ("auto", "cpu", "cuda")}
 
 
@@ -153,7 +167,7 @@ def load_tasks(args: Args, base: models.BaseModel, device):
                     if img.size != (w, h):
                         raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
                     arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
-            x = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+            x = (torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
         try:
             win, tie = pair_matrices(row["ranking"], row.get("both_bad", []), k)
         except ValueError as e:
@@ -261,9 +275,17 @@ def main(argv=None):
     if world > 1 and len(train) < args.batch_tasks:
         raise SystemExit(f"{len(train)} training tasks are fewer than --batch-tasks ({args.batch_tasks}) over {world} "
                          "processes")
-    null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
-    model = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
-                        args.trainable).to(device)
+    if args.backbone == "classifier":  # thesis 6.7: the noisy-image classifier + a linear layer
+        if not args.classifier:
+            raise SystemExit("--backbone classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
+                             f"(OpenAI's, {models.GUIDED_URL.replace('64x64_diffusion', '64x64_classifier')}) or "
+                             "toy:digits-rgb offline")
+        clf = models.load_guided_classifier(args.classifier, args.cache_dir)
+        model = ClassifierRewardModel(clf, args.classifier, args.trainable).to(device)
+    else:  # thesis 5.2: the base model's own U-Net encoder + cross-attention pooling
+        null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
+        model = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
+                            args.trainable).to(device)
     net = DDP(model, device_ids=[device] if use_cuda else None) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -321,8 +343,9 @@ def main(argv=None):
     # Eq. 5.2: standardize with the mean and std over the training images
     model.eval()
     rt = score(model, data["x"][train], None if data["cond"] is None else data["cond"][train], device, args)
-    model.reward_mean.fill_(rt.mean().item())
-    model.reward_std.fill_(rt.std().item())
+    if args.standardize:
+        model.reward_mean.fill_(rt.mean().item())
+        model.reward_std.fill_(rt.std().item())
     if rank == 0:
         result = {"train_accuracy": pair_accuracy(rt, data["win"][train])}
         if len(val):
@@ -336,6 +359,7 @@ def main(argv=None):
                     [strip_image(x, model_order, rv[n]), strip_image(x, human, rv[n])], 0), dataformats="HWC")
         writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
         config = dict(base_model=pretrained, dataset=str(dataset), guidance_weight=args.guidance,
+                      input_shape=list(base.sample_shape),
                       cond_drop=args.cond_drop, args=dataclasses.asdict(args), minutes=(time.perf_counter() - t0) / 60,
                       **result)
         model.save(out, config)

@@ -47,7 +47,7 @@ def build_parser(args_cls, choices: dict | None = None, suppress_defaults: bool 
         kwargs = {} if suppress_defaults else {"default": f.default}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, choices=options,
                             metavar=None if options else f.name.upper(), type=lambda s, k=f.type: _parse_value(s, k),
-                            help=doc.get(f.name, ""), **kwargs)
+                            help=doc.get(f.name, "").replace("%", "%%"), **kwargs)
     return parser
 
 

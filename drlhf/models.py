@@ -161,9 +161,9 @@ class BaseModel:
                              truncation=True, return_tensors="pt").input_ids.to(device)
         return self.text_encoder(ids)[0].float()
 
-    @torch.no_grad()
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Finished samples -> images in [-1, 1], shape (B, 3 or 1, H, W), float32."""
+        """Finished samples -> images in [-1, 1], shape (B, 3 or 1, H, W), float32. Differentiable (the VAE is
+        frozen): --algo backprop sends reward gradients back through it."""
         if not self.is_latent:
             return samples.float().clamp(-1, 1)
         vae_dtype = next(self.vae.parameters()).dtype
@@ -225,11 +225,52 @@ GUIDED_CLASSIFIER_64X64 = dict(image_size=64, in_channels=3, model_channels=128,
                                attention_resolutions=[32, 16, 8], channel_mult=[1, 2, 3, 4], num_head_channels=64)
 
 
+# the offline stand-in: OpenAI's classifier architecture at toy size, for the 16x16 colour digits (10 classes)
+TOY_CLASSIFIER = dict(image_size=16, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
+                      attention_resolutions=[4], channel_mult=[1, 2, 2], num_head_channels=32)
+
+
+def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
+    """OpenAI's noisy-image classifier architecture trained on noisy toy:digits-rgb images (cosine schedule, as
+    the toy base model), cached; the offline stand-in of 64x64_classifier.pt for value functions and reward models."""
+    from safetensors.torch import load_file, save_file
+    from drlhf.guided_diffusion import GuidedClassifier
+    clf = GuidedClassifier(**{**TOY_CLASSIFIER, "attention_resolutions": (4,), "channel_mult": (1, 2, 2)})
+    path = Path(cache_dir or default_cache_dir()) / f"toy-classifier-digits-rgb-s{steps}.safetensors"
+    if path.exists():
+        clf.load_state_dict(load_file(path))
+        return clf
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+    torch.manual_seed(seed)
+    spec = TOY_MODELS["digits-rgb"]
+    x, y = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    opt = torch.optim.AdamW(clf.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="training the toy noisy-image classifier (first use, cached)", unit="step"):
+        i = torch.randint(len(x), (64,), generator=g)
+        t = torch.randint(0, 1000, (64,), generator=g)
+        loss = F.cross_entropy(clf(sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t), t), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return clf
+
+
 def load_guided_classifier(spec: str, cache_dir=None):
     """OpenAI's noisy-image classifier (64x64_classifier.pt) from guided-diffusion:PATH, read with
-    torch.load(weights_only=True); a sidecar FILE.json may give other constructor kwargs."""
+    torch.load(weights_only=True); a sidecar FILE.json may give other constructor kwargs. toy:digits-rgb is the
+    offline stand-in (the same architecture trained here on the colour digits)."""
     import torch
     from drlhf.guided_diffusion import GuidedClassifier
+    if spec.startswith("toy:"):
+        if spec != "toy:digits-rgb":
+            raise ModelLoadError(f"--classifier {spec}: the only offline classifier is toy:digits-rgb")
+        return toy_guided_classifier(cache_dir)
     src = spec.split(":", 1)[1] if spec.startswith("guided-diffusion:") else spec
     if src == "64x64":
         src = str(Path(cache_dir or default_cache_dir()) / "guided-diffusion" / "64x64_classifier.pt")
@@ -256,10 +297,10 @@ class ClassifierValue(nn.Module):
     """The noisy-image classifier with a new linear layer from its 1000 logits to one scalar (thesis 6.5: the
     value function of Experiments 2-4, given x_t and the timestep, no class)."""
 
-    def __init__(self, classifier: nn.Module, num_logits: int = 1000):
+    def __init__(self, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier
-        self.head = nn.Linear(num_logits, 1)
+        self.head = nn.Linear(classifier.out[-1].c_proj.out_channels, 1)  # on the attention pool's logits
 
     def forward(self, x, t, cond=None):
         return self.head(self.classifier(x, t))[:, 0]
@@ -391,6 +432,37 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     elif base.conditioning == "text":
         null = base.encode_prompts([""])
     return Denoiser(base.unet, base.conditioning, guidance_scale, null).to(next(base.unet.parameters()).device)
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]):
+    """Freeze the U-Net and inject LoRA adapters (Hu et al. 2021, through peft) into the named modules, in place.
+    B starts at zero, so the adapted U-Net is exactly the base model at the start (PPO ratio 1)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    unet.requires_grad_(False)
+    try:
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                           init_lora_weights="gaussian"), unet)
+    except ValueError as e:
+        raise ValueError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0][:200]}") from None
+    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    print(f"[drlhf] LoRA rank {rank} on {','.join(targets)}: {n:,} trainable of "
+          f"{sum(p.numel() for p in unet.parameters()):,} parameters")
+    return unet
+
+
+def merge_lora(unet: nn.Module) -> nn.Module:
+    """A plain copy of a LoRA-adapted U-Net with W + (alpha / r) B A merged into each adapted weight, in the
+    original key names, so that it saves and loads as an ordinary diffusers U-Net."""
+    import copy
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    merged = copy.deepcopy(unet)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
+    plain = type(unet).from_config(unet.config) if hasattr(unet, "config") else copy.deepcopy(unet)
+    plain.load_state_dict(state)
+    return plain.to(next(unet.parameters()).device)
 
 
 def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):

@@ -8,7 +8,10 @@
       -> one scalar, standardized with the training-set mean and std (Eq. 5.2)
 
 The same module with a timestep input serves as the value function V(x_t, t, c) (thesis 6.9: Pink's value
-function starts as a copy of its reward model). Classifier-free reward guidance: the condition is dropped with
+function starts as a copy of its reward model).
+
+For OpenAI's ImageNet model the reward model is ClassifierRewardModel instead (thesis 6.7, Macaw): the
+noisy-image classifier with a fully connected layer from its logits to one scalar. Classifier-free reward guidance: the condition is dropped with
 probability p during training (replaced by a learned null token, and by the unconditional class / empty prompt
 inside the encoder); at use, r = r_uncond + w (r_cond - r_uncond).
 """
@@ -69,8 +72,9 @@ class RewardModel(nn.Module):
                  heads: int = 4, trainable: str = "head"):
         super().__init__()
         if not hasattr(unet, "config"):
-            raise ValueError("the reward model reuses a diffusers U-Net (UNet2DModel / UNet2DConditionModel); for "
-                             "OpenAI's ImageNet model the classifier-based reward model is not available yet")
+            raise ValueError("this reward model reuses a diffusers U-Net (UNet2DModel / UNet2DConditionModel); "
+                             "for OpenAI's ImageNet model use the classifier-based one (train_reward.py --backbone "
+                             "classifier)")
         if trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable
@@ -122,7 +126,7 @@ class RewardModel(nn.Module):
         """Unstandardized reward r_phi (B,)."""
         t = torch.zeros(len(x), dtype=torch.long, device=x.device) if t is None else t
         drop = torch.zeros(len(x), dtype=torch.bool, device=x.device) if drop is None else drop
-        feats = self.features(x, t, cond, drop)
+        feats = self.features(x.contiguous(), t, cond, drop)  # contiguous: see ClassifierRewardModel.raw
         tokens = None
         if self.conditioning == "class":
             tokens = self.encoder.class_embedding(cond)[:, None].to(feats.dtype)
@@ -161,17 +165,74 @@ class RewardModel(nn.Module):
         (out_dir / "config.json").write_text(json.dumps(config, indent=1))
 
 
+def classifier_fingerprint(classifier: nn.Module) -> str:
+    """Identity of a noisy-image classifier: the values of its input convolution and first blocks."""
+    h = hashlib.sha256()
+    for p in list(classifier.parameters())[:6]:
+        h.update(str(tuple(p.shape)).encode() + p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class ClassifierRewardModel(nn.Module):
+    """The Macaw reward model (thesis 6.7): OpenAI's noisy-image classifier with a fully connected layer from its
+    logits to one scalar. The class condition is not an input (thesis: one class, macaw); a timestep input lets
+    the same module serve as a value function. Same interface as RewardModel."""
+
+    def __init__(self, classifier: nn.Module, classifier_spec: str, trainable: str = "head"):
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
+        self.classifier, self.classifier_spec, self.trainable = classifier, classifier_spec, trainable
+        self.conditioning = "class"
+        self.fingerprint = classifier_fingerprint(classifier)
+        self.head = nn.Linear(classifier.out[-1].c_proj.out_channels, 1)
+        self.register_buffer("reward_mean", torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(()))
+        self.requires_grad_(False)
+        self.head.requires_grad_(True)
+        if trainable in ("mid", "encoder"):  # mid: + the middle block and the attention pool
+            self.classifier.middle_block.requires_grad_(True)
+            self.classifier.out.requires_grad_(True)
+        if trainable == "encoder":
+            self.classifier.requires_grad_(True)
+
+    def raw(self, x, t=None, cond=None, drop=None):
+        t = torch.zeros(len(x), dtype=torch.long, device=x.device) if t is None else t
+        # contiguous: torch 2.13's CPU GroupNorm backward crashes (SIGSEGV) on channels-last inputs that need no
+        # gradient while its weights do, which is the case with --trainable mid
+        return self.head(self.classifier(x.contiguous(), t))[:, 0].float()
+
+    def forward(self, x, t=None, cond=None, guidance: float = 1.0, standardize: bool = True, drop=None):
+        r = self.raw(x, t)
+        return (r - self.reward_mean) / self.reward_std if standardize else r
+
+    trainable_state = RewardModel.trainable_state
+
+    def save(self, out_dir: Path, config: dict):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), out_dir / "model.safetensors.tmp")
+        (out_dir / "model.safetensors.tmp").replace(out_dir / "model.safetensors")
+        config = dict(config, backbone="classifier", classifier=self.classifier_spec, fingerprint=self.fingerprint,
+                      conditioning=self.conditioning, trainable=self.trainable,
+                      reward_mean=self.reward_mean.item(), reward_std=self.reward_std.item())
+        (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+
+
 class RewardModelError(Exception):
     """A reward-model folder that cannot be used; the message says why and what to do."""
 
 
-def load_reward_model(path, base, device="cpu") -> tuple[RewardModel, dict]:
-    """Rebuild a reward model on `base` (a models.BaseModel) and load its trained parts from `path`."""
+def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None) -> tuple[nn.Module, dict]:
+    """Rebuild a reward model on `base` (a models.BaseModel) and load its trained parts from `path`.
+    A classifier-backbone model rebuilds its classifier from the spec in config.json, or from `classifier`."""
     path = Path(path)
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise RewardModelError(f"--reward-model {path}: expected config.json and model.safetensors (written by "
                                "train_reward.py)")
     config = json.loads((path / "config.json").read_text())
+    if config.get("backbone") == "classifier":
+        return _load_classifier_reward_model(path, config, base, device, classifier, cache_dir)
     if config.get("fingerprint") != base_fingerprint(base.unet):
         raise RewardModelError(f"--reward-model {path} was trained on base model {config.get('base_model')!r}, which "
                                f"is not the base model loaded now ({base.source}); train a reward model on this base "
@@ -179,6 +240,30 @@ def load_reward_model(path, base, device="cpu") -> tuple[RewardModel, dict]:
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
     rm = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
                      config["trainable"])
+    try:
+        missing, unexpected = rm.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise RewardModelError(f"--reward-model {path}: model.safetensors is unreadable ({type(e).__name__})") from None
+    if unexpected or any(k.startswith("head.") for k in missing):
+        raise RewardModelError(f"--reward-model {path}: model.safetensors does not fit its config.json")
+    return rm.to(device), config
+
+
+def _load_classifier_reward_model(path: Path, config: dict, base, device, classifier=None, cache_dir=None):
+    from drlhf import models
+    spec = classifier or config["classifier"]
+    try:
+        clf = models.load_guided_classifier(spec, cache_dir)
+    except models.ModelLoadError as e:
+        raise RewardModelError(f"--reward-model {path}: its classifier {spec!r} cannot be loaded ({e})") from None
+    if config.get("fingerprint") != classifier_fingerprint(clf):
+        raise RewardModelError(f"--reward-model {path} was trained on another classifier than {spec}; pass the "
+                               "classifier it was trained on (--classifier)")
+    shape = tuple(config.get("input_shape", base.sample_shape))
+    if shape != tuple(base.sample_shape):
+        raise RewardModelError(f"--reward-model {path} scores inputs of shape {shape}, the base model "
+                               f"{base.source} makes {tuple(base.sample_shape)}")
+    rm = ClassifierRewardModel(clf, spec, config["trainable"])
     try:
         missing, unexpected = rm.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     except Exception as e:  # noqa: BLE001

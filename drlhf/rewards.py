@@ -2,6 +2,7 @@
 
     target        Algorithm 1 (thesis 6.4): adjusted RMSE to a bold, slanted target "4", times -10
     colorfulness  appendix A (thesis 6.5): share of vivid pixels x entropy of their hue histogram
+    aesthetic     LAION Aesthetics Predictor V2 (thesis 6.6): CLIP ViT-L/14 embedding into a linear MLP
     pickscore     PickScore v1 (thesis 6.10), or any CLIP-based preference model of image-prompt pairs
 """
 from __future__ import annotations
@@ -104,11 +105,90 @@ class CLIPPreferenceReward:
         return (self.model.logit_scale.exp() * (out.image_embeds * out.text_embeds).sum(-1)).float().to(images.device)
 
 
+# LAION Aesthetics Predictor V2 (github.com/christophschuhmann/improved-aesthetic-predictor): the MLP's weights
+AESTHETIC_MLP_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                     "sac%2Blogos%2Bava1-l14-linearMSE.pth")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI CLIP
+
+
+def fetch(spec: str, cache_dir=None, flag: str = "--aesthetic-mlp") -> Path:
+    """A local path, or a URL downloaded once into the cache; offline, a message with the URL and the flag."""
+    if not spec.startswith(("http://", "https://")):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{flag} {spec}: no such file")
+        return path
+    from urllib.parse import unquote
+    from drlhf.models import default_cache_dir
+    path = Path(cache_dir or default_cache_dir()) / "downloads" / unquote(spec.rsplit("/", 1)[1])
+    if not path.exists():
+        import urllib.request
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            urllib.request.urlretrieve(spec, path.with_suffix(".part"))
+        except OSError as e:
+            raise FileNotFoundError(f"{flag} {spec}: could not download it ({e}); fetch it on a machine with network "
+                                    f"and pass {flag} /path/to/{path.name}") from None
+        path.with_suffix(".part").rename(path)
+    return path
+
+
+class AestheticReward:
+    """LAION Aesthetics Predictor V2 (thesis 6.6): the CLIP ViT-L/14 image embedding, L2-normalized, into a stack of
+    linear layers (1024-128-64-16-1, no activations; dropout only in its training) -> a 1-10 aesthetic score.
+
+    The images are resized to CLIP's input size and normalized in torch (PIL's bicubic, as CLIP's preprocessing;
+    the upstream code resizes uint8 PIL images, which differs in rounding only), so the score is differentiable
+    and serves --algo backprop too. The MLP's weights are read with torch.load(weights_only=True)."""
+
+    def __init__(self, clip_model: str, mlp_weights: str, device="cpu", cache_dir=None):
+        from transformers import CLIPModel
+        try:  # the whole CLIPModel: its top-level projection_dim is the one the predictor was trained on
+            self.clip = CLIPModel.from_pretrained(clip_model).eval().requires_grad_(False).to(device)
+        except OSError as e:
+            raise ValueError(f"--aesthetic-clip {clip_model}: cannot load it ({type(e).__name__}); it is a hub id or a "
+                             "local folder; offline, download it first (`hf download openai/clip-vit-large-patch14`) "
+                             "and pass the folder") from None
+        path = fetch(mlp_weights, cache_dir)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
+            linears = [torch.nn.Linear(*state[f"layers.{i}.weight"].shape[::-1]) for i in layers]
+            for i, lin in zip(layers, linears):
+                lin.load_state_dict({"weight": state[f"layers.{i}.weight"], "bias": state[f"layers.{i}.bias"]})
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"--aesthetic-mlp {path}: not the predictor's weights (a state dict with layers.N.weight/"
+                             f"bias; {type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        self.mlp = torch.nn.Sequential(*linears).eval().requires_grad_(False).to(device)
+        dim = self.clip.config.projection_dim
+        if linears[0].in_features != dim or linears[-1].out_features != 1:
+            raise ValueError(f"--aesthetic-mlp {path} takes {linears[0].in_features}-dimensional embeddings, "
+                             f"--aesthetic-clip {clip_model} gives {dim} (the predictor is for CLIP ViT-L/14: 768)")
+        self.size = self.clip.config.vision_config.image_size
+        self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, cond=None) -> torch.Tensor:
+        x = (images.float() / 2 + 0.5).clamp(0, 1)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        # antialias=True: torch's PIL-compatible bicubic (a = -0.5), as CLIP's own PIL preprocessing
+        x = F.interpolate(x.to(self.mean.device), size=(self.size, self.size), mode="bicubic", align_corners=False,
+                          antialias=True)
+        emb = self.clip.get_image_features(pixel_values=(x.clamp(0, 1) - self.mean) / self.std)
+        emb = emb if isinstance(emb, torch.Tensor) else emb.pooler_output
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return self.mlp(emb)[:, 0].float().to(images.device)
+
+
 def get_reward_fn(name: str, resolution: int, channels: int, target_image=None, pickscore_model=None,
-                  pickscore_processor=None, device="cpu"):
+                  pickscore_processor=None, device="cpu", aesthetic_clip=None, aesthetic_mlp=None, cache_dir=None):
     """Reward name (`--reward`) -> function (images, prompts or class labels) -> rewards."""
     if name == "pickscore":
         return CLIPPreferenceReward(pickscore_model, pickscore_processor, device)
+    if name == "aesthetic":
+        return AestheticReward(aesthetic_clip or "openai/clip-vit-large-patch14", aesthetic_mlp or AESTHETIC_MLP_URL,
+                               device, cache_dir)
     if name == "target":
         target = load_target(resolution, channels, target_image)
         return lambda images, cond=None: target_image_reward(images, target)
@@ -116,13 +196,14 @@ def get_reward_fn(name: str, resolution: int, channels: int, target_image=None, 
         if channels != 3:
             raise ValueError(f"--reward colorfulness needs an RGB base model; this one has {channels} channel(s)")
         return lambda images, cond=None: colorfulness_reward(images)
-    raise ValueError(f"--reward {name!r} is not available here; built-in rewards: target, colorfulness, pickscore, "
-                     "rm (a trained reward model), or module:function")
+    raise ValueError(f"--reward {name!r} is not available here; built-in rewards: target, colorfulness, aesthetic, "
+                     "pickscore, rm (a trained reward model), or module:function")
 
 
 def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
           pickscore_model="yuvalkirstain/PickScore_v1",
-          pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+          pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", cache_dir=None, aesthetic_clip=None,
+          aesthetic_mlp=None):
     """A reward by name for a base model (models.BaseModel) -> fn(samples, cond, prompts=None) -> (B,) scores.
 
     rm scores the samples themselves (latents for latent models; thesis 5.2); every other reward sees the decoded
@@ -132,10 +213,12 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
         if not reward_model:
             raise ValueError("--reward rm needs --reward-model DIR, a folder written by train_reward.py")
         from drlhf.reward_model import load_reward_model
-        rm, config = load_reward_model(reward_model, base, device)
-        rm.eval()
-        return lambda samples, cond, prompts=None: rm(samples.float(), None, cond,
-                                                      guidance=config.get("guidance_weight", 1.0))
+        rm, config = load_reward_model(reward_model, base, device, cache_dir=cache_dir)
+        rm.eval().requires_grad_(False)  # frozen; --algo backprop sends gradients through it, never into it
+        fn = lambda samples, cond, prompts=None: rm(samples.float(), None, cond,  # noqa: E731
+                                                    guidance=config.get("guidance_weight", 1.0))
+        fn.model = rm
+        return fn
     if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
         import importlib
         mod, fn = spec.split(":", 1)
@@ -147,7 +230,7 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
     else:
         c, h, _ = base.sample_shape
         image_fn = get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c, target_image,
-                                 pickscore_model, pickscore_processor, device)
+                                 pickscore_model, pickscore_processor, device, aesthetic_clip, aesthetic_mlp, cache_dir)
     return lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)
 
 

@@ -8,6 +8,7 @@ model output and the noise schedule. This module turns a denoiser into that poli
     out = policy_step(model, schedule, x_t, step_index, cond, generator=g)   # mean, std, action, logprob
     logprob = action_logprob(model, schedule, x_t, step_index, cond, action) # any model, any action
     buf = rollout(model, schedule, x_T, cond, generator=g)                   # B environments x T steps
+    x_0 = ReparameterizedChain(model, schedule)(x_T, cond, noise)           # the chain with gradients (thesis 6.8)
 
 Conventions (all explicit, all tested):
 - Steps are indexed i = 0..T-1 in sampling order; `schedule.timesteps[i]` is the training timestep of
@@ -27,6 +28,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 SPACINGS = ("leading", "trailing", "linspace", "guided")
 SAMPLERS = ("ddpm", "ddim")
@@ -304,3 +307,35 @@ def rollout(model, schedule: DiffusionSchedule, x_T: torch.Tensor, cond=None, ge
         logprobs.append(out.logprob)
     return Rollout(torch.stack(latents), torch.stack(logprobs), schedule.timesteps.clone(),
                    torch.arange(T), cond)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# METHOD: the sampling chain as one differentiable function (thesis 6.8, "Macaw: Without RL")
+# ---------------------------------------------------------------------------------------------------------
+class ReparameterizedChain(nn.Module):
+    """x_T, fixed noise z (T, B, C, H, W) -> x_0 through all T policy steps with gradients:
+    x_{i+1} = mean_theta(x_i) + std_theta(x_i) * z_i, the same transition as `policy_step` with its noise drawn
+    up front, so that d reward(x_0) / d theta flows back through every step.
+
+    One forward runs the whole chain, so a DistributedDataParallel wrapper around this module sees one forward
+    per backward. With `checkpoint_steps` only x_i of each step is kept and each U-Net forward is recomputed in
+    the backward pass: activation memory ~ one step instead of T steps, for one extra forward per step.
+    """
+
+    def __init__(self, model: nn.Module, schedule: DiffusionSchedule, checkpoint_steps: bool = True):
+        super().__init__()
+        self.model, self.schedule, self.checkpoint_steps = model, schedule, checkpoint_steps
+
+    def _step(self, x, idx, cond, z):
+        mean, std = model_distribution(self.model, self.schedule, x, idx, cond)
+        return mean + std * z
+
+    def forward(self, x_T: torch.Tensor, cond, noise: torch.Tensor) -> torch.Tensor:
+        x = x_T.float()
+        for i in range(self.schedule.num_steps):
+            idx = torch.full((len(x),), i, dtype=torch.long, device=x.device)
+            if self.checkpoint_steps and torch.is_grad_enabled():
+                x = checkpoint(self._step, x, idx, cond, noise[i], use_reentrant=False)
+            else:
+                x = self._step(x, idx, cond, noise[i])
+        return x

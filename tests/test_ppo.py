@@ -162,6 +162,20 @@ def test_presets_hold_table_6_2():
     assert checked > 150
 
 
+@pytest.mark.parametrize("exp,world,expect", [
+    ("pink", 10, (8, 128, 8)),        # Table 6.2: 8 environments per GPU x 16 steps, minibatches of 16
+    ("pickscore", 10, (8, 400, 40)),  # 8 x 50 steps, minibatches of 10, 4 accumulated -> 10 steps per epoch
+    ("macaw", 1, (32, 800, 32)),      # thesis 6.7: 32 x 25 = 800 states -> 32 minibatches of 25
+    ("macaw-norl", 1, (32, 800, 8)),  # thesis 6.8: 8 minibatches of 4 images, accumulated into one update
+])
+def test_preset_batch_arithmetic(exp, world, expect):
+    args, _ = train_ppo.parse_args(["--exp", exp])
+    assert train_ppo.batch_arithmetic(args, world) == expect
+    assert (expect[2] // args.grad_accum_steps) == {"pink": 4, "pickscore": 10, "macaw": 32, "macaw-norl": 1}[exp]
+    with pytest.raises(SystemExit, match="--num-envs"):
+        train_ppo.batch_arithmetic(args, 3)
+
+
 def test_preset_precedence_and_unknown_preset(capsys):
     args, given = train_ppo.parse_args(["--exp", "pink", "--policy-lr", "3e-7"])
     assert args.policy_lr == 3e-7 and args.vf_lr == 1e-6 and args.num_envs == 80 and given == {"exp", "policy_lr"}
@@ -173,11 +187,13 @@ def test_preset_precedence_and_unknown_preset(capsys):
     assert "unknown --exp 'nope'" in capsys.readouterr().err
 
 
-def test_every_flag_has_help():
+def test_every_flag_has_help(run):
     from drlhf import cli
     for action in cli.build_parser(train_ppo.Args, train_ppo.CHOICES)._actions:
         if action.dest != "help":
             assert len(action.help) > 10, action.dest
+    for script in ("train_ppo.py", "train_reward.py", "sample.py", "label.py"):  # argparse formats every help text
+        assert "--help" in run(script, "--help").stdout
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,6 +279,38 @@ def test_text_conditioned_latent_model_end_to_end(run, tmp_path):
     proc = run("train_ppo.py", "--pretrained", model, "--output-dir", tmp_path / "o2", *TINY, "--value-fn", "encoder",
                check=False)
     assert proc.returncode != 0 and "--prompts" in proc.stderr
+
+
+def test_lora_policy_trains_adapters_only_resumes_and_merges(run, tmp_path):
+    """--lora-rank on the tiny SD pipeline: only the adapters train (and are all a checkpoint holds), the ratio
+    starts at exactly 1, resume continues from the adapters, and the final pipeline is a plain U-Net with the
+    adapters merged that differs from the base model only in the adapted attention projections."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_sd import build_tiny_sd
+    model = build_tiny_sd(tmp_path / "tiny-sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    common = ["--pretrained", model, "--prompts", prompts, "--guidance-scale", "7.5", "--lora-rank", "4",
+              "--reward", "tests.helpers:mean_brightness", "--value-fn", "encoder", *TINY, "--policy-lr", "1e-2",
+              "--checkpoint-every", "1"]
+    out = tmp_path / "run"
+    proc = run("train_ppo.py", *common, "--epochs", "1", "--output-dir", out)
+    assert "LoRA rank 4 on to_q,to_k,to_v,to_out.0" in proc.stdout
+    ckpt = load_file(out / "checkpoints/epoch_00001/policy.safetensors")
+    assert ckpt and all("lora_" in k for k in ckpt)
+    state = torch.load(out / "checkpoints/epoch_00001/state.pt", weights_only=True)
+    assert sum(v["exp_avg"].numel() for v in state["opt_pi"]["state"].values()) == sum(v.numel() for v in ckpt.values())
+    run("train_ppo.py", *common, "--epochs", "2", "--resume", out, "--output-dir", out)
+    full = tmp_path / "full"  # the same two epochs in one go: resuming from the adapters is exact
+    run("train_ppo.py", *common, "--epochs", "2", "--output-dir", full)
+    a, b = (load_file(d / "checkpoints/epoch_00002/policy.safetensors") for d in (out, full))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _scalars(full, "losses/ratio_dev_at_start") == [0.0, 0.0]
+    tuned = StableDiffusionPipeline.from_pretrained(out / "final_policy").unet.state_dict()
+    base = StableDiffusionPipeline.from_pretrained(model).unet.state_dict()
+    assert tuned.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
 
 
 def test_pickscore_path_with_a_tiny_clip(run, tmp_path):
@@ -383,4 +431,30 @@ def test_openai_checkpoint_as_policy(run, tmp_path):
                "--eval-samples", "4", "--policy-warmup-steps", "1", "--vf-warmup-steps", "1", "--output-dir", out)
     assert "class, pixel (3, 64, 64)), 5 steps ddpm/learned_range" in proc.stdout
     assert (out / "final_policy" / "guided_unet.safetensors").exists()
+    assert _scalars(out, "losses/ratio_dev_at_start") == [0.0]
+
+
+def test_pink_code_path_on_the_tiny_pipeline(run, tmp_path):
+    """Table 6.2 "Pink", steps 1-4, on the tiny random SD pipeline: sample.py --exp pink (latents stored, the
+    Table 6.6 instructions attached), label.py --auto, train_reward.py --exp pink (latent input, standardized),
+    train_ppo.py --exp pink with that model as reward and as the value function's start, in the preset's fp16
+    autocast with GradScaler and recomputed old log-probs; only the sizes are shrunk."""
+    from tiny_sd import build_tiny_sd
+    model = build_tiny_sd(tmp_path / "tiny-sd")
+    ds, rm, out = tmp_path / "ds", tmp_path / "rm", tmp_path / "run"
+    run("sample.py", "--exp", "pink", "--pretrained", model, "--num-tasks", "8", "--num-steps", "4", "--precision",
+        "fp32", "--out", ds)
+    assert "pink sunglasses" in (ds / "instructions.md").read_text().lower()
+    run("label.py", "--auto", "builtin:colorfulness", ds)
+    run("label.py", "export", ds)
+    run("train_reward.py", "--exp", "pink", "--dataset", ds, "--out", rm, "--epochs", "2", "--val-fraction", "0.25")
+    config = json.loads((rm / "config.json").read_text())
+    assert config["args"]["precision"] == "fp16" and config["reward_std"] != 1.0
+    proc = run("train_ppo.py", "--exp", "pink", "--pretrained", model, "--reward-model", rm, "--resolution", "32",
+               "--num-envs", "2", "--num-steps", "4", "--minibatch-size", "4", "--epochs", "1", "--eval-samples", "2",
+               "--policy-warmup-steps", "1", "--vf-warmup-steps", "1", "--output-dir", out)
+    assert "text, latent (4, 4, 4)), 4 steps ddpm" in proc.stdout and "2 minibatches of 4 -> 1 optimizer steps" in proc.stdout
+    saved = json.loads((out / "args.json").read_text())
+    assert (saved["precision"], saved["value_fn"], saved["old_logprobs"], saved["guidance_scale"]) == \
+        ("fp16", "reward", "recompute", 7.5)
     assert _scalars(out, "losses/ratio_dev_at_start") == [0.0]
