@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drlhf import cli, models
+from drlhf import cli, models, rewards
 from drlhf.prompts import read_prompts
 from drlhf.sampler import DiffusionSchedule, rollout
 
@@ -309,7 +309,7 @@ class EvalArgs:
     variance_type: str | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     reward: str | None = None
-    """score every sample: target, colorfulness, pickscore, rm (with --reward-model) or module:function"""
+    """score every sample: target, colorfulness, aesthetic, pickscore, rm (with --reward-model) or module:function"""
     reward_model: str | None = None
     """--reward rm: the reward-model folder"""
     heldout_reward_model: str | None = None
@@ -318,6 +318,10 @@ class EvalArgs:
     """--reward pickscore: the CLIP preference model"""
     pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     """--reward pickscore: its processor"""
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"
+    """--reward aesthetic: the CLIP image encoder of the LAION Aesthetics Predictor V2 (thesis 6.6)"""
+    aesthetic_mlp: str = rewards.AESTHETIC_MLP_URL
+    """--reward aesthetic: the predictor's MLP weights (path or URL)"""
     seed: int = 0
     """seed of the initial noise and of every sampling step (the same for every model)"""
     batch_size: int = 64
@@ -349,7 +353,7 @@ def load_policy_unet(spec: str, base: models.BaseModel, device):
 
 
 def eval_main(argv=None):
-    from drlhf import pictures, rewards
+    from drlhf import pictures
     parser = cli.build_parser(EvalArgs, CHOICES)
     args = EvalArgs(**vars(parser.parse_args(argv)))
     device = resolve_device(args.device)
@@ -373,9 +377,10 @@ def eval_main(argv=None):
     scorers = {}
     if args.reward:
         scorers["reward"] = rewards.build(args.reward, base, device, args.reward_model, None, args.pickscore_model,
-                                          args.pickscore_processor)
+                                          args.pickscore_processor, args.cache_dir, args.aesthetic_clip,
+                                          args.aesthetic_mlp)
     if args.heldout_reward_model:
-        scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model)
+        scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model, cache_dir=args.cache_dir)
     names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
     specs = [None] + [c for c in args.checkpoints.split(",") if c]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)

@@ -155,6 +155,8 @@ class Args:
     """auto (cuda if available), cpu or cuda"""
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
+    compile: bool = False
+    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names"""
     lora_rank: int = 0
     """train low-rank adapters (peft LoRA) of this rank instead of the whole U-Net (0 = full fine-tuning, the thesis); for small GPUs. Checkpoints then hold the adapters only; the final pipeline has them merged"""
     lora_alpha: float | None = None
@@ -811,6 +813,8 @@ def main(argv=None):
         ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
+    if args.compile:  # only the policy's forward is compiled; base.unet (saved, checkpointed) stays the plain module
+        policy_net.unet = torch.compile(base.unet)
     value_net = value_net.to(device) if value_net is not None else None
     if args.algo == "backprop":  # thesis 6.8: the whole sampling chain is one differentiable forward
         policy_net = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing)

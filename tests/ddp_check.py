@@ -2,6 +2,7 @@
 
     python tests/ddp_check.py OUT.safetensors                              # one process, all 4 environments
     torchrun --nproc_per_node=2 tests/ddp_check.py OUT.safetensors         # 2 ranks, 2 environments each
+    ... OUT.safetensors backprop                                           # the same for --algo backprop
 
 The rollout buffer is the same in both cases (built from fixed seeds), each rank takes its share of the
 environments, and each rank's minibatch is all of its states, so the DDP-averaged gradient must equal the
@@ -52,9 +53,21 @@ policy = DDP(policy_net, broadcast_buffers=False) if world > 1 else policy_net
 value_fn = DDP(value_net) if world > 1 else value_net
 init = {f"policy.{k}": v.clone() for k, v in unet.state_dict().items()}
 init.update({f"value.{k}": v.clone() for k, v in value_net.state_dict().items()})
-orders = torch.arange(T * B_ALL // world)[None]  # one minibatch holding all of this rank's states
-train_ppo.ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, local, orders, args,
-                     {"epoch": 0, "global_step": 0}, torch.device("cpu"))
+if sys.argv[2:] == ["backprop"]:  # thesis 6.8: the reward's gradient through the chain, the same arithmetic
+    from drlhf import rewards
+    target = rewards.load_target(16, 1)
+    from drlhf.sampler import ReparameterizedChain
+    chain = ReparameterizedChain(policy_net, schedule)
+    chain = DDP(chain, broadcast_buffers=False) if world > 1 else chain
+    noise = torch.randn((T, *x_T.shape), generator=torch.Generator().manual_seed(4))
+    args.algo, args.reward, args.max_grad_norm = "backprop", "target", None
+    train_ppo.backprop_update(chain, lambda x, c, p: rewards.target_image_reward(x, target), opt_pi, scaler,
+                              x_T[share], noise[:, share], None, None, args, {"epoch": 0, "global_step": 0},
+                              torch.device("cpu"))
+else:
+    orders = torch.arange(T * B_ALL // world)[None]  # one minibatch holding all of this rank's states
+    train_ppo.ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, local, orders, args,
+                         {"epoch": 0, "global_step": 0}, torch.device("cpu"))
 if rank == 0:
     out = {f"policy.{k}": v.contiguous() for k, v in unet.state_dict().items()}
     out.update({f"value.{k}": v.contiguous() for k, v in value_net.state_dict().items()})
