@@ -11,6 +11,11 @@ Launch:
     torchrun --nproc_per_node=2 train_ppo.py --device cpu # 2 CPU processes (gloo)
     torchrun --nproc_per_node=10 train_ppo.py --exp pink  # Table 6.2 "Pink": 8 environments per GPU, 80 in all
     python train_ppo.py --resume runs/digits-target       # continue exactly where the last checkpoint stopped
+    python train_ppo.py --exp macaw-norl --reward-model runs/reward-macaw   # Table 6.2 "Macaw: Without RL" (--algo backprop)
+    python train_ppo.py --exp pink --reward-model DIR --gradient-checkpointing --lora-rank 8   # one small GPU
+
+With --algo backprop (thesis 6.8) an epoch is instead: sample every environment through the whole chain with
+gradients, loss = -reward of the frozen reward model, gradients accumulated over the epoch's minibatches.
 """
 from __future__ import annotations
 
@@ -243,6 +248,7 @@ PRESETS = {
                                 adam_eps=1e-8, weight_decay=0.0),
     # Aesthetic Score on the colour digits, with the toy classifier as value function: needs --aesthetic-clip and
     # --aesthetic-mlp (the real ones offline, or any CLIP vision model with an MLP of the predictor's layout)
+    # (beta and the learning rates scaled as in digits-colorfulness)
     "digits-aesthetic": dict(pretrained="toy:digits-rgb", reward="aesthetic", value_fn="classifier",
                              classifier="toy:digits-rgb", num_steps=25, kl_coef=0.003, minibatch_size=25, epochs=30,
                              policy_lr_early=2e-5, policy_lr_early_epochs=5, adam_eps=1e-8, weight_decay=0.0),
