@@ -199,9 +199,6 @@ def main(argv=None):
             raise SystemExit(f"{out} was started with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(stored[k]) for k in clash)}); "
                              "finish it with those or choose another --out")
         args = Args(**{**stored, **{k: getattr(args, k) for k in ("device", "precision", "cache_dir", "out")}})
-    if args.pretrained.startswith("guided-diffusion:"):
-        raise SystemExit("--exp macaw needs OpenAI's ImageNet 64x64 model (64x64_diffusion.pt), which this release "
-                         "cannot load yet; pass --pretrained with a diffusers model or use --exp digits-rgb")
     if args.k < 2:
         raise SystemExit(f"--k {args.k}: a task needs at least 2 images to compare")
     device = resolve_device(args.device)

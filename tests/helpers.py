@@ -1,4 +1,9 @@
-"""Scoring functions used by the tests through `--reward module:function`."""
+"""Scoring functions used by the tests through `--reward module:function`, and the fixture's OpenAI-format
+checkpoints."""
+import json
+from pathlib import Path
+
+FIXTURE = Path(__file__).parent / "fixtures" / "guided_diffusion"
 
 
 def nan_for_second_sample(images, cond=None):
@@ -9,3 +14,20 @@ def nan_for_second_sample(images, cond=None):
 
 def mean_brightness(images, cond=None):
     return images.float().mean((1, 2, 3))
+
+
+def write_openai_checkpoints(folder: Path):
+    """The fixture's reduced U-Net and classifier as OpenAI-style .pt state dicts, each with a sidecar .json of the
+    constructor kwargs that differ from the real 64x64 models. Returns (unet.pt, classifier.pt)."""
+    import torch
+    from safetensors.torch import load_file
+    readme = json.loads((FIXTURE / "README.json").read_text())
+    out = []
+    for name, model, kwargs_key in (("unet", "unet_small", "resulting_UNetModel_kwargs"),
+                                    ("classifier", "classifier_small", "EncoderUNetModel_kwargs")):
+        k = readme["models"][model][kwargs_key]
+        torch.save({n: v.float() for n, v in load_file(FIXTURE / f"{model}.safetensors").items()}, folder / f"{name}.pt")
+        (folder / f"{name}.json").write_text(json.dumps({key: k[key] for key in
+                                                         ("model_channels", "num_res_blocks", "num_head_channels")}))
+        out.append(folder / f"{name}.pt")
+    return out

@@ -413,23 +413,11 @@ def test_openai_checkpoint_as_policy(run, tmp_path):
     """Guided-diffusion .pt checkpoints (the fixture's reduced U-Net and classifier, with sidecars of their
     constructor kwargs), read with weights_only=True: a class-conditional learned-range policy with guided-diffusion
     respacing, and the classifier + a linear layer as its value function."""
-    from safetensors.torch import load_file as load_st
-    fixture = Path(__file__).parent / "fixtures" / "guided_diffusion"
-    readme = json.loads((fixture / "README.json").read_text())
-    k = readme["models"]["unet_small"]["resulting_UNetModel_kwargs"]
-    torch.save({n: v.float() for n, v in load_st(fixture / "unet_small.safetensors").items()}, tmp_path / "small.pt")
-    (tmp_path / "small.json").write_text(json.dumps(dict(model_channels=k["model_channels"],
-                                                         num_res_blocks=k["num_res_blocks"],
-                                                         num_head_channels=k["num_head_channels"])))
-    c = readme["models"]["classifier_small"]["EncoderUNetModel_kwargs"]
-    torch.save({n: v.float() for n, v in load_st(fixture / "classifier_small.safetensors").items()},
-               tmp_path / "clf.pt")
-    (tmp_path / "clf.json").write_text(json.dumps(dict(model_channels=c["model_channels"],
-                                                       num_res_blocks=c["num_res_blocks"],
-                                                       num_head_channels=c["num_head_channels"])))
+    from helpers import write_openai_checkpoints
+    unet, clf = write_openai_checkpoints(tmp_path)
     out = tmp_path / "run"  # Table 6.2 "Colorfulness" with the classifier value function (thesis 6.5), toy sizes
-    proc = run("train_ppo.py", "--exp", "colorfulness", "--pretrained", f"guided-diffusion:{tmp_path / 'small.pt'}",
-               "--classifier", f"guided-diffusion:{tmp_path / 'clf.pt'}", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5", "--epochs", "1",
+    proc = run("train_ppo.py", "--exp", "colorfulness", "--pretrained", f"guided-diffusion:{unet}",
+               "--classifier", f"guided-diffusion:{clf}", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5", "--epochs", "1",
                "--eval-samples", "4", "--policy-warmup-steps", "1", "--vf-warmup-steps", "1", "--output-dir", out)
     assert "class, pixel (3, 64, 64)), 5 steps ddpm/learned_range" in proc.stdout
     assert (out / "final_policy" / "guided_unet.safetensors").exists()
