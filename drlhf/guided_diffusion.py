@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 
@@ -156,17 +157,28 @@ class GuidedUNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(norm(ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self):
+        """Recompute each block's activations in the backward pass (upstream's use_checkpoint, per block)."""
+        self.gradient_checkpointing = True
+
+    def _block(self, block, h, emb):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
     def forward(self, x, t, y=None):
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
         hs, h = [], x
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = self._block(block, h, emb)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self._block(self.middle_block, h, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], 1), emb)  # current features first, then the skip
+            h = self._block(block, torch.cat([h, hs.pop()], 1), emb)  # current features first, then the skip
         return self.out(h)
 
 

@@ -63,3 +63,19 @@ def test_real_64x64_architectures_have_the_checkpoint_keys():
         ours = {k: list(v.shape) for k, v in model.state_dict().items()}
         assert ours == {k: list(v) for k, v in KEYS[name]["state_dict_shapes"].items()}, name
         assert sum(p.numel() for p in model.parameters()) == KEYS[name]["num_parameters"], name
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory():
+    """--gradient-checkpointing on OpenAI's U-Net (per-block recomputation): the same output and the same gradients."""
+    unet, _ = small_models()
+    x, t, y = torch.randn(2, 3, 64, 64), torch.tensor([10, 900]), torch.tensor([88, 3])
+    grads = []
+    for ckpt in (False, True):
+        unet.zero_grad(set_to_none=True)
+        unet.gradient_checkpointing = ckpt
+        unet.train()
+        out = unet(x, t, y)
+        out.pow(2).mean().backward()
+        grads.append((out.detach(), torch.cat([p.grad.flatten() for p in unet.parameters()])))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-7)
