@@ -341,8 +341,14 @@ def load_policy_unet(spec: str, base: models.BaseModel, device):
     if (path / "checkpoints" / "latest").exists():
         path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
     if (path / "policy.safetensors").exists():
-        unet = copy.deepcopy(base.unet)
-        unet.load_state_dict(load_file(path / "policy.safetensors"))
+        unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
+        if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
+            run_args = torch.load(path / "state.pt", map_location="cpu", weights_only=True)["args"]
+            models.add_lora(unet, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
+                            run_args["lora_targets"].split(","))
+            unet.load_state_dict(weights, strict=False)
+            return models.merge_lora(unet).to(device).eval()
+        unet.load_state_dict(weights)
         return unet.to(device).eval()
     if path.is_dir():
         return models.load_base_model(str(path), device).unet.eval()
