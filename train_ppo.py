@@ -161,7 +161,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
-    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names"""
+    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; the compiled training and no-grad graphs round differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1"""
     lora_rank: int = 0
     """train low-rank adapters (peft LoRA) of this rank instead of the whole U-Net (0 = full fine-tuning, the thesis); for small GPUs. Checkpoints then hold the adapters only; the final pipeline has them merged"""
     lora_alpha: float | None = None
