@@ -57,7 +57,7 @@ BUILTIN_INSTRUCTIONS = {
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: digits (default settings), digits-rgb, macaw (thesis 6.7) or pink (thesis 6.9)"""
+    """preset: digits (default settings), digits-rgb, digits-macaw (offline Macaw stand-in), macaw (thesis 6.7) or pink (thesis 6.9)"""
     out: str | None = None
     """dataset folder to create or finish (default datasets/<exp>)"""
     pretrained: str = "toy:digit4"

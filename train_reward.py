@@ -34,7 +34,7 @@ from drlhf.reward_model import ClassifierRewardModel, RewardModel
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: digits (offline), macaw (thesis 6.7) or pink (thesis 6.9)"""
+    """preset: digits (offline), digits-macaw (offline Macaw stand-in: toy classifier + linear layer), macaw (thesis 6.7) or pink (thesis 6.9)"""
     dataset: str = "datasets/digits"
     """labeling dataset folder (sample.py) holding the export of label.py"""
     rankings: str | None = None

@@ -179,6 +179,16 @@ GUIDED_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1
                         prediction_type="epsilon", clip_sample=True)  # cosine schedule, learned range (thesis 6.5)
 
 
+def download_once(url: str, path: Path):
+    """Fetch url to path unless it is there; a partial download never takes the final name. Raises OSError."""
+    if path.exists():
+        return
+    import urllib.request
+    path.parent.mkdir(parents=True, exist_ok=True)
+    urllib.request.urlretrieve(url, path.with_suffix(".part"))
+    path.with_suffix(".part").rename(path)
+
+
 def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel":
     """OpenAI's class-conditional ImageNet U-Net from a .pt file (or its URL, fetched into the cache), read with
     torch.load(weights_only=True): no pickled code runs. A sidecar FILE.json may give other constructor kwargs."""
@@ -189,15 +199,11 @@ def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel
         src = str(Path(cache_dir or default_cache_dir()) / "guided-diffusion" / "64x64_diffusion.pt")
     if src.startswith(("http://", "https://")):
         path = Path(cache_dir or default_cache_dir()) / "guided-diffusion" / src.rsplit("/", 1)[1]
-        if not path.exists():
-            import urllib.request
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                urllib.request.urlretrieve(src, path.with_suffix(".part"))
-            except OSError as e:
-                raise ModelLoadError(f"--pretrained {spec}: could not download it ({e}); fetch {src} elsewhere and pass "
-                                     "--pretrained guided-diffusion:/path/to/64x64_diffusion.pt") from None
-            path.with_suffix(".part").rename(path)
+        try:
+            download_once(src, path)
+        except OSError as e:
+            raise ModelLoadError(f"--pretrained {spec}: could not download it ({e}); fetch {src} elsewhere and pass "
+                                 "--pretrained guided-diffusion:/path/to/64x64_diffusion.pt") from None
         src = str(path)
     path = Path(src)
     if not path.is_file():

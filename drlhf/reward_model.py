@@ -154,15 +154,21 @@ class RewardModel(nn.Module):
         return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k in keep}
 
     def save(self, out_dir: Path, config: dict):
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(), out_dir / "model.safetensors.tmp")
-        (out_dir / "model.safetensors.tmp").replace(out_dir / "model.safetensors")
-        config = dict(config, fingerprint=self.fingerprint, conditioning=self.conditioning, trainable=self.trainable,
-                      width=self.head.out.in_features, heads=self.head.attn.num_heads,
-                      reward_mean=self.reward_mean.item(), reward_std=self.reward_std.item(),
-                      encoder_blocks=["conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block"])
-        (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+        _save_folder(self, out_dir, dict(config, width=self.head.out.in_features, heads=self.head.attn.num_heads,
+                                         encoder_blocks=["conv_in", "time_embedding", "class_embedding",
+                                                         "down_blocks", "mid_block"]))
+
+
+def _save_folder(model: nn.Module, out_dir: Path, config: dict):
+    """A reward-model folder: model.safetensors (trainable parts + standardization, written then renamed) and
+    config.json (the caller's config plus identity, trainable parts and standardization)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(model.trainable_state(), out_dir / "model.safetensors.tmp")
+    (out_dir / "model.safetensors.tmp").replace(out_dir / "model.safetensors")
+    config = dict(config, fingerprint=model.fingerprint, conditioning=model.conditioning, trainable=model.trainable,
+                  reward_mean=model.reward_mean.item(), reward_std=model.reward_std.item())
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def classifier_fingerprint(classifier: nn.Module) -> str:
@@ -209,14 +215,7 @@ class ClassifierRewardModel(nn.Module):
     trainable_state = RewardModel.trainable_state
 
     def save(self, out_dir: Path, config: dict):
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(), out_dir / "model.safetensors.tmp")
-        (out_dir / "model.safetensors.tmp").replace(out_dir / "model.safetensors")
-        config = dict(config, backbone="classifier", classifier=self.classifier_spec, fingerprint=self.fingerprint,
-                      conditioning=self.conditioning, trainable=self.trainable,
-                      reward_mean=self.reward_mean.item(), reward_std=self.reward_std.item())
-        (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+        _save_folder(self, out_dir, dict(config, backbone="classifier", classifier=self.classifier_spec))
 
 
 class RewardModelError(Exception):
@@ -240,13 +239,7 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
     rm = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
                      config["trainable"])
-    try:
-        missing, unexpected = rm.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    except Exception as e:  # noqa: BLE001
-        raise RewardModelError(f"--reward-model {path}: model.safetensors is unreadable ({type(e).__name__})") from None
-    if unexpected or any(k.startswith("head.") for k in missing):
-        raise RewardModelError(f"--reward-model {path}: model.safetensors does not fit its config.json")
-    return rm.to(device), config
+    return _load_trained_parts(rm, path).to(device), config
 
 
 def _load_classifier_reward_model(path: Path, config: dict, base, device, classifier=None, cache_dir=None):
@@ -264,10 +257,15 @@ def _load_classifier_reward_model(path: Path, config: dict, base, device, classi
         raise RewardModelError(f"--reward-model {path} scores inputs of shape {shape}, the base model "
                                f"{base.source} makes {tuple(base.sample_shape)}")
     rm = ClassifierRewardModel(clf, spec, config["trainable"])
+    return _load_trained_parts(rm, path).to(device), config
+
+
+def _load_trained_parts(rm: nn.Module, path: Path) -> nn.Module:
+    """Load a folder's model.safetensors (the trained parts only) into a freshly built reward model."""
     try:
         missing, unexpected = rm.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     except Exception as e:  # noqa: BLE001
         raise RewardModelError(f"--reward-model {path}: model.safetensors is unreadable ({type(e).__name__})") from None
     if unexpected or any(k.startswith("head.") for k in missing):
         raise RewardModelError(f"--reward-model {path}: model.safetensors does not fit its config.json")
-    return rm.to(device), config
+    return rm

@@ -119,17 +119,13 @@ def fetch(spec: str, cache_dir=None, flag: str = "--aesthetic-mlp") -> Path:
             raise FileNotFoundError(f"{flag} {spec}: no such file")
         return path
     from urllib.parse import unquote
-    from drlhf.models import default_cache_dir
+    from drlhf.models import default_cache_dir, download_once
     path = Path(cache_dir or default_cache_dir()) / "downloads" / unquote(spec.rsplit("/", 1)[1])
-    if not path.exists():
-        import urllib.request
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(spec, path.with_suffix(".part"))
-        except OSError as e:
-            raise FileNotFoundError(f"{flag} {spec}: could not download it ({e}); fetch it on a machine with network "
-                                    f"and pass {flag} /path/to/{path.name}") from None
-        path.with_suffix(".part").rename(path)
+    try:
+        download_once(spec, path)
+    except OSError as e:
+        raise FileNotFoundError(f"{flag} {spec}: could not download it ({e}); fetch it on a machine with network "
+                                f"and pass {flag} /path/to/{path.name}") from None
     return path
 
 
