@@ -11,7 +11,7 @@ Launch:
     python sample.py --exp pink --out datasets/pink      # Table 6.5 prompts, 120 tasks of K=8, 16 steps, CFG 7.5
     python sample.py --exp macaw --pretrained DIR        # class 88, 200 tasks of K=5, 25 steps
 
-The dataset folder (read by label.py and train_reward.py; README "File contracts"):
+The dataset folder (read by label.py and train_reward.py; contract: drlhf/labels.py and the README):
     dataset.json      base model, sampler settings, K, seed, batch size, conditions, instructions
     tasks.jsonl       {"task_id", "prompt" | "class_label", "images": [K paths], "latents": [K paths] | null, "seeds": [K]}
     images/*.png      the images (8-bit, RGB or greyscale)
@@ -31,9 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drlhf import cli, models, rewards
-from drlhf.prompts import read_prompts
-from drlhf.sampler import DiffusionSchedule, rollout
+from drlhf import cli, evaluation, models, presets, rewards
+from drlhf.checkpoint import atomic_write, load_policy_unet, save_safetensors, write_text
+from drlhf.hardware import DeviceFlag, Precision, autocast, resolve_device
+from drlhf.prompts import class_list, prompt_list, prompt_table
+from drlhf.sampler import DiffusionSchedule, Sampler, Spacing, VarianceType, rollout
+from drlhf.toys import TOY_TRAIN_STEPS
 
 VERSION = "0.1"
 BUILTIN_INSTRUCTIONS = {
@@ -76,41 +79,28 @@ class Args:
     """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same)"""
     guidance_scale: float = 1.0
     """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
-    sampler: str = "ddpm"
+    sampler: Sampler = "ddpm"
     """ddpm or ddim (as in train_ppo.py)"""
-    spacing: str = "leading"
+    spacing: Spacing = "leading"
     """respacing of the training timesteps (as in train_ppo.py)"""
     eta: float = 1.0
     """DDIM noise level"""
-    variance_type: str | None = None
+    variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     seed: int = 0
     """seed of the task conditions and of every image"""
     batch_size: int = 40
     """images per forward pass, rounded down to whole tasks; fixed for a dataset (stored in dataset.json)"""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32, fp16 or bf16 autocast for sampling"""
-    device: str = "auto"
+    device: DeviceFlag = "auto"
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache of the offline toy models (default $DRLHF_CACHE or ~/.cache/drlhf)"""
-    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    toy_train_steps: int = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
 
 
-PRESETS = {
-    "digits": dict(),
-    "digits-rgb": dict(pretrained="toy:digits-rgb", num_tasks=40, k=5),
-    # the offline stand-in of Macaw: one class of the class-conditional colour digits, K = 5
-    "digits-macaw": dict(pretrained="toy:digits-rgb", class_labels="4", num_tasks=100, k=5, num_steps=25),
-    "macaw": dict(pretrained="guided-diffusion:64x64", class_labels="88", num_tasks=200, k=5, num_steps=25,
-                  spacing="guided", variance_type="learned_range", instructions="builtin:macaw"),
-    "pink": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5", prompts="builtin:pink", num_tasks=120, k=8,
-                 num_steps=16, guidance_scale=7.5, instructions="builtin:pink", precision="fp16", batch_size=16),
-}
-CHOICES = {"sampler": ("ddpm", "ddim"), "spacing": ("leading", "trailing", "linspace", "guided"),
-           "variance_type": ("fixed_small", "fixed_large", "learned_range"), "precision": ("fp32", "fp16", "bf16"),
-           "device": ("auto", "cpu", "cuda")}
 # settings that must not change when an interrupted dataset is finished
 FIXED = ("pretrained", "num_tasks", "k", "prompts", "class_labels", "num_steps", "guidance_scale", "sampler", "spacing",
          "eta", "variance_type", "seed", "batch_size")
@@ -138,33 +128,21 @@ def task_conditions(args: Args, base: models.BaseModel) -> list[dict]:
     if args.class_labels and base.conditioning != "class":
         raise ValueError(f"--class-labels: {args.pretrained} is {'unconditional' if base.conditioning == 'none' else 'text-conditional'}, not a class model")
     if base.conditioning == "text":
-        if not args.prompts:
-            raise ValueError("--prompts is required for a text-conditional model (a file or builtin:pink)")
-        items = [{"prompt": p} for p in read_prompts(args.prompts)]
+        items = [{"prompt": p} for p in prompt_list(args.prompts)]
     elif base.conditioning == "class":
-        classes = [int(c) for c in args.class_labels.split(",")] if args.class_labels else list(range(base.num_classes))
-        if min(classes) < 0 or max(classes) >= base.num_classes:
-            raise ValueError(f"--class-labels {args.class_labels}: the model has classes 0..{base.num_classes - 1}")
-        items = [{"class_label": c} for c in classes]
+        items = [{"class_label": c} for c in class_list(args.class_labels, base.num_classes)]
     else:
         items = [{}]
     order = torch.randperm(args.num_tasks, generator=torch.Generator().manual_seed(args.seed))
     return [items[i % len(items)] for i in order.tolist()]
 
 
-def resolve_device(flag: str) -> torch.device:
-    """--device auto|cpu|cuda -> a device (auto: cuda when there is one)."""
-    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def to_png(image: torch.Tensor, path: Path):
-    """(C, H, W) in [-1, 1] -> 8-bit PNG, written to a temporary name and renamed."""
+    """(C, H, W) in [-1, 1] -> 8-bit PNG, written atomically."""
     from PIL import Image
     x = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
     img = Image.fromarray(x[0]) if x.shape[0] == 1 else Image.fromarray(np.moveaxis(x, 0, -1))
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def read_done(tasks_file: Path) -> list[dict]:
@@ -181,24 +159,40 @@ def read_done(tasks_file: Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     if len(done) != len([ln for ln in lines if ln.strip()]):  # rewrite without the broken tail
-        tmp = tasks_file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(t) + "\n" for t in done))
-        os.replace(tmp, tasks_file)
+        write_text(tasks_file, "".join(json.dumps(t) + "\n" for t in done))
     return done
 
 
-def main(argv=None):
-    args, given = cli.parse_args(Args, PRESETS, argv, CHOICES)
+def resolve_args(argv=None) -> tuple[Args, Path]:
+    """The flags, or for an interrupted dataset its stored settings (conflicting flags are an error)."""
+    args, given = cli.parse_args(Args, presets.for_script("sample"), argv)
     out = Path(args.out or f"datasets/{args.exp or 'digits'}")
-    meta_file = out / "dataset.json"
-    if meta_file.exists():  # finishing an interrupted dataset: its settings win, conflicting flags are an error
-        meta = json.loads(meta_file.read_text())
-        stored = meta["args"]
+    if (out / "dataset.json").exists():
+        stored = json.loads((out / "dataset.json").read_text())["args"]
         clash = [k for k in FIXED if k in given and getattr(args, k) != stored[k]]
         if clash:
             raise SystemExit(f"{out} was started with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(stored[k]) for k in clash)}); "
                              "finish it with those or choose another --out")
         args = Args(**{**stored, **{k: getattr(args, k) for k in ("device", "precision", "cache_dir", "out")}})
+    return args, out
+
+
+def save_task(out: Path, i: int, condition: dict, images, samples, seeds: list, latent: bool) -> dict:
+    """Write one task's K images (and latents), atomically each; returns its tasks.jsonl record."""
+    record = {"task_id": i, **condition, "images": [], "latents": [] if latent else None, "seeds": seeds}
+    for j in range(len(seeds)):
+        name = f"task_{i:05d}_{j}"
+        to_png(images[j], out / "images" / f"{name}.png")
+        record["images"].append(f"images/{name}.png")
+        if latent:
+            save_safetensors({"latent": samples[j].float()}, out / "latents" / f"{name}.safetensors")
+            record["latents"].append(f"latents/{name}.safetensors")
+    return record
+
+
+def main(argv=None):
+    args, out = resolve_args(argv)
+    meta_file = out / "dataset.json"
     if args.k < 2:
         raise SystemExit(f"--k {args.k}: a task needs at least 2 images to compare")
     device = resolve_device(args.device)
@@ -222,10 +216,8 @@ def main(argv=None):
                     latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
                     sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
                     instructions="instructions.md", args=dataclasses.asdict(args))
-        (out / "instructions.md").write_text(read_instructions(args.instructions))
-        tmp = meta_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, meta_file)
+        write_text(out / "instructions.md", read_instructions(args.instructions))
+        write_text(meta_file, json.dumps(meta, indent=1))
 
     # SAMPLING: whole tasks per batch; batch b always holds the same tasks, so its images do not depend on
     # where an earlier run stopped
@@ -248,24 +240,14 @@ def main(argv=None):
             elif base.conditioning == "text":
                 cond = torch.stack([prompt_embeds[conditions[i]["prompt"]] for i in ids for _ in range(args.k)])
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + first)
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(args.precision, device):
                 samples = rollout(policy, schedule, x_T, cond, generator=g).samples
             images = base.decode(samples)
             for n, i in enumerate(ids):
                 if i in done:
                     continue
-                record = {"task_id": i, **conditions[i], "images": [], "latents": [] if base.is_latent else None,
-                          "seeds": seeds[n]}
-                for j in range(args.k):
-                    name = f"task_{i:05d}_{j}"
-                    to_png(images[n * args.k + j], out / "images" / f"{name}.png")
-                    record["images"].append(f"images/{name}.png")
-                    if base.is_latent:
-                        from safetensors.torch import save_file
-                        save_file({"latent": samples[n * args.k + j].float().cpu().contiguous()},
-                                  out / "latents" / f"{name}.safetensors")
-                        record["latents"].append(f"latents/{name}.safetensors")
+                k = slice(n * args.k, (n + 1) * args.k)
+                record = save_task(out, i, conditions[i], images[k], samples[k], seeds[n], base.is_latent)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 os.fsync(log.fileno())  # a task line is written only after its images, and is durable
@@ -297,13 +279,13 @@ class EvalArgs:
     """denoising steps (the thesis's figures: 250 for the small models, 25 for Stable Diffusion)"""
     guidance_scale: float = 1.0
     """classifier-free guidance scale"""
-    sampler: str = "ddpm"
+    sampler: Sampler = "ddpm"
     """ddpm or ddim"""
-    spacing: str = "leading"
+    spacing: Spacing = "leading"
     """respacing of the training timesteps"""
     eta: float = 1.0
     """DDIM noise level"""
-    variance_type: str | None = None
+    variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     reward: str | None = None
     """score every sample: target, colorfulness, aesthetic, pickscore, rm (with --reward-model) or module:function"""
@@ -323,41 +305,19 @@ class EvalArgs:
     """seed of the initial noise and of every sampling step (the same for every model)"""
     batch_size: int = 64
     """samples per forward pass"""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32, fp16 or bf16 autocast"""
-    device: str = "auto"
+    device: DeviceFlag = "auto"
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache of the offline toy models"""
-    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    toy_train_steps: int = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
-
-
-def load_policy_unet(spec: str, base: models.BaseModel, device):
-    """A policy U-Net from a run folder, a checkpoint folder or a diffusers folder."""
-    import copy
-    from safetensors.torch import load_file
-    path = Path(spec)
-    if (path / "checkpoints" / "latest").exists():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
-    if (path / "policy.safetensors").exists():
-        unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
-        if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
-            run_args = torch.load(path / "state.pt", map_location="cpu", weights_only=True)["args"]
-            models.add_lora(unet, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
-                            run_args["lora_targets"].split(","))
-            unet.load_state_dict(weights, strict=False)
-            return models.merge_lora(unet).to(device).eval()
-        unet.load_state_dict(weights)
-        return unet.to(device).eval()
-    if path.is_dir():
-        return models.load_base_model(str(path), device).unet.eval()
-    raise FileNotFoundError(f"--checkpoints {spec}: not a run folder, checkpoint folder or diffusers folder")
 
 
 def eval_main(argv=None):
     from drlhf import pictures
-    parser = cli.build_parser(EvalArgs, CHOICES)
+    parser = cli.build_parser(EvalArgs)
     args = EvalArgs(**vars(parser.parse_args(argv)))
     device = resolve_device(args.device)
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
@@ -366,27 +326,22 @@ def eval_main(argv=None):
     n = args.num_samples
     cond, prompts = None, None  # the same conditions, seeds and step noise for every model
     if base.conditioning == "class":
-        classes = [int(c) for c in args.class_labels.split(",")] if args.class_labels else list(range(base.num_classes))
+        classes = class_list(args.class_labels, base.num_classes)
         cond = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
     elif base.conditioning == "text":
-        if not args.prompts:
-            raise ValueError("--prompts is required for a text-conditional model")
-        plist = read_prompts(args.prompts)
+        plist, embeds = prompt_table(args.prompts, base)
         prompts = [plist[i % len(plist)] for i in range(n)]
-        table = dict(zip(plist, base.encode_prompts(plist)))
+        table = dict(zip(plist, embeds))
         cond = torch.stack([table[p] for p in prompts])
     x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
                        for i in range(n)]).to(device)
     scorers = {}
     if args.reward:
-        scorers["reward"] = rewards.build(args.reward, base, device, args.reward_model, None, args.pickscore_model,
-                                          args.pickscore_processor, args.cache_dir, args.aesthetic_clip,
-                                          args.aesthetic_mlp)
+        scorers["reward"] = rewards.from_flags(args.reward, base, device, args)
     if args.heldout_reward_model:
         scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model, cache_dir=args.cache_dir)
     names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
     specs = [None] + [c for c in args.checkpoints.split(",") if c]
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
     from tqdm.auto import tqdm
     images, scores = [], {k: [] for k in scorers}
     for name, spec in tqdm(list(zip(names, specs)), desc="sampling models", unit="model"):
@@ -396,7 +351,7 @@ def eval_main(argv=None):
         for s in range(0, n, args.batch_size):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + s)
             c = None if cond is None else cond[s:s + args.batch_size]
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(args.precision, device):
                 samples = rollout(policy, schedule, x_T[s:s + args.batch_size], c, generator=g).samples
             outs.append(samples)
             for k, fn in scorers.items():
@@ -418,12 +373,10 @@ def eval_main(argv=None):
         per_model = [torch.cat(vals[m * len(vals) // len(names):(m + 1) * len(vals) // len(names)])
                      for m in range(len(names))]
         b = per_model[0]
-        summary[k] = {name: dict(mean=v.mean().item(), std=v.std().item(),
-                                 gain_in_base_std=((v.mean() - b.mean()) / (b.std() + 1e-12)).item())
-                      for name, v in zip(names, per_model)}
+        summary[k] = {name: evaluation.score_stats(b, v) for name, v in zip(names, per_model)}
         for name, v in zip(names[1:], per_model[1:]):
             pictures.histogram_png(b.numpy(), v.numpy(), out / f"histogram_{k}_{name}.png")
-    (out / "scores.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "scores.json", json.dumps(summary, indent=1))
     print(f"[drlhf] {out}: comparison.png, progression.png" + (", histograms and scores.json" if scores else ""))
     for k in scores:
         print(f"  {k}: " + ", ".join(f"{m} {v['mean']:.4f} ({v['gain_in_base_std']:+.2f} base std)"

@@ -12,23 +12,24 @@ Launch:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from drlhf import cli, models
+from drlhf import cli, hardware, models, presets, tracking
+from drlhf.hardware import DeviceFlag, Precision, autocast
+from drlhf.labels import dataset_fingerprint, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
+from drlhf.toys import TOY_TRAIN_STEPS
 
 
 @dataclass
@@ -56,19 +57,19 @@ class Args:
     val_fraction: float | None = None
     """hold out this share of tasks for validation, seeded (the thesis's preliminary 80/20 model: 0.2);
     None = use the export's train/val split; 0 = train on everything"""
-    ties: str = "exclude"
+    ties: Literal["exclude", "half"] = "exclude"
     """pairs inside a tie group: exclude (default) or half (trained toward 0.5)"""
     cond_drop: float = 0.1
     """probability of dropping the condition in training, for classifier-free reward guidance (thesis 5.2)"""
     guidance: float = 1.0
     """reward guidance weight w stored with the model: r = r_u + w (r_c - r_u) (1 = plain conditional reward)"""
-    backbone: str = "unet"
+    backbone: Literal["unet", "classifier"] = "unet"
     """unet: the base model's U-Net encoder + a cross-attention pooling head (thesis 5.2, Pink); classifier: OpenAI's noisy-image classifier + a linear layer to one scalar (thesis 6.7, Macaw; --classifier)"""
     classifier: str | None = None
     """--backbone classifier: guided-diffusion:/path/to/64x64_classifier.pt, or toy:digits-rgb (offline stand-in)"""
     standardize: bool = True
     """store the training-set reward mean and std so that the model emits standardized rewards (Eq. 5.2; the thesis's Macaw model was not standardized)"""
-    trainable: str = "head"
+    trainable: Literal["head", "mid", "encoder"] = "head"
     """trainable parts: head (thesis: only the new head), mid (+ mid block; classifier: + middle block and attention pool) or encoder"""
     width: int = 128
     """width of the cross-attention pooling head"""
@@ -76,47 +77,19 @@ class Args:
     """attention heads of the pooling head"""
     seed: int = 0
     """seed of the split, the task order and the condition dropping"""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32, fp16 (autocast + GradScaler) or bf16 (autocast)"""
-    device: str = "auto"
+    device: DeviceFlag = "auto"
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache of the offline toy models"""
-    toy_train_steps: int = models.TOY_TRAIN_STEPS
+    toy_train_steps: int = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
-
-
-PRESETS = {
-    "digits": dict(),
-    # thesis 6.7: K = 5 tasks of class 88; the ImageNet classifier + a linear layer, outputs not standardized
-    "macaw": dict(epochs=1000, batch_tasks=8, lr=1e-4, cond_drop=0.0, backbone="classifier",
-                  classifier="guided-diffusion:64x64", standardize=False),
-    # offline stand-in: colour "4"s (sample.py --exp digits-macaw) and the toy classifier of the same architecture;
-    # its 10 logits are too few for a linear probe (66 % validation accuracy on ink rankings), so the middle block
-    # and attention pool train too (96 %)
-    "digits-macaw": dict(epochs=60, batch_tasks=8, lr=1e-3, cond_drop=0.0, backbone="classifier",
-                         classifier="toy:digits-rgb", standardize=False, trainable="mid",
-                         dataset="datasets/digits-macaw"),
-    "pink": dict(epochs=40, batch_tasks=4, lr=1e-4, precision="fp16"),   # thesis 6.9: K = 8 tasks, text, dropped text
-}
-CHOICES = {"ties": ("exclude", "half"), "trainable": ("head", "mid", "encoder"), "backbone": ("unet", "classifier"), "precision": ("fp32", "fp16", "bf16"),
-           "device": ("auto", "cpu", "cuda")}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: tasks as (K images in the model's input space, condition, pair matrices)
 # ---------------------------------------------------------------------------------------------------------
-def read_rankings(path: Path, annotator):
-    if not path.exists():
-        raise FileNotFoundError(f"--rankings {path}: no such file; run `label.py export` on the dataset first")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if annotator:
-        rows = [r for r in rows if r["annotator"] == annotator]
-    if not rows:
-        raise ValueError(f"--rankings {path}: no rankings{' of annotator ' + annotator if annotator else ''}")
-    return rows
-
-
 def pair_matrices(ranking, both_bad, k: int):
     """(K, K) matrices: win[i, j] = 1 if image i is preferred to j; tie[i, j] = 1 for i != j in one tie group.
     Images flagged "both bad" rank below all the others (keeping their order among themselves)."""
@@ -136,11 +109,10 @@ def load_tasks(args: Args, base: models.BaseModel, device):
     """All ranked tasks as tensors: inputs (N, K, C, H, W), conditions, win/tie matrices (N, K, K), splits."""
     from PIL import Image
     dataset = Path(args.dataset)
-    tasks = {t["task_id"]: t for t in map(json.loads, (dataset / "tasks.jsonl").read_text().splitlines())}
+    tasks = {t["task_id"]: t for t in read_tasks(dataset, check_images=False)}
     rankings_file = Path(args.rankings or dataset / "rankings.jsonl")
     rows = read_rankings(rankings_file, args.annotator)
-    meta = dataset / "dataset.json"  # the dataset identity label.py writes into every ranking (README contracts)
-    fingerprint = hashlib.sha256(meta.read_bytes() if meta.exists() else str(dataset.resolve()).encode()).hexdigest()[:16]
+    fingerprint = dataset_fingerprint(dataset)  # the dataset identity label.py writes into every ranking
     foreign = [r["task_id"] for r in rows if r.get("dataset", fingerprint) != fingerprint]
     if foreign:
         raise ValueError(f"{rankings_file} was exported from another labeling dataset than {dataset} (tasks "
@@ -152,8 +124,6 @@ def load_tasks(args: Args, base: models.BaseModel, device):
         if task is None:
             raise ValueError(f"rankings name task {row['task_id']}, which {dataset / 'tasks.jsonl'} does not have")
         k = len(task["images"])
-        if k < 2:
-            raise ValueError(f"{dataset / 'tasks.jsonl'}: task {task['task_id']} has {k} image(s); a task needs >= 2")
         if base.is_latent:
             from safetensors.torch import load_file
             if not task.get("latents"):
@@ -227,14 +197,9 @@ def score(model, x, cond, device, args, chunk=64):
     flat_cond = None if cond is None else cond.repeat_interleave(k, 0)
     for s in range(0, len(flat), chunk):
         c = None if flat_cond is None else flat_cond[s:s + chunk].to(device)
-        with autocast(args, device):
+        with autocast(args.precision, device):
             out.append(model.raw(flat[s:s + chunk].to(device), None, c).float())
     return torch.cat(out).view(n, k)
-
-
-def autocast(args: Args, device):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def strip_image(x, order, rewards):
@@ -249,14 +214,57 @@ def strip_image(x, order, rewards):
 # ---------------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    args, _ = cli.parse_args(Args, PRESETS, argv, CHOICES)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    torch.manual_seed(args.seed)
+def train_epoch(net, model, data: dict, train, args: Args, opt, scaler, g, rank: int, world: int, device) -> list:
+    """One pass over the training tasks in a seeded random order, --batch-tasks tasks per optimizer step
+    (split over the processes; each task is one batch element of K images). Returns the losses."""
+    model.train()
+    order = train[torch.randperm(len(train), generator=g).numpy()]
+    if world > 1:  # every rank must take part in every optimizer step: drop the last incomplete batch
+        order = order[:len(order) // args.batch_tasks * args.batch_tasks]
+    per_rank, losses = args.batch_tasks // world, []
+    for s in range(0, len(order), args.batch_tasks):
+        idx = order[s:s + args.batch_tasks][rank * per_rank:(rank + 1) * per_rank]  # tasks are not shared
+        if len(idx) == 0:
+            continue
+        x = data["x"][idx].to(device)                                   # (b, K, C, H, W)
+        b, k = x.shape[:2]
+        cond = None if data["cond"] is None else data["cond"][idx].to(device).repeat_interleave(k, 0)
+        # classifier-free reward guidance: drop a task's condition for all its images with probability p
+        drop = (torch.rand(b, generator=g) < args.cond_drop).repeat_interleave(k).to(device)
+        with autocast(args.precision, device):
+            r = net(x.flatten(0, 1), None, cond, standardize=False, drop=drop)  # through the DDP wrapper
+            loss = ranking_loss(r.float().view(b, k), data["win"][idx].to(device), data["tie"][idx].to(device),
+                                args.ties)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    return losses
+
+
+def subset(data: dict, idx):
+    """(inputs, conditions) of the tasks idx."""
+    return data["x"][idx], None if data["cond"] is None else data["cond"][idx]
+
+
+def build_model(args: Args, base: models.BaseModel, device):
+    """The reward model of --backbone: the base U-Net's encoder + cross-attention pooling (thesis 5.2), or
+    OpenAI's noisy-image classifier + a linear layer (thesis 6.7)."""
+    if args.backbone == "classifier":
+        if not args.classifier:
+            raise SystemExit("--backbone classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
+                             f"(OpenAI's, {models.GUIDED_URL.replace('64x64_diffusion', '64x64_classifier')}) or "
+                             "toy:digits-rgb offline")
+        clf = models.load_guided_classifier(args.classifier, args.cache_dir)
+        return ClassifierRewardModel(clf, args.classifier, args.trainable).to(device)
+    null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
+    return RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
+                       args.trainable).to(device)
+
+
+def load_base(args: Args, device):
+    """The base model whose U-Net the reward model reuses: --pretrained, or the dataset's own base model."""
     dataset = Path(args.dataset)
     if not (dataset / "tasks.jsonl").exists():
         raise FileNotFoundError(f"--dataset {dataset}: no tasks.jsonl; create it with sample.py")
@@ -264,10 +272,39 @@ def main(argv=None):
     pretrained = args.pretrained or meta.get("base_model")
     if not pretrained:
         raise ValueError(f"--pretrained is needed: {dataset} has no dataset.json naming its base model")
-    base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    return pretrained, models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+
+
+def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict, train, val, rt, device,
+         minutes: float):
+    """Rank 0: validation strips and the standardized reward histogram in TensorBoard, then the folder
+    (model.safetensors + config.json with the accuracies). rt: the raw rewards of the training tasks."""
+    result = {"train_accuracy": pair_accuracy(rt, data["win"][train])}
+    if len(val):
+        rv = score(model, *subset(data, val), device, args)
+        result.update(val_accuracy=pair_accuracy(rv, data["win"][val]), val_pairs=int(data["win"][val].sum()))
+        for n in range(min(4, len(val))):  # a few validation tasks: model order above human order
+            human = sorted(range(rv.shape[1]), key=lambda i: -float(data["win"][val[n]][i].sum()))
+            model_order = torch.argsort(rv[n], descending=True).tolist()
+            x = data["x"][val[n]] if not base.is_latent else base.decode(data["x"][val[n]].to(device)).cpu()
+            writer.add_image(f"val_task_{data['ids'][val[n]]}", np.concatenate(
+                [strip_image(x, model_order, rv[n]), strip_image(x, human, rv[n])], 0), dataformats="HWC")
+    writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
+    config = dict(base_model=pretrained, dataset=str(args.dataset), guidance_weight=args.guidance,
+                  input_shape=list(base.sample_shape), cond_drop=args.cond_drop, args=dataclasses.asdict(args),
+                  minutes=minutes, **result)
+    model.save(out, config)
+    print(f"[drlhf] reward model saved to {out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                             for k, v in result.items()))
+
+
+def main(argv=None):
+    args, _ = cli.parse_args(Args, presets.for_script("train_reward"), argv)
+    rank, world, device = hardware.setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    pretrained, base = load_base(args, device)
     data = load_tasks(args, base, device)
-    train = np.flatnonzero(data["split"] == "train")
-    val = np.flatnonzero(data["split"] == "val")
+    train, val = np.flatnonzero(data["split"] == "train"), np.flatnonzero(data["split"] == "val")
     if len(train) == 0:
         raise ValueError("no training tasks: check --val-fraction or the export's split")
     if args.batch_tasks % world:
@@ -275,99 +312,45 @@ def main(argv=None):
     if world > 1 and len(train) < args.batch_tasks:
         raise SystemExit(f"{len(train)} training tasks are fewer than --batch-tasks ({args.batch_tasks}) over {world} "
                          "processes")
-    if args.backbone == "classifier":  # thesis 6.7: the noisy-image classifier + a linear layer
-        if not args.classifier:
-            raise SystemExit("--backbone classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
-                             f"(OpenAI's, {models.GUIDED_URL.replace('64x64_diffusion', '64x64_classifier')}) or "
-                             "toy:digits-rgb offline")
-        clf = models.load_guided_classifier(args.classifier, args.cache_dir)
-        model = ClassifierRewardModel(clf, args.classifier, args.trainable).to(device)
-    else:  # thesis 5.2: the base model's own U-Net encoder + cross-attention pooling
-        null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
-        model = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
-                            args.trainable).to(device)
-    net = DDP(model, device_ids=[device] if use_cuda else None) if world > 1 else model
+    model = build_model(args, base, device)
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     out = Path(args.out or f"runs/reward-{args.exp or 'digits'}")
     writer = None
     if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        out.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(out / "tb")
-        writer.add_text("args", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
-        k = data["x"].shape[1]
+        writer = tracking.open_run(out, args, args_json=False)  # the args are in config.json
         print(f"[drlhf] reward model on {pretrained} ({base.conditioning}), {len(train)} training and {len(val)} "
-              f"validation tasks of K = {k}; {sum(p.numel() for p in params):,} trainable parameters ({args.trainable})")
+              f"validation tasks of K = {data['x'].shape[1]}; {sum(p.numel() for p in params):,} trainable "
+              f"parameters ({args.trainable})")
     g = torch.Generator().manual_seed(args.seed)
     from tqdm.auto import tqdm
     bar = tqdm(range(args.epochs), desc="reward model", unit="epoch", disable=rank != 0)
-    per_rank = args.batch_tasks // world
     t0 = time.perf_counter()
     for epoch in bar:
-        model.train()
-        order = train[torch.randperm(len(train), generator=g).numpy()]
-        if world > 1:  # every rank must take part in every optimizer step: drop the last incomplete batch
-            order = order[:len(order) // args.batch_tasks * args.batch_tasks]
-        losses = []
-        for s in range(0, len(order), args.batch_tasks):
-            idx = order[s:s + args.batch_tasks][rank * per_rank:(rank + 1) * per_rank]  # tasks are not shared
-            if len(idx) == 0:
-                continue
-            x = data["x"][idx].to(device)                                   # (b, K, C, H, W)
-            b, k = x.shape[:2]
-            cond = None if data["cond"] is None else data["cond"][idx].to(device).repeat_interleave(k, 0)
-            # classifier-free reward guidance: drop a task's condition for all its images with probability p
-            drop = (torch.rand(b, generator=g) < args.cond_drop).repeat_interleave(k).to(device)
-            with autocast(args, device):
-                r = net(x.flatten(0, 1), None, cond, standardize=False, drop=drop)  # through the DDP wrapper
-                loss = ranking_loss(r.float().view(b, k), data["win"][idx].to(device), data["tie"][idx].to(device),
-                                    args.ties)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.item())
+        losses = train_epoch(net, model, data, train, args, opt, scaler, g, rank, world, device)
         if rank == 0:
             model.eval()
             writer.add_scalar("losses/train_loss", float(np.mean(losses)), epoch)
             logs = {}
             if len(val):
-                rv = score(model, data["x"][val], None if data["cond"] is None else data["cond"][val], device, args)
+                rv = score(model, *subset(data, val), device, args)
                 logs = {"val_loss": ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item(),
                         "val_accuracy": pair_accuracy(rv, data["win"][val])}
-                for k_, v in logs.items():
-                    writer.add_scalar(f"eval/{k_}", v, epoch)
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k_: f"{v:.3f}" for k_, v in logs.items()})
+                for k, v in logs.items():
+                    writer.add_scalar(f"eval/{k}", v, epoch)
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k: f"{v:.3f}" for k, v in logs.items()})
     # Eq. 5.2: standardize with the mean and std over the training images
     model.eval()
-    rt = score(model, data["x"][train], None if data["cond"] is None else data["cond"][train], device, args)
+    rt = score(model, *subset(data, train), device, args)
     if args.standardize:
         model.reward_mean.fill_(rt.mean().item())
         model.reward_std.fill_(rt.std().item())
     if rank == 0:
-        result = {"train_accuracy": pair_accuracy(rt, data["win"][train])}
-        if len(val):
-            rv = score(model, data["x"][val], None if data["cond"] is None else data["cond"][val], device, args)
-            result.update(val_accuracy=pair_accuracy(rv, data["win"][val]), val_pairs=int(data["win"][val].sum()))
-            for n in range(min(4, len(val))):  # a few validation tasks: model order above human order
-                human = sorted(range(rv.shape[1]), key=lambda i: -float(data["win"][val[n]][i].sum()))
-                model_order = torch.argsort(rv[n], descending=True).tolist()
-                x = data["x"][val[n]] if not base.is_latent else base.decode(data["x"][val[n]].to(device)).cpu()
-                writer.add_image(f"val_task_{data['ids'][val[n]]}", np.concatenate(
-                    [strip_image(x, model_order, rv[n]), strip_image(x, human, rv[n])], 0), dataformats="HWC")
-        writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
-        config = dict(base_model=pretrained, dataset=str(dataset), guidance_weight=args.guidance,
-                      input_shape=list(base.sample_shape),
-                      cond_drop=args.cond_drop, args=dataclasses.asdict(args), minutes=(time.perf_counter() - t0) / 60,
-                      **result)
-        model.save(out, config)
+        save(model, out, writer, args, pretrained, base, data, train, val, rt, device, (time.perf_counter() - t0) / 60)
         writer.close()
-        print(f"[drlhf] reward model saved to {out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                                 for k, v in result.items()))
-    if world > 1:
-        dist.destroy_process_group()
+    hardware.cleanup_distributed()
 
 
 if __name__ == "__main__":

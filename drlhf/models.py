@@ -1,134 +1,27 @@
-"""Model loading shared by the scripts: base diffusion models, offline toy models, value functions.
+"""Loading base diffusion models, the policy network with classifier-free guidance, LoRA, and saving a policy.
 
 `--pretrained` accepts
 - a local diffusers folder: a pipeline (`model_index.json` with `unet/`, `scheduler/`, and for Stable
   Diffusion `vae/`, `text_encoder/`, `tokenizer/`) or a bare `UNet2DModel` folder;
 - a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), read from the local hub cache;
-- an offline toy model trained in-repo on scikit-learn's bundled digits on first use and cached:
-    toy:digit4      unconditional 16x16 grey "4"s (Experiment 1's setting, thesis 6.4, at 16x16)
-    toy:digit4-32   the same at 32x32, the thesis's resolution
-    toy:digits-rgb  class-conditional 16x16 digits 0-9 drawn in random colours (a stand-in for the
-                    class-conditional ImageNet model of Experiments 2-5 that has colour to optimize)
+- `guided-diffusion:/path/to/64x64_diffusion.pt`: OpenAI's ImageNet 64x64 model (drlhf.guided_diffusion);
+- an offline toy model (`toy:digit4`, `toy:digit4-32`, `toy:digits-rgb`; drlhf.toys), trained on first use.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-TOY_MODELS = {
-    "digit4": dict(digits=[4], rgb=False, resolution=16, class_cond=False),
-    "digit4-32": dict(digits=[4], rgb=False, resolution=32, class_cond=False),
-    "digits-rgb": dict(digits=list(range(10)), rgb=True, resolution=16, class_cond=True),
-}
-TOY_TRAIN_STEPS = 500  # DESIGN.md recipe: clean, varied digits after ~500 AdamW steps at batch 128
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DRLHF_CACHE", Path.home() / ".cache" / "drlhf"))
+from drlhf.checkpoint import atomic_write, save_safetensors
+from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, default_cache_dir, toy_guided_classifier, toy_model_dir
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which flag or file to fix."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Offline toy data and base models (plumbing for the offline presets)
-# ---------------------------------------------------------------------------------------------------------
-def toy_digits(digits, resolution: int, rgb: bool, seed: int = 0):
-    """scikit-learn's 1797 8x8 digits as white-on-black (or random-hue-on-black) images in [-1, 1]."""
-    from sklearn.datasets import load_digits
-    data = load_digits()
-    keep = np.isin(data.target, digits)
-    x = torch.tensor(data.images[keep] / 16.0, dtype=torch.float32)[:, None]  # (N, 1, 8, 8) ink in [0, 1]
-    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(0, 1)
-    labels = torch.tensor(data.target[keep], dtype=torch.long)
-    if rgb:  # ink colour: a random fully saturated hue per image
-        g = torch.Generator().manual_seed(seed)
-        hue = torch.rand(len(x), generator=g)[:, None] * 6
-        k = (torch.tensor([5.0, 3.0, 1.0]) + hue) % 6
-        colour = 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)  # HSV -> RGB with S = V = 1
-        x = x * colour[:, :, None, None]
-    return x * 2 - 1, labels
-
-
-def toy_unet(channels: int, resolution: int, class_cond: bool):
-    from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels,
-                       block_out_channels=(32, 64, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=11 if class_cond else None)  # class 10 = "no class" for CFG
-
-
-def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed: int = 0, batch_size: int = 64,
-                    lr: float = 1e-3, cond_drop: float = 0.1):
-    """Train a toy DDPM (cosine schedule, epsilon prediction) and save it as a diffusers DDPMPipeline.
-    Runs on the GPU when there is one (the result then differs in the last bits from a CPU-trained model)."""
-    from diffusers import DDPMPipeline, DDPMScheduler
-    from tqdm.auto import tqdm
-    spec = TOY_MODELS[name]
-    torch.manual_seed(seed)
-    x, labels = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = toy_unet(x.shape[1], spec["resolution"], spec["class_cond"]).to(device)
-    x, labels = x.to(device), labels.to(device)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc=f"training base model toy:{name} (first use, cached)", unit="step"):
-        i = torch.randint(len(x), (batch_size,), generator=g).to(device)
-        x0, y = x[i], labels[i]
-        x0 = torch.roll(x0, shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
-        kwargs = {}
-        if spec["class_cond"]:  # class 10 = "no class" with probability cond_drop, for classifier-free guidance
-            kwargs["class_labels"] = torch.where(torch.rand(batch_size, generator=g).to(device) < cond_drop, 10, y)
-        loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, **kwargs).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    unet = unet.cpu()
-    _atomic_save(out_dir, lambda d: (DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d),
-                                      (Path(d) / "drlhf_toy.json").write_text(json.dumps(
-                                          dict(name=name, steps=steps, seed=seed, final_loss=loss.item(),
-                                               num_classes=10 if spec["class_cond"] else 0, **spec), indent=1))))
-
-
-def _atomic_save(out_dir: Path, write):
-    """Write into a temporary sibling folder, then rename: an interrupted save leaves nothing half-written."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRAIN_STEPS) -> Path:
-    """The cached toy model folder, trained on first use."""
-    if name not in TOY_MODELS:
-        raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
-                             + ", ".join(f"toy:{k}" for k in TOY_MODELS))
-    path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}-b64"
-    if not (path / "model_index.json").exists():
-        train_toy_model(name, path, steps)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,6 +46,15 @@ class BaseModel:
     def is_latent(self) -> bool:
         return self.vae is not None
 
+    def expect(self, resolution: int | None = None, conditioning: str | None = None, latent: bool | None = None):
+        """Stop with the flag's name when the model is not what a preset says (Table 6.2 "Resolution", "Cond.
+        Type", "Latent Diff."); None = whatever the model is."""
+        res = self.sample_shape[1] * (8 if self.is_latent else 1)
+        for flag, want, have in (("resolution", resolution, res), ("conditioning", conditioning, self.conditioning),
+                                 ("latent", latent, self.is_latent)):
+            if want is not None and want != have:
+                raise ValueError(f"--{flag} {want}: the base model {self.source} has {flag} {have}")
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text-encoder hidden states (N, L, D) for a list of prompts ("" is the unconditional one)."""
@@ -173,7 +75,7 @@ class BaseModel:
 
 GUIDED_64X64 = dict(image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
                     attention_resolutions=[32, 16, 8], channel_mult=[1, 2, 3, 4], num_classes=1000,
-                    num_head_channels=64)  # the README flags of OpenAI's 64x64_diffusion.pt
+                    num_head_channels=64)  # the model flags OpenAI publishes for 64x64_diffusion.pt
 GUIDED_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_diffusion.pt"
 GUIDED_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000, variance_type="learned_range",
                         prediction_type="epsilon", clip_sample=True)  # cosine schedule, learned range (thesis 6.5)
@@ -184,15 +86,12 @@ def download_once(url: str, path: Path):
     if path.exists():
         return
     import urllib.request
-    path.parent.mkdir(parents=True, exist_ok=True)
-    urllib.request.urlretrieve(url, path.with_suffix(".part"))
-    path.with_suffix(".part").rename(path)
+    atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
 
 
 def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel":
     """OpenAI's class-conditional ImageNet U-Net from a .pt file (or its URL, fetched into the cache), read with
     torch.load(weights_only=True): no pickled code runs. A sidecar FILE.json may give other constructor kwargs."""
-    import torch
     from drlhf.guided_diffusion import GuidedUNet
     src = spec.split(":", 1)[1]
     if src == "64x64":
@@ -232,46 +131,11 @@ GUIDED_CLASSIFIER_64X64 = dict(image_size=64, in_channels=3, model_channels=128,
 
 
 # the offline stand-in: OpenAI's classifier architecture at toy size, for the 16x16 colour digits (10 classes)
-TOY_CLASSIFIER = dict(image_size=16, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
-                      attention_resolutions=[4], channel_mult=[1, 2, 2], num_head_channels=32)
-
-
-def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
-    """OpenAI's noisy-image classifier architecture trained on noisy toy:digits-rgb images (cosine schedule, as
-    the toy base model), cached; the offline stand-in of 64x64_classifier.pt for value functions and reward models."""
-    from safetensors.torch import load_file, save_file
-    from drlhf.guided_diffusion import GuidedClassifier
-    clf = GuidedClassifier(**{**TOY_CLASSIFIER, "attention_resolutions": (4,), "channel_mult": (1, 2, 2)})
-    path = Path(cache_dir or default_cache_dir()) / f"toy-classifier-digits-rgb-s{steps}.safetensors"
-    if path.exists():
-        clf.load_state_dict(load_file(path))
-        return clf
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-    torch.manual_seed(seed)
-    spec = TOY_MODELS["digits-rgb"]
-    x, y = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    opt = torch.optim.AdamW(clf.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="training the toy noisy-image classifier (first use, cached)", unit="step"):
-        i = torch.randint(len(x), (64,), generator=g)
-        t = torch.randint(0, 1000, (64,), generator=g)
-        loss = F.cross_entropy(clf(sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t), t), y[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    return clf
-
 
 def load_guided_classifier(spec: str, cache_dir=None):
     """OpenAI's noisy-image classifier (64x64_classifier.pt) from guided-diffusion:PATH, read with
     torch.load(weights_only=True); a sidecar FILE.json may give other constructor kwargs. toy:digits-rgb is the
     offline stand-in (the same architecture trained here on the colour digits)."""
-    import torch
     from drlhf.guided_diffusion import GuidedClassifier
     if spec.startswith("toy:"):
         if spec != "toy:digits-rgb":
@@ -299,20 +163,7 @@ def load_guided_classifier(spec: str, cache_dir=None):
     return clf
 
 
-class ClassifierValue(nn.Module):
-    """The noisy-image classifier with a new linear layer from its 1000 logits to one scalar (thesis 6.5: the
-    value function of Experiments 2-4, given x_t and the timestep, no class)."""
-
-    def __init__(self, classifier: nn.Module):
-        super().__init__()
-        self.classifier = classifier
-        self.head = nn.Linear(classifier.out[-1].c_proj.out_channels, 1)  # on the attention pool's logits
-
-    def forward(self, x, t, cond=None):
-        return self.head(self.classifier(x, t))[:, 0]
-
-
-def _resolve(source: str, cache_dir, toy_train_steps: int) -> Path:
+def resolve_source(source: str, cache_dir, toy_train_steps: int) -> Path:
     """--pretrained value -> local folder (toy models are trained here on first use)."""
     if source.startswith("toy:"):
         return toy_model_dir(source[4:], cache_dir, toy_train_steps)
@@ -341,7 +192,7 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
     from diffusers import UNet2DConditionModel, UNet2DModel
     if source.startswith("guided-diffusion:"):
         return load_guided_diffusion(source, device, cache_dir)
-    path = _resolve(source, cache_dir, toy_train_steps)
+    path = resolve_source(source, cache_dir, toy_train_steps)
     index = path / "model_index.json"
     try:
         if index.exists():
@@ -391,6 +242,9 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
                      vae, text_encoder, tokenizer, extra=toy)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The policy network: (x_t, t, c) -> model output, with classifier-free guidance
+# ---------------------------------------------------------------------------------------------------------
 class Denoiser(nn.Module):
     """The policy network: (x_t, t, c) -> model output, with classifier-free guidance in one batched forward.
 
@@ -440,6 +294,9 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     return Denoiser(base.unet, base.conditioning, guidance_scale, null).to(next(base.unet.parameters()).device)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# LoRA and saving a policy
+# ---------------------------------------------------------------------------------------------------------
 def add_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]):
     """Freeze the U-Net and inject LoRA adapters (Hu et al. 2021, through peft) into the named modules, in place.
     B starts at zero, so the adapted U-Net is exactly the base model at the start (PPO ratio 1)."""
@@ -476,11 +333,8 @@ def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     if not hasattr(unet, "config"):  # OpenAI's U-Net: its weights in the original key names, readable by upstream
-        def write_guided(d):
-            from safetensors.torch import save_file
-            save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()},
-                      Path(d) / "guided_unet.safetensors")
-        _atomic_save(Path(out_dir), write_guided)
+        atomic_write(Path(out_dir), lambda d: save_safetensors(unet.state_dict(), d / "guided_unet.safetensors"),
+                     folder=True)
         return
 
     def write(d):
@@ -494,88 +348,4 @@ def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
             DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d)
         if base.extra:
             (Path(d) / "drlhf_toy.json").write_text(json.dumps(base.extra, indent=1))
-    _atomic_save(Path(out_dir), write)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Value functions V(x_t, t, c) for the small experiments
-# ---------------------------------------------------------------------------------------------------------
-def timestep_features(t: torch.Tensor, dim: int = 16, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Sinusoidal features of the training timestep, (B,) -> (B, dim) (Vaswani et al. 2017)."""
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    angles = (t.float() / num_train_timesteps * 1000)[:, None] * freqs[None]
-    return torch.cat([angles.sin(), angles.cos()], 1)
-
-
-class CriticCNN(nn.Module):
-    """Appendix B's value network (conv 3x3 to 6C channels, ReLU, max-pool 2, FC 24, ReLU, FC), with the
-    timestep's sinusoidal features concatenated to the flattened features so it can value noisy states."""
-
-    def __init__(self, in_channels: int = 1, resolution: int = 16, out_dim: int = 1, t_dim: int = 16):
-        super().__init__()
-        self.t_dim = t_dim
-        self.conv = nn.Conv2d(in_channels, in_channels * 6, kernel_size=3, padding=1)
-        self.fc1 = nn.Linear(in_channels * 6 * (resolution // 2) ** 2 + t_dim, 24)
-        self.fc2 = nn.Linear(24, out_dim)
-
-    def forward(self, x, t, cond=None):
-        h = F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)
-        h = F.relu(self.fc1(torch.cat([h, timestep_features(t, self.t_dim)], 1)))
-        out = self.fc2(h)
-        return out[:, 0] if out.shape[1] == 1 else out
-
-
-class EncoderValue(nn.Module):
-    """A small convolutional encoder with timestep (and optional class) embedding -> one scalar; the toy
-    counterpart of the noisy-image-classifier value function of Experiments 2-5 (thesis 6.5)."""
-
-    def __init__(self, in_channels: int = 3, width: int = 32, num_classes: int = 0, t_dim: int = 64):
-        super().__init__()
-        self.t_dim = t_dim
-        self.t_mlp = nn.Sequential(nn.Linear(t_dim, width * 2), nn.SiLU(), nn.Linear(width * 2, width * 2))
-        self.class_emb = nn.Embedding(num_classes + 1, width * 2) if num_classes else None
-        self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.down1 = nn.Conv2d(width, width * 2, 3, stride=2, padding=1)
-        self.down2 = nn.Conv2d(width * 2, width * 2, 3, stride=2, padding=1)
-        self.norm1, self.norm2 = nn.GroupNorm(8, width * 2), nn.GroupNorm(8, width * 2)
-        self.out = nn.Linear(width * 2, 1)
-
-    def forward(self, x, t, cond=None):
-        emb = self.t_mlp(timestep_features(t, self.t_dim))
-        if self.class_emb is not None and cond is not None:
-            emb = emb + self.class_emb(cond)
-        h = F.silu(self.conv_in(x))
-        h = F.silu(self.norm1(self.down1(h)) + emb[:, :, None, None])
-        h = F.silu(self.norm2(self.down2(h)))
-        return self.out(h.mean((2, 3)))[:, 0]
-
-
-def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None, steps: int = 400, seed: int = 0):
-    """Appendix B's CNN trained as a noisy-digit classifier on all ten digits (thesis 6.4: the value function
-    was initialized from an MNIST classifier). Cached as safetensors; returns the state dict."""
-    from safetensors.torch import load_file, save_file
-    path = Path(cache_dir or default_cache_dir()) / f"critic-classifier-c{in_channels}-r{resolution}-s{steps}.safetensors"
-    if path.exists():
-        return load_file(path)
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-    torch.manual_seed(seed)
-    x, y = toy_digits(list(range(10)), resolution, in_channels == 3, seed)
-    net = CriticCNN(in_channels, resolution, out_dim=10)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="pre-training the value network as a digit classifier (cached)"):
-        i = torch.randint(len(x), (128,), generator=g)
-        t = torch.randint(0, 1000, (128,), generator=g) * (torch.rand(128, generator=g) < 0.75)
-        xt = sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t)
-        loss = F.cross_entropy(net(xt, t), y[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(state, tmp)
-    os.replace(tmp, path)
-    return state
+    atomic_write(Path(out_dir), write, folder=True)

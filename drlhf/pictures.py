@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drlhf.checkpoint import atomic_write
+
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with 1-pixel gaps."""
@@ -25,7 +27,8 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
 def save_png(array: np.ndarray, path: Path, scale: int = 4):
     from PIL import Image
     img = Image.fromarray(array)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    big = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    atomic_write(path, lambda tmp: big.save(tmp, format="PNG"))
 
 
 def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
@@ -49,7 +52,7 @@ def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int =
     d.text((m, 5), f"reward in base std units: base (grey) mean 0, optimized (orange) mean {za.mean():+.2f}", fill="black")
     d.text((m, H - m + 5), f"{lo:.1f}", fill="black")
     d.text((W - m - 30, H - m + 5), f"{hi:.1f}", fill="black")
-    img.save(path)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def load_grid(path: Path) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Prompt lists shared by sample.py and train_ppo.py: built-in sets from the thesis, and prompt files.
+"""Conditions shared by sample.py and train_ppo.py: prompt lists (built-in sets from the thesis, prompt files)
+and class lists, and the conditions of a batch of environments.
 
     builtin:pink                Table 6.5: the four Pink labeling prompts
     builtin:pickscore-diverse   appendix D.1: 24 diverse evaluation prompts of the PickScore experiment
@@ -126,3 +127,38 @@ def _field(row: dict, path: Path, flag: str) -> str:
         if c in row:
             return row[c]
     raise ValueError(f"{flag} {path}: a row without one of the fields {COLUMNS}: {str(row)[:80]}")
+
+
+def class_list(spec: str | None, num_classes: int) -> list[int]:
+    """--class-labels "3,7" (None = every class) for a model with classes 0..num_classes-1."""
+    classes = [int(c) for c in spec.split(",")] if spec else list(range(num_classes))
+    if min(classes) < 0 or max(classes) >= num_classes:
+        raise ValueError(f"--class-labels {spec}: the base model has classes 0..{num_classes - 1}")
+    return classes
+
+
+def prompt_list(spec: str | None) -> list[str]:
+    """--prompts of a text model, which needs them."""
+    if not spec:
+        raise ValueError("--prompts is required for a text-conditional model: a .txt (one prompt per line), "
+                         ".jsonl, .csv or .parquet file, or builtin:pink")
+    return read_prompts(spec)
+
+
+def prompt_table(spec: str | None, base) -> tuple:
+    """A text model's prompt list and its text-encoder states, one pass per prompt."""
+    prompts = prompt_list(spec)
+    return prompts, base.encode_prompts(prompts)
+
+
+def sample_conditions(base, class_labels: str | None, n: int, generator, prompts=None, prompt_embeds=None):
+    """Conditions of n environments, drawn uniformly (thesis 5.3): (cond for the model, prompts or None).
+    cond is None (unconditional), class labels (n,) or text-encoder states (n, L, D) of the drawn prompts."""
+    import torch
+    if base.conditioning == "none":
+        return None, None
+    if base.conditioning == "class":
+        classes = torch.tensor(class_list(class_labels, base.num_classes))
+        return classes[torch.randint(len(classes), (n,), generator=generator)], None
+    idx = torch.randint(len(prompts), (n,), generator=generator)
+    return prompt_embeds[idx], [prompts[i] for i in idx.tolist()]

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from drlhf.checkpoint import save_safetensors, write_text
 
 TRAINABLE = ("head", "mid", "encoder")  # new head only (thesis) / + mid block / + the whole encoder
 
@@ -163,12 +165,10 @@ def _save_folder(model: nn.Module, out_dir: Path, config: dict):
     """A reward-model folder: model.safetensors (trainable parts + standardization, written then renamed) and
     config.json (the caller's config plus identity, trainable parts and standardization)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(model.trainable_state(), out_dir / "model.safetensors.tmp")
-    (out_dir / "model.safetensors.tmp").replace(out_dir / "model.safetensors")
+    save_safetensors(model.trainable_state(), out_dir / "model.safetensors")
     config = dict(config, fingerprint=model.fingerprint, conditioning=model.conditioning, trainable=model.trainable,
                   reward_mean=model.reward_mean.item(), reward_std=model.reward_std.item())
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    write_text(out_dir / "config.json", json.dumps(config, indent=1))
 
 
 def classifier_fingerprint(classifier: nn.Module) -> str:

@@ -119,7 +119,8 @@ def fetch(spec: str, cache_dir=None, flag: str = "--aesthetic-mlp") -> Path:
             raise FileNotFoundError(f"{flag} {spec}: no such file")
         return path
     from urllib.parse import unquote
-    from drlhf.models import default_cache_dir, download_once
+    from drlhf.models import download_once
+    from drlhf.toys import default_cache_dir
     path = Path(cache_dir or default_cache_dir()) / "downloads" / unquote(spec.rsplit("/", 1)[1])
     try:
         download_once(spec, path)
@@ -230,7 +231,16 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
     return lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)
 
 
+
+def from_flags(spec: str, base, device, flags):
+    """build() with the reward settings of a script's Args (--reward-model, --target-image, --pickscore-*,
+    --aesthetic-*, --cache-dir); flags a script does not have take their defaults."""
+    names = ("reward_model", "target_image", "pickscore_model", "pickscore_processor", "cache_dir", "aesthetic_clip",
+             "aesthetic_mlp")
+    return build(spec, base, device, **{n: getattr(flags, n) for n in names if hasattr(flags, n)})
+
 if __name__ == "__main__":  # regenerate the committed target image: python -m drlhf.rewards
-    TARGET_PNG.parent.mkdir(exist_ok=True)
-    make_target_four().save(TARGET_PNG)
+    from drlhf.checkpoint import atomic_write
+    image = make_target_four()
+    atomic_write(TARGET_PNG, lambda tmp: image.save(tmp, format="PNG"))
     print("wrote", TARGET_PNG)

@@ -4,7 +4,7 @@ A state is s_t = (x_t, t, c); an action is the next sample x_{t-1}; the policy i
 diffusion model, a diagonal Gaussian N(mu_t, sigma_t^2) whose mean and standard deviation come from the
 model output and the noise schedule. This module turns a denoiser into that policy:
 
-    schedule = DiffusionSchedule.from_config(scheduler_config, num_steps=25)
+    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, num_steps=25)
     out = policy_step(model, schedule, x_t, step_index, cond, generator=g)   # mean, std, action, logprob
     logprob = action_logprob(model, schedule, x_t, step_index, cond, action) # any model, any action
     buf = rollout(model, schedule, x_T, cond, generator=g)                   # B environments x T steps
@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-SPACINGS = ("leading", "trailing", "linspace", "guided")
-SAMPLERS = ("ddpm", "ddim")
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+# the choices of the sampler settings, as types for the scripts' Args (drlhf.cli turns them into --flag choices)
+Spacing = Literal["leading", "trailing", "linspace", "guided"]
+Sampler = Literal["ddpm", "ddim"]
+VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
+Reduction = Literal["sum", "mean"]
+SPACINGS, SAMPLERS, VARIANCE_TYPES, REDUCTIONS = (get_args(t) for t in (Spacing, Sampler, VarianceType, Reduction))
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-REDUCTIONS = ("sum", "mean")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,13 +179,16 @@ class DiffusionSchedule:
         """The rollout schedule of a base model: its training betas, prediction type, variance type (unless
         overridden) and x0 clipping (pixel models only), with the run's sampler flags."""
         clip = scheduler_config.get("clip_sample", not is_latent) and not is_latent
-        return cls.from_config(scheduler_config, SamplerConfig(
+        schedule = cls.from_config(scheduler_config, SamplerConfig(
             sampler=sampler, num_steps=num_steps, spacing=spacing, eta=eta, guidance_scale=guidance_scale,
             logprob_reduction=logprob_reduction,
             steps_offset=scheduler_config.get("steps_offset", 0) if spacing == "leading" else 0,
             variance_type=variance_type or scheduler_config.get("variance_type", "fixed_small"),
             prediction_type=scheduler_config.get("prediction_type", "epsilon"),
             clip_sample=scheduler_config.get("clip_sample_range", 1.0) if clip else None))
+        if isinstance(num_steps, int) and schedule.num_steps != num_steps:  # rounding can merge respaced steps
+            raise ValueError(f"--num-steps {num_steps} with --spacing {spacing} keeps {schedule.num_steps} distinct steps")
+        return schedule
 
     @property
     def num_steps(self) -> int:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ppo  # noqa: E402
-from drlhf import models  # noqa: E402
+from drlhf import models, toys, value  # noqa: E402
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, make_betas, rollout, space_timesteps  # noqa: E402
 
 T, B_ALL = 5, 4
@@ -28,8 +28,8 @@ rank = int(os.environ.get("RANK", 0))
 if world > 1:
     dist.init_process_group("gloo")
 torch.manual_seed(0)
-unet = models.toy_unet(1, 16, class_cond=False)
-value_net = models.CriticCNN(1, 16)
+unet = toys.toy_unet(1, 16, class_cond=False)
+value_net = value.CriticCNN(1, 16)
 policy_net = models.Denoiser(unet, "none")
 schedule = DiffusionSchedule(make_betas("squaredcos_cap_v2"), space_timesteps(1000, T), SamplerConfig(num_steps=T))
 x_T = torch.randn(B_ALL, 1, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -61,13 +61,14 @@ if sys.argv[2:] == ["backprop"]:  # thesis 6.8: the reward's gradient through th
     chain = DDP(chain, broadcast_buffers=False) if world > 1 else chain
     noise = torch.randn((T, *x_T.shape), generator=torch.Generator().manual_seed(4))
     args.algo, args.reward, args.max_grad_norm = "backprop", "target", None
-    train_ppo.backprop_update(chain, lambda x, c, p: rewards.target_image_reward(x, target), opt_pi, scaler,
-                              x_T[share], noise[:, share], None, None, args, {"epoch": 0, "global_step": 0},
+    nets = train_ppo.Nets(schedule, lambda x, c, p: rewards.target_image_reward(x, target), chain, policy_net, unet,
+                          None, None, None, opt_pi, None, scaler)
+    train_ppo.backprop_update(nets, x_T[share], noise[:, share], None, None, args, {"epoch": 0, "global_step": 0},
                               torch.device("cpu"))
 else:
     orders = torch.arange(T * B_ALL // world)[None]  # one minibatch holding all of this rank's states
-    train_ppo.ppo_update(policy, value_fn, schedule, opt_pi, opt_vf, scaler, local, orders, args,
-                         {"epoch": 0, "global_step": 0}, torch.device("cpu"))
+    nets = train_ppo.Nets(schedule, None, policy, policy_net, unet, None, value_fn, value_net, opt_pi, opt_vf, scaler)
+    train_ppo.ppo_update(nets, local, orders, args, {"epoch": 0, "global_step": 0}, torch.device("cpu"))
 if rank == 0:
     out = {f"policy.{k}": v.contiguous() for k, v in unet.state_dict().items()}
     out.update({f"value.{k}": v.contiguous() for k, v in value_net.state_dict().items()})

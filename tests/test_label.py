@@ -17,6 +17,7 @@ from PIL import Image
 
 import label
 from conftest import ROOT
+from drlhf import labels
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_binary_insertion_recovers_any_order_within_the_worst_case(k, worst):
     for _ in range(300):
         hidden = list(range(k))
         rng.shuffle(hidden)
-        s = label.TaskSorter(k)
+        s = labels.TaskSorter(k)
         while (p := s.next_pair()) is not None:
             s.apply(*p, answer(hidden, *p))
         assert s.ranking() == groups_of(hidden)
@@ -73,12 +74,12 @@ def test_binary_insertion_recovers_any_order_within_the_worst_case(k, worst):
 def test_ties_form_groups_and_all_pairs_mode():
     hidden = [1, 0, 1, 2, 0]  # images 1 and 4 best (tied), then 0 and 2, then 3
     for all_pairs in (False, True):
-        s = label.TaskSorter(5, all_pairs=all_pairs)
+        s = labels.TaskSorter(5, all_pairs=all_pairs)
         while (p := s.next_pair()) is not None:
             s.apply(*p, answer(hidden, *p))
         assert s.ranking() == [[1, 4], [0, 2], [3]]
         assert s.decisions <= (10 if all_pairs else 8)
-    s = label.TaskSorter(5, all_pairs=True)
+    s = labels.TaskSorter(5, all_pairs=True)
     while (p := s.next_pair()) is not None:
         s.apply(*p, "tie")
     assert s.decisions == 10 and s.ranking() == [[0, 1, 2, 3, 4]]
@@ -86,7 +87,7 @@ def test_ties_form_groups_and_all_pairs_mode():
 
 def test_recheck_pass_repairs_a_wrong_answer():
     hidden = [0, 1, 2, 3, 4, 5, 6, 7]
-    s = label.TaskSorter(8, recheck=True)
+    s = labels.TaskSorter(8, recheck=True)
     flipped = False
     while (p := s.next_pair()) is not None:
         o = answer(hidden, *p)
@@ -236,7 +237,7 @@ def test_event_log_is_append_only(tmp_path):
 
 
 def test_network_file_system_falls_back_from_wal(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(label, "filesystem_type", lambda path: "nfs")
+    monkeypatch.setattr(labels, "filesystem_type", lambda path: "nfs")
     store = label.Store(tmp_path / "labels.sqlite")
     assert store.journal == "delete" and "network file system" in capsys.readouterr().err
 
@@ -316,10 +317,10 @@ def test_auto_label_and_export_match_the_contract(run, tmp_path):
 
 
 def test_kendall_tau_b():
-    assert label.kendall_tau_b([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
-    assert label.kendall_tau_b([0, 1, 2, 3], [3, 2, 1, 0]) == -1.0
+    assert labels.kendall_tau_b([0, 1, 2, 3], [0, 1, 2, 3]) == 1.0
+    assert labels.kendall_tau_b([0, 1, 2, 3], [3, 2, 1, 0]) == -1.0
     x, y = [0, 0, 1, 2], [0, 1, 1, 2]  # with ties: (C - D) / sqrt((n0 - n1)(n0 - n2)) = 4 / 5
-    assert label.kendall_tau_b(x, y) == pytest.approx(4 / 5)
+    assert labels.kendall_tau_b(x, y) == pytest.approx(4 / 5)
     assert list(combinations(range(3), 2)) == [(0, 1), (0, 2), (1, 2)]
 
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import TINY
-from drlhf import models
+from drlhf import models, toys
 from drlhf.reward_model import ClassifierRewardModel, RewardModelError, load_reward_model
 from drlhf.sampler import DiffusionSchedule, ReparameterizedChain, policy_step
 
 
 def tiny_policy():
     torch.manual_seed(0)
-    unet = models.toy_unet(3, 8, class_cond=True)
+    unet = toys.toy_unet(3, 8, class_cond=True)
     base = models.BaseModel("toy", "", unet, {"beta_schedule": "squaredcos_cap_v2", "clip_sample": True}, "class",
                             (3, 8, 8), 10)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, False, num_steps=4)
@@ -54,7 +54,7 @@ def test_gradients_reach_the_policy_only(tmp_path, run):
     clf = models.load_guided_classifier("toy:digits-rgb", run.cache_dir)
     rm = ClassifierRewardModel(clf, "toy:digits-rgb", trainable="encoder")  # trainable in training, frozen in use
     base.sample_shape = (3, 16, 16)
-    base.unet = models.toy_unet(3, 16, class_cond=True)
+    base.unet = toys.toy_unet(3, 16, class_cond=True)
     policy = models.make_denoiser(base)
     rm.save(tmp_path / "rm", dict(input_shape=[3, 16, 16]))
     reward = rewards.build("rm", base, reward_model=tmp_path / "rm", cache_dir=run.cache_dir)

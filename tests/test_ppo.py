@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train_ppo
 from conftest import TINY
-from drlhf import rewards
+from drlhf import presets, rewards
 
 TABLE = Path(__file__).parent / "fixtures" / "table_6_2.md"
 
@@ -138,7 +138,7 @@ BASES = {"MNIST": "toy:digit4-32", "ImageNet": "guided-diffusion:64x64",
 
 def test_presets_hold_table_6_2():
     header, table = _table()
-    assert set(header) <= set(train_ppo.PRESETS)
+    assert set(header) <= set(presets.for_script("train_ppo"))  # the table the scripts read (drlhf/presets.py)
     checked = 0
     for exp in header:
         args, _ = train_ppo.parse_args(["--exp", exp])
@@ -189,7 +189,7 @@ def test_preset_precedence_and_unknown_preset(capsys):
 
 def test_every_flag_has_help(run):
     from drlhf import cli
-    for action in cli.build_parser(train_ppo.Args, train_ppo.CHOICES)._actions:
+    for action in cli.build_parser(train_ppo.Args)._actions:
         if action.dest != "help":
             assert len(action.help) > 10, action.dest
     for script in ("train_ppo.py", "train_reward.py", "sample.py", "label.py"):  # argparse formats every help text
@@ -459,7 +459,7 @@ def test_pink_code_path_on_the_tiny_pipeline(run, tmp_path):
 @pytest.mark.slow
 def test_compiled_policy_trains_and_checkpoints_plain_keys(run, smoke, tmp_path):
     """--compile: one epoch through torch.compile (inductor on the CPU, ~2 min of compilation); the checkpoint has
-    the uncompiled key names (no _orig_mod. prefix, DESIGN.md pitfall), and the PPO ratio starts within 1e-3 of 1
+    the uncompiled key names (no _orig_mod. prefix, a resume pitfall seen in peers), and the PPO ratio starts within 1e-3 of 1
     (the compiled training and inference graphs round differently, so not exactly 1 as in eager mode)."""
     out = tmp_path / "compiled"
     run("train_ppo.py", *TINY, "--epochs", "1", "--compile", "true", "--checkpoint-every", "1", "--output-dir", out)

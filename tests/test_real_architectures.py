@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from drlhf import models
+from drlhf.value import ClassifierValue
 from drlhf.sampler import DiffusionSchedule, ReparameterizedChain, action_logprob, rollout
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_openai_64x64_unet_and_classifier_rollout_and_update():
     clf = GuidedClassifier(**{**models.GUIDED_CLASSIFIER_64X64, "attention_resolutions": (32, 16, 8),
                               "channel_mult": (1, 2, 3, 4)})
     assert sum(p.numel() for p in clf.parameters()) == keys["real_classifier_64x64"]["num_parameters"]
-    value = models.ClassifierValue(clf)
+    value = ClassifierValue(clf)
     opt = torch.optim.AdamW(value.parameters(), lr=1e-5, foreach=False)
     x_t, t = torch.randn(2, 3, 64, 64), torch.tensor([999, 500])
     v_loss = 0.5 * (value(x_t, t) - torch.tensor([1.0, -1.0])).pow(2).mean()

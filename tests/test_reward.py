@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import train_reward
 from conftest import TINY
-from drlhf import models
+from drlhf import models, toys
 from drlhf.reward_model import RewardModel, RewardModelError, base_fingerprint, load_reward_model
 
 
@@ -61,7 +61,7 @@ def test_both_bad_images_rank_last():
 
 def _class_unet():
     torch.manual_seed(0)
-    return models.toy_unet(3, 16, class_cond=True).eval()
+    return toys.toy_unet(3, 16, class_cond=True).eval()
 
 
 def test_reward_model_guidance_fingerprint_and_frozen_encoder():
@@ -86,7 +86,7 @@ def test_reward_model_guidance_fingerprint_and_frozen_encoder():
 
 def test_unconditional_and_text_reward_models_run():
     torch.manual_seed(0)
-    rm = RewardModel(models.toy_unet(1, 16, class_cond=False), "none")
+    rm = RewardModel(toys.toy_unet(1, 16, class_cond=False), "none")
     assert rm(torch.randn(2, 1, 16, 16)).shape == (2,)
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),

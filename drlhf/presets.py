@@ -1,0 +1,124 @@
+"""Table 6.2 as data: the thesis's seven experiments and the offline stand-ins, one row each, read by
+sample.py, train_reward.py and train_ppo.py through `--exp NAME`.
+
+A row holds
+    diffusion     the sampling settings that the labeling dataset (sample.py) and the PPO rollouts
+                  (train_ppo.py) of the experiment share, written once so that they cannot drift apart;
+    sample, train_reward, train_ppo
+                  what each script overrides on top of its `Args` defaults (a script without an entry has no
+                  preset of that name).
+Keys are `Args` field names; precedence is default < preset < command line (drlhf.cli), and a key that is
+not a field of the script's `Args` is an error. tests/test_ppo.py checks every Table 6.2 cell against this table
+(tests/fixtures/table_6_2.md).
+"""
+from __future__ import annotations
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+IMAGENET64 = dict(pretrained="guided-diffusion:64x64", spacing="guided", variance_type="learned_range")  # thesis 6.5
+# rows shared by every Table 6.2 PPO column
+ADAM = dict(adam_beta1=0.9, adam_beta2=0.999)
+PPO_RL = dict(gamma=1.0, gae_lambda=0.95, clip_coef=0.2)
+
+EXPERIMENTS = {
+    # ----- Table 6.2, the thesis's seven experiments ---------------------------------------------------------
+    "target": dict(  # thesis 6.4, Algorithm 1: the MNIST "4" pulled toward a target image
+        diffusion=dict(pretrained="toy:digit4-32", num_steps=25, guidance_scale=1.0),
+        train_ppo=dict(resolution=32, conditioning="none", latent=False, reward="target", num_envs=32, **PPO_RL,
+                       vf_coef=0.5, kl_coef=0.0, epochs=3000, minibatch_size=25, policy_lr=1e-7, vf_lr=1e-5,
+                       policy_warmup_steps=4096, vf_warmup_steps=1024, **ADAM, adam_eps=1e-5, weight_decay=0.01,
+                       grad_accum_steps=1, max_grad_norm=0.5, precision="fp32", tf32=False, value_fn="cnn",
+                       value_init="classifier")),
+    "colorfulness": dict(  # thesis 6.5, appendix A
+        diffusion=dict(**IMAGENET64, num_steps=32, guidance_scale=1.0),
+        train_ppo=dict(resolution=64, conditioning="class", latent=False, reward="colorfulness", num_envs=32, **PPO_RL,
+                       vf_coef=0.5, kl_coef=0.02, epochs=400, minibatch_size=32, policy_lr=1e-6, vf_lr=1e-5,
+                       policy_warmup_steps=8192, vf_warmup_steps=1024, **ADAM, adam_eps=1e-8, weight_decay=0.0,
+                       grad_accum_steps=1, max_grad_norm=0.5, precision="fp32", tf32=False, value_fn="classifier",
+                       classifier="guided-diffusion:64x64")),
+    "aesthetic": dict(  # thesis 6.6, LAION Aesthetics Predictor V2
+        diffusion=dict(**IMAGENET64, num_steps=50, guidance_scale=1.0),
+        train_ppo=dict(resolution=64, conditioning="class", latent=False, reward="aesthetic", num_envs=32, **PPO_RL,
+                       vf_coef=0.5, kl_coef=0.03, epochs=500, minibatch_size=25, policy_lr=5e-7, policy_lr_early=2e-7,
+                       policy_lr_early_epochs=100, vf_lr=1e-5, policy_warmup_steps=8192, vf_warmup_steps=1024, **ADAM,
+                       adam_eps=1e-8, weight_decay=0.0, grad_accum_steps=1, max_grad_norm=0.5, precision="fp32",
+                       tf32=False, value_fn="classifier", classifier="guided-diffusion:64x64")),
+    "macaw": dict(  # thesis 6.7: K = 5 tasks of class 88 (macaw), the classifier-based reward model
+        diffusion=dict(**IMAGENET64, class_labels="88", num_steps=25, guidance_scale=1.0),
+        sample=dict(num_tasks=200, k=5, instructions="builtin:macaw"),  # Table 6.3 instructions
+        train_reward=dict(epochs=1000, batch_tasks=8, lr=1e-4, cond_drop=0.0, backbone="classifier",
+                          classifier="guided-diffusion:64x64", standardize=False),  # outputs not standardized
+        train_ppo=dict(resolution=64, conditioning="class", latent=False, reward="rm", num_envs=32, **PPO_RL,
+                       vf_coef=0.5, kl_coef=0.02, epochs=250, minibatch_size=25, policy_lr=1e-6, vf_lr=1e-5,
+                       policy_warmup_steps=8192, vf_warmup_steps=1024, **ADAM, adam_eps=1e-8, weight_decay=0.0,
+                       grad_accum_steps=1, max_grad_norm=0.5, precision="fp32", tf32=False, value_fn="classifier",
+                       classifier="guided-diffusion:64x64")),
+    "macaw-norl": dict(  # thesis 6.8: the Macaw reward back-propagated through the chain, no RL
+        diffusion=dict(**IMAGENET64, class_labels="88", num_steps=25, guidance_scale=1.0),
+        train_ppo=dict(algo="backprop", resolution=64, conditioning="class", latent=False, reward="rm", num_envs=32,
+                       kl_coef=0.0, value_fn="none", epochs=750, minibatch_size=100, policy_lr=1e-6,
+                       policy_warmup_steps=100, **ADAM, adam_eps=1e-8, weight_decay=0.01, grad_accum_steps=8,
+                       max_grad_norm=None, precision="fp32", tf32=False)),
+    "pink": dict(  # thesis 6.9: Table 6.5 prompts, K = 8, the U-Net reward model; value function = its copy
+        diffusion=dict(pretrained=SD15, prompts="builtin:pink", num_steps=16, guidance_scale=7.5, precision="fp16"),
+        sample=dict(num_tasks=120, k=8, instructions="builtin:pink", batch_size=16),  # Table 6.6 instructions
+        train_reward=dict(epochs=40, batch_tasks=4, lr=1e-4, precision="fp16"),
+        train_ppo=dict(resolution=512, conditioning="text", latent=True, reward="rm", num_envs=80, **PPO_RL,
+                       vf_coef=0.1, kl_coef=0.0, epochs=25500, minibatch_size=16, policy_lr=1e-7, vf_lr=1e-6,
+                       policy_warmup_steps=4096, vf_warmup_steps=1024, **ADAM, adam_eps=1e-8, weight_decay=0.01,
+                       grad_accum_steps=2, max_grad_norm=1.0, tf32=True, value_fn="reward",
+                       old_logprobs="recompute")),
+    "pickscore": dict(  # thesis 6.10: PickScore v1 as the reward, appendix D evaluation prompts
+        diffusion=dict(pretrained=SD15, prompts="builtin:pickscore-eval", num_steps=50, guidance_scale=7.5,
+                       precision="fp16"),
+        train_ppo=dict(resolution=512, conditioning="text", latent=True, reward="pickscore", num_envs=80, **PPO_RL,
+                       vf_coef=0.1, kl_coef=0.0, epochs=20850, minibatch_size=10, policy_lr=5e-7, vf_lr=1e-6,
+                       policy_warmup_steps=4096, vf_warmup_steps=1024, **ADAM, adam_eps=1e-8, weight_decay=0.01,
+                       grad_accum_steps=4, max_grad_norm=1.0, tf32=True, value_fn="unet", old_logprobs="recompute")),
+
+    # ----- offline stand-ins: learn within minutes on 2 CPU cores (learning rates differ from the thesis) -------
+    "digits": dict(sample=dict(), train_reward=dict()),  # the Args defaults: grey "4"s of toy:digit4
+    "digits-target": dict(train_ppo=dict()),              # the Args defaults: target-image reward on toy:digit4
+    "digits-rgb": dict(diffusion=dict(pretrained="toy:digits-rgb"), sample=dict(num_tasks=40, k=5)),
+    # colour digits: the thesis's beta = 0.02 let the summed KL (~1e3 per trajectory here) swamp the reward at
+    # these learning rates, so the stand-in uses beta = 0.002
+    "digits-colorfulness": dict(
+        diffusion=dict(pretrained="toy:digits-rgb", num_steps=25),
+        train_ppo=dict(reward="colorfulness", value_fn="encoder", value_init="random", kl_coef=0.002,
+                       minibatch_size=25, epochs=40, adam_eps=1e-8, weight_decay=0.0)),
+    # Aesthetic Score on the colour digits with the toy classifier as value function: needs --aesthetic-clip and
+    # --aesthetic-mlp (the real ones, or any CLIP vision model with an MLP of the predictor's layout); beta and
+    # the learning rates scaled as in digits-colorfulness
+    "digits-aesthetic": dict(
+        diffusion=dict(pretrained="toy:digits-rgb", num_steps=25),
+        train_ppo=dict(reward="aesthetic", value_fn="classifier", classifier="toy:digits-rgb", kl_coef=0.003,
+                       minibatch_size=25, epochs=30, policy_lr_early=2e-5, policy_lr_early_epochs=5, adam_eps=1e-8,
+                       weight_decay=0.0)),
+    # Macaw on class 4 of the colour digits: the toy classifier (OpenAI's architecture) + a linear layer as reward
+    # model; its 10 logits are too few for a linear probe (66 % validation accuracy on ink rankings), so the middle
+    # block and attention pool train too (96 %)
+    "digits-macaw": dict(
+        diffusion=dict(pretrained="toy:digits-rgb", class_labels="4", num_steps=25),
+        sample=dict(num_tasks=100, k=5),
+        train_reward=dict(epochs=60, batch_tasks=8, lr=1e-3, cond_drop=0.0, backbone="classifier",
+                          classifier="toy:digits-rgb", standardize=False, trainable="mid",
+                          dataset="datasets/digits-macaw"),
+        train_ppo=dict(reward="rm", reward_model="runs/reward-digits-macaw", value_fn="classifier",
+                       classifier="toy:digits-rgb", kl_coef=0.002, minibatch_size=25, epochs=30, adam_eps=1e-8,
+                       weight_decay=0.0)),
+    "digits-macaw-norl": dict(
+        diffusion=dict(pretrained="toy:digits-rgb", class_labels="4", num_steps=25),
+        train_ppo=dict(algo="backprop", reward="rm", reward_model="runs/reward-digits-macaw", value_fn="none",
+                       kl_coef=0.0, num_envs=32, minibatch_size=100, grad_accum_steps=8, epochs=30, policy_lr=1e-4,
+                       policy_warmup_steps=5, adam_eps=1e-8, weight_decay=0.01, max_grad_norm=None)),
+}
+SCRIPTS = ("sample", "train_reward", "train_ppo")
+SAMPLING_SCRIPTS = ("sample", "train_ppo")  # the scripts that take the diffusion settings
+
+
+def for_script(script: str) -> dict[str, dict]:
+    """{preset name: overrides} for one script: the rows that have an entry for it, with the shared diffusion
+    settings first for the sampling scripts."""
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown script {script!r}; presets exist for {', '.join(SCRIPTS)}")
+    return {name: {**(row.get("diffusion", {}) if script in SAMPLING_SCRIPTS else {}), **row[script]}
+            for name, row in EXPERIMENTS.items() if script in row}

@@ -1,0 +1,189 @@
+"""Offline toy models, trained here on scikit-learn's bundled digits on first use and cached (no download).
+
+    toy:digit4       unconditional 16x16 grey "4"s (Experiment 1's setting, thesis 6.4, at 16x16)
+    toy:digit4-32    the same at 32x32, the thesis's resolution
+    toy:digits-rgb   class-conditional 16x16 digits 0-9 drawn in random colours (a stand-in for the
+                     class-conditional ImageNet model of Experiments 2-5 that has colour to optimize)
+    toy classifier   OpenAI's noisy-image classifier architecture on the colour digits (stand-in for
+                     64x64_classifier.pt as value function and reward-model backbone)
+    critic classifier  appendix B's value CNN pre-trained as a noisy-digit classifier (thesis 6.4)
+
+All three are trained by `train_toy`, one AdamW loop around a per-model loss. A loader that trains says so with
+a progress bar naming the model and "first use, cached"; an existing cache is never retrained.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from drlhf.checkpoint import atomic_write
+
+TOY_MODELS = {
+    "digit4": dict(digits=[4], rgb=False, resolution=16, class_cond=False),
+    "digit4-32": dict(digits=[4], rgb=False, resolution=32, class_cond=False),
+    "digits-rgb": dict(digits=list(range(10)), rgb=True, resolution=16, class_cond=True),
+}
+TOY_TRAIN_STEPS = 500  # clean, varied digits after ~500 AdamW steps at batch 64 (~90 s on 2 CPU cores)
+# OpenAI's classifier architecture at toy size, for the 16x16 colour digits (10 classes)
+TOY_CLASSIFIER = dict(image_size=16, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
+                      attention_resolutions=[4], channel_mult=[1, 2, 2], num_head_channels=32)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DRLHF_CACHE", Path.home() / ".cache" / "drlhf"))
+
+
+def toy_digits(digits, resolution: int, rgb: bool, seed: int = 0):
+    """scikit-learn's 1797 8x8 digits as white-on-black (or random-hue-on-black) images in [-1, 1]."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    keep = np.isin(data.target, digits)
+    x = torch.tensor(data.images[keep] / 16.0, dtype=torch.float32)[:, None]  # (N, 1, 8, 8) ink in [0, 1]
+    x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.tensor(data.target[keep], dtype=torch.long)
+    if rgb:  # ink colour: a random fully saturated hue per image
+        g = torch.Generator().manual_seed(seed)
+        hue = torch.rand(len(x), generator=g)[:, None] * 6
+        k = (torch.tensor([5.0, 3.0, 1.0]) + hue) % 6
+        colour = 1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1)  # HSV -> RGB with S = V = 1
+        x = x * colour[:, :, None, None]
+    return x * 2 - 1, labels
+
+
+def toy_unet(channels: int, resolution: int, class_cond: bool):
+    """A ~1.1M-parameter diffusers UNet2DModel (class 10 = "no class" for classifier-free guidance)."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels,
+                       block_out_channels=(32, 64, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=11 if class_cond else None)
+
+
+def cosine_noise_schedule():
+    """The training noise schedule of every toy (cosine, Nichol & Dhariwal 2021)."""
+    from diffusers import DDPMScheduler
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+
+
+def train_toy(net: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor], steps: int, lr: float, seed: int,
+              desc: str) -> torch.Tensor:
+    """The one training loop of the toys: AdamW on loss_fn(g), where g is the loop's seeded generator that
+    draws every minibatch, noise and timestep. Returns the last loss."""
+    from tqdm.auto import tqdm
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(float("nan"))
+    for _ in tqdm(range(steps), desc=desc, unit="step"):
+        loss = loss_fn(g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Toy base models (diffusers DDPM pipelines)
+# ---------------------------------------------------------------------------------------------------------
+def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed: int = 0, batch_size: int = 64,
+                    lr: float = 1e-3, cond_drop: float = 0.1):
+    """Train a toy DDPM (cosine schedule, epsilon prediction) and save it as a diffusers DDPMPipeline.
+    Runs on the GPU when there is one (the result then differs in the last bits from a CPU-trained model)."""
+    from diffusers import DDPMPipeline
+    spec = TOY_MODELS[name]
+    torch.manual_seed(seed)
+    x, labels = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = toy_unet(x.shape[1], spec["resolution"], spec["class_cond"]).to(device)
+    x, labels = x.to(device), labels.to(device)
+    sched = cosine_noise_schedule()
+
+    def loss_fn(g):
+        i = torch.randint(len(x), (batch_size,), generator=g).to(device)
+        x0, y = x[i], labels[i]
+        x0 = torch.roll(x0, shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+        kwargs = {}
+        if spec["class_cond"]:  # class 10 = "no class" with probability cond_drop, for classifier-free guidance
+            kwargs["class_labels"] = torch.where(torch.rand(batch_size, generator=g).to(device) < cond_drop, 10, y)
+        return F.mse_loss(unet(sched.add_noise(x0, noise, t), t, **kwargs).sample, noise)
+
+    loss = train_toy(unet, loss_fn, steps, lr, seed, f"training base model toy:{name} (first use, cached)")
+    unet = unet.cpu()
+    info = dict(name=name, steps=steps, seed=seed, final_loss=loss.item(),
+                num_classes=10 if spec["class_cond"] else 0, **spec)
+    atomic_write(out_dir, lambda d: (DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d),
+                                     (Path(d) / "drlhf_toy.json").write_text(json.dumps(info, indent=1))), folder=True)
+
+
+def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRAIN_STEPS) -> Path:
+    """The cached toy model folder, trained on first use."""
+    from drlhf.models import ModelLoadError
+    if name not in TOY_MODELS:
+        raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
+                             + ", ".join(f"toy:{k}" for k in TOY_MODELS))
+    path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}-b64"
+    if not (path / "model_index.json").exists():
+        train_toy_model(name, path, steps)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Toy classifiers: value-function initialization and reward-model backbone
+# ---------------------------------------------------------------------------------------------------------
+def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None, steps: int = 400, seed: int = 0):
+    """Appendix B's CNN trained as a noisy-digit classifier on all ten digits (thesis 6.4: the value function
+    was initialized from an MNIST classifier). Cached as safetensors; returns the state dict."""
+    from drlhf.value import CriticCNN
+    path = Path(cache_dir or default_cache_dir()) / f"critic-classifier-c{in_channels}-r{resolution}-s{steps}.safetensors"
+    if path.exists():
+        return load_file(path)
+    torch.manual_seed(seed)
+    x, y = toy_digits(list(range(10)), resolution, in_channels == 3, seed)
+    net = CriticCNN(in_channels, resolution, out_dim=10)
+    sched = cosine_noise_schedule()
+
+    def loss_fn(g):
+        i = torch.randint(len(x), (128,), generator=g)
+        t = torch.randint(0, 1000, (128,), generator=g) * (torch.rand(128, generator=g) < 0.75)  # a quarter clean
+        xt = sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t)
+        return F.cross_entropy(net(xt, t), y[i])
+
+    train_toy(net, loss_fn, steps, 3e-3, seed, "pre-training the value network as a digit classifier (cached)")
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+    return state
+
+
+def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
+    """OpenAI's noisy-image classifier architecture trained on noisy toy:digits-rgb images (cosine schedule, as
+    the toy base model), cached; the offline stand-in of 64x64_classifier.pt for value functions and reward models."""
+    from drlhf.guided_diffusion import GuidedClassifier
+    clf = GuidedClassifier(**{**TOY_CLASSIFIER, "attention_resolutions": (4,), "channel_mult": (1, 2, 2)})
+    path = Path(cache_dir or default_cache_dir()) / f"toy-classifier-digits-rgb-s{steps}.safetensors"
+    if path.exists():
+        clf.load_state_dict(load_file(path))
+        return clf
+    torch.manual_seed(seed)
+    spec = TOY_MODELS["digits-rgb"]
+    x, y = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
+    sched = cosine_noise_schedule()
+
+    def loss_fn(g):
+        i = torch.randint(len(x), (64,), generator=g)
+        t = torch.randint(0, 1000, (64,), generator=g)
+        return F.cross_entropy(clf(sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t), t), y[i])
+
+    train_toy(clf, loss_fn, steps, 1e-3, seed, "training the toy noisy-image classifier (first use, cached)")
+    state = {k: v.contiguous() for k, v in clf.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+    return clf

@@ -1,0 +1,78 @@
+"""What the training scripts record: TensorBoard (namespaces charts/, losses/, objective/, eval/), the resolved
+flags, and train_ppo.py's summary.json. Rank 0 alone writes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from drlhf import hardware
+from drlhf.checkpoint import write_text
+
+
+def open_run(out: Path, args, purge_step: int | None = None, args_json: bool = True):
+    """The output folder and its TensorBoard writer, with the resolved flags as a text table (and args.json).
+    purge_step: a resumed run drops the events logged after its checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(out / "tb", purge_step=purge_step)
+    flags = dataclasses.asdict(args)
+    writer.add_text("args", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
+    if args_json:
+        write_text(out / "args.json", json.dumps(flags, indent=1))
+    return writer
+
+
+def pool_rewards(scores, kl, kl_coef: float, n: int):
+    """[mean reward, mean squared reward, mean KL penalty, mean |reward| + penalty] over all processes' n samples
+    (every rank calls it)."""
+    import torch
+    return hardware.all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * kl_coef,
+                                                (scores.abs() + kl.sum(0) * kl_coef).sum()]).double()).cpu() / n
+
+
+def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats: dict, state: dict, opt_pi, opt_vf,
+                  times: dict, seconds: float, n_images: int, device) -> dict:
+    """One epoch of train_ppo.py: pooled rewards (objective/), the update's statistics (losses/), learning rates,
+    speed and memory (charts/), and the progress bar. pooled = pool_rewards(...). Returns the logged values."""
+    r_mean = pooled[0].item()
+    bmu, bsd = state["base_rewards"].mean().item(), state["base_rewards"].std().item() + 1e-12
+    global_step = state["global_step"]
+    lrs = {"policy": opt_pi.param_groups[0]["lr"]} | ({"vf": opt_vf.param_groups[0]["lr"]} if opt_vf else {})
+    logs = {"objective/reward_mean": r_mean, "objective/reward_std": math.sqrt(max(pooled[1].item() - r_mean ** 2, 0.0)),
+            "objective/reward_mean_std_units": (r_mean - bmu) / bsd, "charts/images_per_s": n_images / seconds,
+            "charts/global_step": global_step,
+            "charts/seconds_update": seconds - times.get("rollout", 0.0) - times.get("scoring", 0.0)}
+    logs.update({f"charts/{name}_lr": lr for name, lr in lrs.items()})
+    if algo == "backprop":
+        logs.update({"losses/loss": stats["loss"], "losses/grad_norm": stats["grad_norm"]})
+    else:
+        logs.update({
+            "objective/kl": kl.sum(0).mean().item(), "objective/kl_penalty": pooled[2].item(),
+            "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
+            "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
+            "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],
+            "losses/clipfrac": stats["clipfrac"], "losses/ratio": stats["ratio"],
+            "losses/ratio_dev_at_start": stats["ratio_dev_at_start"],
+            "losses/explained_variance": stats["explained_variance"],
+            "charts/seconds_rollout": times["rollout"],
+            "charts/seconds_scoring": times["scoring"]})  # rewards, values, pi_base and a recomputed pi_old
+    logs["charts/peak_rss_gb"] = hardware.peak_rss_gb()
+    if device.type == "cuda":
+        logs["charts/peak_memory_gb"] = hardware.peak_gpu_gb(device)
+    for k, v in logs.items():
+        writer.add_scalar(k, v, epoch)
+    writer.add_histogram("objective/rewards", scores.cpu(), epoch)
+    bar.set_postfix(reward=f"{r_mean:.3f}", **({"loss": f"{stats['loss']:.3g}"} if algo == "backprop" else
+                                              {"kl": f"{logs['objective/kl']:.3g}", "clipfrac": f"{stats['clipfrac']:.2f}"}))
+    return logs
+
+
+def write_summary(out: Path, scores: dict, epochs: int, epoch_times: list, n_images: int, device) -> dict:
+    """summary.json: the fixed-seed scores (drlhf.evaluation), epochs, seconds per epoch, images/s, peak memory."""
+    seconds = sum(epoch_times) / len(epoch_times) if epoch_times else None
+    summary = dict(scores, epochs=epochs, seconds_per_epoch=seconds, images_per_second=n_images / seconds if seconds else None,
+                   peak_gpu_memory_gb=hardware.peak_gpu_gb(device), peak_rss_gb=hardware.peak_rss_gb())
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
