@@ -33,9 +33,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, Markdown, Static
 
+from drlhf import cli
 from drlhf.labels import LabelError, Store, dataset_fingerprint, export, load_tasks, replay
 
 DEFAULT_KEYS = dict(left="a", right="d", tie="t", bad="b", skip="n", undo="u")
+FIXED_KEYS = ("1", "2", "i", "question_mark", "?", "q")  # zoom, instructions, help, quit
+PROMPT_CHARS = 200  # longer prompts are cut on screen (the dataset keeps them whole)
 RENDERERS = ("auto", "tgp", "sixel", "halfcell", "unicode")
 
 
@@ -46,9 +49,7 @@ def placement(project: str, annotator: str, task_id: int, n: int, a: int, b: int
     return (a, b) if h & 1 else (b, a)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Scoring functions for --auto (AI feedback, tests): images (B, C, H, W) in [-1, 1], prompts -> scores
-# ---------------------------------------------------------------------------------------------------------
+# -------- Scoring functions for --auto (AI feedback, tests): images (B, C, H, W) in [-1, 1], prompts -> scores ---
 def ink_score(images, prompts=None):
     """Mean brightness: ink coverage of white-on-black digits."""
     return images.float().mean((1, 2, 3))
@@ -71,12 +72,8 @@ def load_scorer(spec: str):
         return builtin[name]
     if ":" not in spec:
         raise LabelError(f"--auto {spec}: give builtin:NAME or module:function")
-    import importlib
-    mod, fn = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise LabelError(f"--auto {spec}: cannot import it ({e})") from None
+    from drlhf.rewards import import_function  # the module must be importable (working directory or PYTHONPATH)
+    return import_function(spec, "--auto")
 
 
 def auto_label(store, project, annotator, tasks, dataset: Path, scorer, quiet=False):
@@ -107,9 +104,7 @@ def auto_label(store, project, annotator, tasks, dataset: Path, scorer, quiet=Fa
         store.append_many(project["name"], annotator, events)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The app
-# ---------------------------------------------------------------------------------------------------------
+# -------- The app ------------------------------------------------------------------------------------------
 def image_widget_class(renderer: str):
     """Pick the textual-image widget before the app starts (it queries the terminal). Returns (class, name)."""
     from textual_image import widget as tw
@@ -158,7 +153,7 @@ class LabelApp(App):
     """One annotator labeling one project: each answer is committed to the store before the next pair shows."""
     TITLE = "drlhf labeler"
     CSS = """
-    #prompt { height: auto; padding: 0 1; text-style: bold; }
+    #prompt { height: auto; max-height: 3; padding: 0 1; text-style: bold; }
     #pair { height: 1fr; }
     .side { width: 1fr; border: round $accent; padding: 0 1; }
     .side Image { height: 1fr; width: auto; }
@@ -191,7 +186,15 @@ class LabelApp(App):
         self.acknowledged = len(self.state.decisions)  # decisions committed to the database
 
     def load(self, task_id: int, i: int):
-        return load_image(self.dataset, self.by_id[task_id], i)
+        try:
+            return load_image(self.dataset, self.by_id[task_id], i)
+        except OSError as e:  # deleted or damaged while the session runs
+            self.fail(f"image {self.dataset / self.by_id[task_id]['images'][i]} of task {task_id} cannot be read "
+                      f"({type(e).__name__}); restore it and run the same command again (every decision is saved)")
+            return None
+
+    def fail(self, text: str):  # end the session with exit code 1 and one line: what went wrong, what to do
+        self.exit(return_code=1, message=f"error: {text}")
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -226,16 +229,20 @@ class LabelApp(App):
         a, b = sorter.next_pair()
         self.pair = placement(self.project["name"], self.annotator, self.task_id, sorter.decisions, a, b)
         cond = task.get("prompt") or (f"class {task['class_label']}" if "class_label" in task else "(unconditional)")
+        cond = cond if len(cond) <= PROMPT_CHARS else cond[:PROMPT_CHARS] + "…"  # a long prompt keeps the images
         self.query_one("#prompt", Static).update(f"Task {self.task_id}: {cond}")
-        self.query_one("#left", self.image_widget).image = self.load(self.task_id, self.pair[0])
-        self.query_one("#right", self.image_widget).image = self.load(self.task_id, self.pair[1])
+        shown = {i: self.load(self.task_id, i) for i in {*self.pair, *(i for g in sorter.ranking() for i in g)}}
+        if any(image is None for image in shown.values()):
+            return  # the session is ending with the reason (fail)
+        self.query_one("#left", self.image_widget).image = shown[self.pair[0]]
+        self.query_one("#right", self.image_widget).image = shown[self.pair[1]]
         strip = self.query_one("#strip", Horizontal)
         strip.remove_children()
         thumbs = []
         for rank, group in enumerate(sorter.ranking(), 1):
             for i in group:
                 tag = f"{rank}{'=' if len(group) > 1 else ''} #{i}{' ✗' if i in self.state.both_bad[self.task_id] else ''}"
-                thumbs.append(Vertical(self.image_widget(self.load(self.task_id, i)), Static(tag), classes="thumb"))
+                thumbs.append(Vertical(self.image_widget(shown[i]), Static(tag), classes="thumb"))
         strip.mount(*thumbs)
         strip.border_title = "current ordering (best first; = tie, ✗ flagged bad)"
         self.query_one("#status", Static).update(self.progress())
@@ -254,8 +261,15 @@ class LabelApp(App):
                 f"ETA {eta} · saved #{self.acknowledged}")
 
     # --- actions: each one is committed to the log before the view changes ---------------------------
-    def record(self, kind, **data):
-        self.store.append(self.project["name"], self.annotator, kind, self.task_id, **data)
+    def record(self, kind, **data) -> bool:
+        """Commit one event to the store; False (and the session ends) when it could not be saved."""
+        try:
+            self.store.append(self.project["name"], self.annotator, kind, self.task_id, **data)
+            return True
+        except sqlite3.Error as e:  # disk full, database locked for too long, file removed
+            self.fail(f"could not save to {self.store.path} ({e}); the decisions saved before this one are kept: fix "
+                      "the cause (free space, say) and run the same command again")
+            return False
 
     def action_choose(self, which: str):
         if self.pair is None:
@@ -265,7 +279,8 @@ class LabelApp(App):
         winner = {"left": left, "right": right}.get(which)
         outcome = "tie" if winner is None else ("a" if winner == a else "b")
         ms = round((time.monotonic() - self.shown_at) * 1000)
-        self.record("decision", a=a, b=b, left=left, right=right, outcome=outcome, ms=ms)
+        if not self.record("decision", a=a, b=b, left=left, right=right, outcome=outcome, ms=ms):
+            return
         self.state.sorters[self.task_id].apply(a, b, outcome)
         self.state.decisions.append(dict(task_id=self.task_id, a=a, b=b, left=left, right=right,
                                          outcome=outcome, ms=ms))
@@ -275,18 +290,22 @@ class LabelApp(App):
 
     def action_flag(self):
         if self.pair is not None:
-            self.record("flag", left=self.pair[0], right=self.pair[1])
+            if not self.record("flag", left=self.pair[0], right=self.pair[1]):
+                return
             self.state.both_bad[self.task_id] |= set(self.pair)
             self.refresh_view()
 
     def action_skip(self):
         if self.pair is not None:
-            self.record("skip")
+            if not self.record("skip"):
+                return
             self.state.skipped.append(self.task_id)
             self.refresh_view()
 
     def action_undo(self):
-        self.store.append(self.project["name"], self.annotator, "undo", None)
+        self.task_id = None  # an undo is not tied to a task
+        if not self.record("undo"):
+            return
         self.state = replay(self.store.events(self.project["name"], self.annotator), self.tasks, self.project)
         self.acknowledged = len(self.state.decisions)
         self.refresh_view()
@@ -317,22 +336,71 @@ def make_app(store, project, annotator, tasks, dataset: Path, renderer="auto", k
                     {**DEFAULT_KEYS, **(keys or {})})
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------
+# -------- Command line -------------------------------------------------------------------------------------
 def open_project(args, create_default=True):
     dataset = Path(args.dataset)
     tasks = load_tasks(dataset, check_images=args.command != "export")
     store = Store(Path(args.db) if args.db else dataset / "labels.sqlite")
     project = store.project(args.project, missing_ok=True)
-    if project is None:
+    created = project is None
+    if created:
         if not create_default:
             store.project(args.project)  # raises with the list of projects
         project = create(store, dataset, tasks, args)
     if project["fingerprint"] != dataset_fingerprint(dataset):
         raise LabelError(f"project {args.project!r} in {store.path} belongs to another dataset ({project['dataset']}); "
                          f"choose another --project or --db for {dataset}")
+    clash = [flag for flag, given, differs in (
+        ("--all-pairs", getattr(args, "all_pairs", False), not project["all_pairs"]),
+        ("--recheck", getattr(args, "recheck", False), not project["recheck"]),
+        ("--k", getattr(args, "k", None), getattr(args, "k", None) != project["k"]),
+        ("--instructions", getattr(args, "instructions", None), True)) if given and differs]
+    if clash and not created:
+        raise LabelError(f"project {project['name']!r} exists with K = {project['k']}, "
+                         f"{'all pairs' if project['all_pairs'] else 'binary insertion'}"
+                         f"{', re-check' if project['recheck'] else ''} and its own instructions; "
+                         f"{', '.join(clash)} only apply when a project is created: drop the flag "
+                         "or choose a new --project")
     return dataset, tasks, store, project
+
+
+def parse_keys(spec: str) -> dict:
+    """--keys left=j,right=l,... -> the full key map; one key per action, the fixed keys (1, 2, i, ?, q) kept."""
+    try:
+        keys = {**DEFAULT_KEYS, **dict(kv.split("=", 1) for kv in spec.split(",") if kv)}
+    except ValueError:
+        raise LabelError(f"--keys {spec}: expected action=key pairs, e.g. left=j,right=l") from None
+    unknown = set(keys) - set(DEFAULT_KEYS)
+    if unknown:
+        raise LabelError(f"--keys: unknown action(s) {sorted(unknown)}; actions: {', '.join(DEFAULT_KEYS)}")
+    taken = [k for k in keys.values() if k in FIXED_KEYS or list(keys.values()).count(k) > 1]
+    if taken:
+        raise LabelError(f"--keys {spec}: key {taken[0]!r} would serve two actions (the fixed keys are "
+                         f"{', '.join(FIXED_KEYS)}); give every action its own key")
+    return keys
+
+
+def session_lock(store: Store, project: str, annotator: str):
+    """Refuse a second live session of one annotator on one project (two windows would answer the same pair):
+    an flock on a file next to the database, released by the OS when the session ends, even by SIGKILL."""
+    import fcntl
+    import socket
+    name = hashlib.sha256(f"{project}/{annotator}".encode()).hexdigest()[:12]
+    path = store.path.with_name(f".{store.path.name}.{name}.lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise LabelError(f"annotator {annotator!r} is already labeling project {project!r} of {store.path} ({holder}); "
+                         "close that session first (a session that died holds no lock), or use another --annotator") from None
+    except OSError:
+        return f  # a file system without flock (some network mounts): no lock, as before
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
 
 
 def create(store, dataset, tasks, args):
@@ -397,30 +465,31 @@ def main(argv=None):
             for annotator in store.annotators(name):
                 state = replay(store.events(name, annotator), tasks, project)
                 print(f"  {annotator}: {sum(s.done for s in state.sorters.values())} of {len(tasks)} tasks, "
-                      f"{len(state.decisions)} comparisons")
+                      f"{len(state.decisions)} comparisons" + (f" ({len(state.conflicts)} conflicting answers from "
+                                                               "two sessions ignored; the first answer stands)"
+                                                               if state.conflicts else ""))
     elif args.command == "label":
+        keys = parse_keys(args.keys)
         dataset, tasks, store, project = open_project(args)
+        annotator = args.annotator or ("auto" if args.auto else os.environ.get("USER", "annotator"))
+        args.lock = session_lock(store, project["name"], annotator)  # held until the process ends
         if args.auto:
-            auto_label(store, project, args.annotator or "auto", tasks, dataset, load_scorer(args.auto))
+            auto_label(store, project, annotator, tasks, dataset, load_scorer(args.auto))
             print(f"[label] {args.auto} ranked every task of project {project['name']!r}")
             return
-        try:
-            keys = dict(kv.split("=", 1) for kv in args.keys.split(",") if kv)
-        except ValueError:
-            raise LabelError(f"--keys {args.keys}: expected action=key pairs, e.g. left=j,right=l") from None
-        unknown = set(keys) - set(DEFAULT_KEYS)
-        if unknown:
-            raise LabelError(f"--keys: unknown action(s) {sorted(unknown)}; actions: {', '.join(DEFAULT_KEYS)}")
-        make_app(store, project, args.annotator or os.environ.get("USER", "annotator"), tasks, dataset, args.renderer,
-                 keys).run()
+        app = make_app(store, project, annotator, tasks, dataset, args.renderer, keys)
+        app.run()
+        if app.return_code:
+            sys.exit(app.return_code)
+        state = replay(store.events(project["name"], annotator), tasks, project)
+        print(f"[label] {annotator}: {len(state.decisions)} decisions saved in {store.path}, "
+              f"{sum(s.done for s in state.sorters.values())} of {len(tasks)} tasks ordered; continue with "
+              f"`python label.py label {dataset} --annotator {annotator}`" + (f" --project {project['name']}"
+                                                                             if project["name"] != "default" else ""))
     elif args.command == "export":
         dataset, tasks, store, project = open_project(args, create_default=False)
         print(export(store, project, tasks, Path(args.out or dataset), args.val_fraction, args.seed))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (LabelError, sqlite3.DatabaseError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main, expected=(sqlite3.DatabaseError,))  # bad input: one line and exit code 1

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from drlhf.cli import NonNegFloat, PosInt
 from drlhf import cli, evaluation, models, presets, rewards
 from drlhf.checkpoint import atomic_write, load_policy_unet, save_safetensors, write_text
 from drlhf.hardware import DeviceFlag, Precision, autocast, resolve_device
@@ -65,7 +66,7 @@ class Args:
     """dataset folder to create or finish (default datasets/<exp>)"""
     pretrained: str = "toy:digit4"
     """base model: diffusers folder, hub id or toy:digit4 / toy:digit4-32 / toy:digits-rgb (as in train_ppo.py)"""
-    num_tasks: int = 40
+    num_tasks: PosInt = 40
     """tasks N (thesis: 200 for Macaw, 120 for Pink)"""
     k: int = 5
     """images per task K (thesis: 5 for Macaw, 8 for Pink)"""
@@ -75,21 +76,21 @@ class Args:
     """class models: comma-separated classes to draw tasks from (None = all; Macaw: 88)"""
     instructions: str | None = "builtin:digits"
     """labeling instructions for label.py: a Markdown file or builtin:macaw / builtin:pink / builtin:digits"""
-    num_steps: int = 25
+    num_steps: PosInt = 25
     """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same)"""
-    guidance_scale: float = 1.0
+    guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
     sampler: Sampler = "ddpm"
     """ddpm or ddim (as in train_ppo.py)"""
     spacing: Spacing = "leading"
     """respacing of the training timesteps (as in train_ppo.py)"""
-    eta: float = 1.0
+    eta: NonNegFloat = 1.0
     """DDIM noise level"""
     variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     seed: int = 0
     """seed of the task conditions and of every image"""
-    batch_size: int = 40
+    batch_size: PosInt = 40
     """images per forward pass, rounded down to whole tasks; fixed for a dataset (stored in dataset.json)"""
     precision: Precision = "fp32"
     """fp32, fp16 or bf16 autocast for sampling"""
@@ -97,7 +98,7 @@ class Args:
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache of the offline toy models (default $DRLHF_CACHE or ~/.cache/drlhf)"""
-    toy_train_steps: int = TOY_TRAIN_STEPS
+    toy_train_steps: PosInt = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
 
 
@@ -269,21 +270,21 @@ class EvalArgs:
     checkpoint folders (policy.safetensors) or diffusers folders (final_policy)"""
     out: str = "runs/eval"
     """folder for comparison.png, progression.png, histogram_*.png and scores.json"""
-    num_samples: int = 64
+    num_samples: PosInt = 64
     """fixed-seed samples per model (conditions cycle through the prompt/class list)"""
     prompts: str | None = None
     """text models: a prompt file or builtin:pink / pink-colors / pink-no-sunglasses / pickscore-eval (appendix C, D)"""
     class_labels: str | None = None
     """class models: comma-separated classes to cycle through (None = all)"""
-    num_steps: int = 25
+    num_steps: PosInt = 25
     """denoising steps (the thesis's figures: 250 for the small models, 25 for Stable Diffusion)"""
-    guidance_scale: float = 1.0
+    guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale"""
     sampler: Sampler = "ddpm"
     """ddpm or ddim"""
     spacing: Spacing = "leading"
     """respacing of the training timesteps"""
-    eta: float = 1.0
+    eta: NonNegFloat = 1.0
     """DDIM noise level"""
     variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
@@ -303,7 +304,7 @@ class EvalArgs:
     """--reward aesthetic: the predictor's MLP weights (path or URL)"""
     seed: int = 0
     """seed of the initial noise and of every sampling step (the same for every model)"""
-    batch_size: int = 64
+    batch_size: PosInt = 64
     """samples per forward pass"""
     precision: Precision = "fp32"
     """fp32, fp16 or bf16 autocast"""
@@ -311,7 +312,7 @@ class EvalArgs:
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache of the offline toy models"""
-    toy_train_steps: int = TOY_TRAIN_STEPS
+    toy_train_steps: PosInt = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
 
 
@@ -339,7 +340,8 @@ def eval_main(argv=None):
     if args.reward:
         scorers["reward"] = rewards.from_flags(args.reward, base, device, args)
     if args.heldout_reward_model:
-        scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model, cache_dir=args.cache_dir)
+        scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model, cache_dir=args.cache_dir,
+                                           flag="--heldout-reward-model")
     names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
     specs = [None] + [c for c in args.checkpoints.split(",") if c]
     from tqdm.auto import tqdm
@@ -384,11 +386,5 @@ def eval_main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        if len(sys.argv) > 1 and sys.argv[1] == "eval":
-            eval_main(sys.argv[2:])
-        else:
-            main()
-    except (models.ModelLoadError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # bad input: one line and exit code 1 (drlhf.cli.UserError and its kin)
+    cli.run(lambda: eval_main(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else main())

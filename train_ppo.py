@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -36,10 +37,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import checkpoint, cli, evaluation, hardware, models, presets, rewards, tracking
 from drlhf.hardware import DeviceFlag, Precision, all_reduce_sum, autocast, sync_device
 from drlhf.prompts import prompt_table, sample_conditions
-from drlhf.reward_model import RewardModelError
 from drlhf.sampler import (DiffusionSchedule, ReparameterizedChain, Reduction, Sampler, Spacing, VarianceType,
                            action_logprob, rollout)
 from drlhf.toys import TOY_TRAIN_STEPS
@@ -55,21 +56,21 @@ class Args:
     # --- diffusion (Table 6.2, "Diffusion") ---
     pretrained: str = "toy:digit4"
     """Table 6.2 "Base Policy": diffusers folder, hub id, or toy:digit4 / toy:digit4-32 / toy:digits-rgb (offline, trained on first use)"""
-    resolution: int | None = None
+    resolution: PosInt | None = None
     """Table 6.2 "Resolution" of the images in pixels; checked against the base model (None = the model's)"""
     conditioning: Literal["none", "class", "text"] | None = None
     """Table 6.2 "Cond. Type": none, class or text; checked against the base model (None = the model's)"""
     latent: bool | None = None
     """Table 6.2 "Latent Diff."; checked against the base model (None = the model's)"""
-    guidance_scale: float = 1.0
+    guidance_scale: NonNegFloat = 1.0
     """Table 6.2 "CFG Scale": classifier-free guidance weight during rollout and update (1 = none)"""
-    num_steps: int = 25
+    num_steps: PosInt = 25
     """Table 6.2 "Timesteps": denoising steps per rollout, a respaced subset of the 1000 training steps"""
     sampler: Sampler = "ddpm"
     """thesis 5.1: ddpm (the thesis) or ddim (stochastic, --eta > 0)"""
     spacing: Spacing = "leading"
     """which training timesteps are kept: leading, trailing, linspace (diffusers) or guided (guided-diffusion)"""
-    eta: float = 1.0
+    eta: NonNegFloat = 1.0
     """DDIM noise level (only with --sampler ddim)"""
     variance_type: VarianceType | None = None
     """policy std: fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
@@ -103,56 +104,56 @@ class Args:
     value_init: Literal["classifier", "random", "reward"] = "classifier"
     """value-function init: classifier (--value-fn cnn only: appendix B net pre-trained on noisy digits, thesis 6.4), random, or reward (the same as --value-fn reward: a copy of --reward-model, thesis 6.9)"""
     # --- reinforcement learning (Table 6.2) ---
-    num_envs: int = 32
+    num_envs: PosInt = 32
     """Table 6.2 "Environments": parallel environments per epoch over all processes"""
-    gamma: float = 1.0
+    gamma: Fraction = 1.0
     """Table 6.2 "GAE gamma" """
-    gae_lambda: float = 0.95
+    gae_lambda: Fraction = 0.95
     """Table 6.2 "GAE lambda" """
-    clip_coef: float = 0.2
+    clip_coef: PosFloat = 0.2
     """Table 6.2 "PPO Clip Coeff." (also clips the value update)"""
-    vf_coef: float = 0.5
+    vf_coef: NonNegFloat = 0.5
     """Table 6.2 "PPO VF Coeff." """
-    kl_coef: float = 0.0
+    kl_coef: NonNegFloat = 0.0
     """Table 6.2 "KL Penalty Coeff." beta of Eq. 5.3; the frozen base model is built only when > 0"""
     norm_adv: bool = True
     """normalize advantages over the whole batch of all processes (thesis 5.3)"""
     clip_vloss: bool = True
     """clip the value loss around the rollout values (thesis 5.3)"""
-    update_epochs: int = 1
+    update_epochs: PosInt = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
     old_logprobs: Literal["rollout", "recompute"] = "rollout"
     """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact on CPU and in fp32) or recompute (one extra no-grad pass in the update's own minibatches; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
     minibatch_grouping: Literal["state", "trajectory"] = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---
-    epochs: int = 50
+    epochs: PosInt = 50
     """Table 6.2 "Epochs": rollout + update rounds (offline default: 50, thesis: 3000)"""
-    minibatch_size: int = 25
+    minibatch_size: PosInt = 25
     """Table 6.2 "Minibatch Size": states per forward pass on each process"""
-    policy_lr: float = 5e-5
+    policy_lr: PosFloat = 5e-5
     """Table 6.2 "Learning Rate Policy" (offline default 5e-5 to learn in minutes on CPU; thesis: 1e-7)"""
-    policy_lr_early: float | None = None
+    policy_lr_early: PosFloat | None = None
     """Table 6.2 "Aesthetic Score": policy LR for the first --policy-lr-early-epochs epochs (2e-7)"""
-    policy_lr_early_epochs: int = 0
+    policy_lr_early_epochs: NonNegInt = 0
     """epochs that use --policy-lr-early"""
-    vf_lr: float = 1e-3
+    vf_lr: PosFloat = 1e-3
     """Table 6.2 "Learning Rate VF" (offline default 1e-3; thesis: 1e-5)"""
-    policy_warmup_steps: int = 50
+    policy_warmup_steps: NonNegInt = 50
     """Table 6.2 "Warmup Steps Policy": linear warmup in optimizer steps (offline default 50; thesis: 4096)"""
-    vf_warmup_steps: int = 50
+    vf_warmup_steps: NonNegInt = 50
     """Table 6.2 "Warmup Steps VF" (offline default 50; thesis: 1024)"""
-    adam_beta1: float = 0.9
+    adam_beta1: OpenFraction = 0.9
     """Table 6.2 "Adam beta1" (both optimizers)"""
-    adam_beta2: float = 0.999
+    adam_beta2: OpenFraction = 0.999
     """Table 6.2 "Adam beta2" (both optimizers)"""
-    adam_eps: float = 1e-5
+    adam_eps: PosFloat = 1e-5
     """Table 6.2 "Adam epsilon" (both optimizers)"""
-    weight_decay: float = 0.01
+    weight_decay: NonNegFloat = 0.01
     """Table 6.2 "Adam Weight Decay" (AdamW, both optimizers)"""
-    grad_accum_steps: int = 1
+    grad_accum_steps: PosInt = 1
     """Table 6.2 "Grad. Accum. Steps": minibatches per optimizer step"""
-    max_grad_norm: float | None = 0.5
+    max_grad_norm: PosFloat | None = 0.5
     """Table 6.2 "Grad. Clip Norm", per model (None: no clipping)"""
     # --- hardware (Table 6.2, "Hardware") ---
     precision: Precision = "fp32"
@@ -165,9 +166,9 @@ class Args:
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
     """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; the compiled training and no-grad graphs round differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1"""
-    lora_rank: int = 0
+    lora_rank: NonNegInt = 0
     """train low-rank adapters (peft LoRA) of this rank instead of the whole U-Net (0 = full fine-tuning, the thesis); for small GPUs. Checkpoints then hold the adapters only; the final pipeline has them merged"""
-    lora_alpha: float | None = None
+    lora_alpha: PosFloat | None = None
     """LoRA scaling numerator (None = --lora-rank, i.e. a scale of 1)"""
     lora_targets: str = "to_q,to_k,to_v,to_out.0"
     """comma-separated module names that get adapters (default: the attention projections of diffusers U-Nets)"""
@@ -178,17 +179,17 @@ class Args:
     # --- logging and checkpoints ---
     output_dir: str | None = None
     """run folder for TensorBoard logs, checkpoints, sample grids and the final policy (default runs/<exp>)"""
-    eval_samples: int = 64
+    eval_samples: PosInt = 64
     """fixed-seed samples scored before training and every --eval-every epochs"""
-    eval_every: int = 10
+    eval_every: PosInt = 10
     """epochs between fixed-seed evaluations and image grids"""
-    checkpoint_every: int = 25
+    checkpoint_every: NonNegInt = 25
     """epochs between resumable checkpoints (0: only at the end)"""
     resume: str | None = None
     """continue from a checkpoint folder or a run folder (its latest checkpoint)"""
     cache_dir: str | None = None
     """where offline toy models are cached (default $DRLHF_CACHE or ~/.cache/drlhf)"""
-    toy_train_steps: int = TOY_TRAIN_STEPS
+    toy_train_steps: PosInt = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use (fewer: faster, blurrier)"""
 
 
@@ -528,7 +529,8 @@ def load_models(args: Args, rank: int, world: int, device):
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                            args.spacing, args.eta, args.variance_type, args.guidance_scale,
                                            args.logprob_reduction)
-    reward_fns = [rewards.from_flags(spec, base, device, args) for spec in (args.reward, args.eval_reward) if spec]
+    reward_fns = [rewards.from_flags(spec, base, device, args, flag) for spec, flag in
+                  ((args.reward, "--reward"), (args.eval_reward, "--eval-reward")) if spec]
     return base, value_net, schedule, reward_fns
 
 
@@ -562,15 +564,20 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
 
 # ======== PLUMBING: fixed-seed evaluation, logging, the run folder (layout: drlhf/checkpoint.py) ===========
 def start_run(out: Path, args: Args, base, nets: Nets, evaluator, state: dict, sizes: tuple, world: int):
-    """Rank 0: the run folder, TensorBoard, the batch sizes, and once per run the base model's scores."""
+    """Rank 0: the base model's scores (once per run, first: a failing reward writes nothing), the run folder,
+    TensorBoard, the batch sizes."""
+    base_eval = evaluator() if "base_rewards" not in state else None
     writer = tracking.open_run(out, args, purge_step=state["epoch"] if args.resume else None)
     B, n_states, n_minibatches = sizes
     print(f"[drlhf] base {args.pretrained} ({base.conditioning}, {'latent' if base.is_latent else 'pixel'} "
           f"{tuple(base.sample_shape)}), {args.num_steps} steps {args.sampler}/{nets.schedule.cfg.variance_type}; "
           f"{world} process(es) x {B} environments = {B * world}; {n_states} states per process -> {n_minibatches} "
           f"minibatches of {args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
-    if "base_rewards" not in state:
-        evaluator.record_base(out, state)
+    if base_eval is not None:
+        evaluator.record_base(out, state, base_eval)
+    elif not (out / "samples_base.png").exists():  # resumed into a new --output-dir: the base grid comes along
+        if (src := checkpoint.find_checkpoint(args.resume).parent.parent / "samples_base.png").exists():
+            shutil.copy2(src, out)
     return writer
 
 
@@ -640,9 +647,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (models.ModelLoadError, RewardModelError, checkpoint.CheckpointError, FileNotFoundError,
-            FloatingPointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)  # bad input: one line and exit code 1 (drlhf.cli.UserError and its kin)

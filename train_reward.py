@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from drlhf.cli import Fraction, NonNegFloat, OpenFraction, PosFloat, PosInt
 from drlhf import cli, hardware, models, presets, tracking
 from drlhf.hardware import DeviceFlag, Precision, autocast
 from drlhf.labels import dataset_fingerprint, load_tasks as read_tasks, read_rankings
@@ -46,20 +46,20 @@ class Args:
     """base model whose U-Net encoder is reused (default: the dataset's base model from dataset.json)"""
     out: str | None = None
     """reward-model folder to write (default runs/reward-<exp>)"""
-    epochs: int = 60
+    epochs: PosInt = 60
     """passes over the training tasks (thesis: 1000 for Macaw, 40 for Pink)"""
-    batch_tasks: int = 8
+    batch_tasks: PosInt = 8
     """tasks per optimizer step over all processes (thesis: 8 for Macaw = 40 images, 4 for Pink = 32 images)"""
-    lr: float = 1e-3
+    lr: PosFloat = 1e-3
     """AdamW learning rate of the trainable parameters (thesis: 1e-4; offline default 1e-3)"""
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     """AdamW weight decay"""
-    val_fraction: float | None = None
+    val_fraction: OpenFraction | None = None
     """hold out this share of tasks for validation, seeded (the thesis's preliminary 80/20 model: 0.2);
     None = use the export's train/val split; 0 = train on everything"""
     ties: Literal["exclude", "half"] = "exclude"
     """pairs inside a tie group: exclude (default) or half (trained toward 0.5)"""
-    cond_drop: float = 0.1
+    cond_drop: Fraction = 0.1
     """probability of dropping the condition in training, for classifier-free reward guidance (thesis 5.2)"""
     guidance: float = 1.0
     """reward guidance weight w stored with the model: r = r_u + w (r_c - r_u) (1 = plain conditional reward)"""
@@ -71,9 +71,9 @@ class Args:
     """store the training-set reward mean and std so that the model emits standardized rewards (Eq. 5.2; the thesis's Macaw model was not standardized)"""
     trainable: Literal["head", "mid", "encoder"] = "head"
     """trainable parts: head (thesis: only the new head), mid (+ mid block; classifier: + middle block and attention pool) or encoder"""
-    width: int = 128
+    width: PosInt = 128
     """width of the cross-attention pooling head"""
-    heads: int = 4
+    heads: PosInt = 4
     """attention heads of the pooling head"""
     seed: int = 0
     """seed of the split, the task order and the condition dropping"""
@@ -83,7 +83,7 @@ class Args:
     """auto, cpu or cuda"""
     cache_dir: str | None = None
     """cache of the offline toy models"""
-    toy_train_steps: int = TOY_TRAIN_STEPS
+    toy_train_steps: PosInt = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
 
 
@@ -354,8 +354,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (models.ModelLoadError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main)  # bad input: one line and exit code 1 (drlhf.cli.UserError and its kin)

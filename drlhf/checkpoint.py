@@ -17,6 +17,8 @@ nothing, never half a file.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import errno
 import os
 import random
 import shutil
@@ -29,6 +31,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from drlhf.cli import UserError
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes
@@ -38,18 +42,39 @@ def atomic_write(path: Path, write: Callable[[Path], object], folder: bool = Fal
     renamed to path, replacing what was there. An interrupted write leaves no file of that name half-written,
     and its leftover tmp is replaced by the next write of the same path. One writer per path at a time."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    _remove(tmp)  # left by an interrupted write
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)  # left by an interrupted write
         if folder:
             tmp.mkdir()
         write(tmp)
         if folder and path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - a full or read-only disk is the user's to fix, anything else a bug
+        reason = _disk_problem(e)
+        if reason is None:
+            raise
+        raise WriteError(f"could not write {path}: {reason}; nothing was half-written (the previous version, if any, "
+                         "is intact). Free space or choose another output folder (--output-dir / --out)") from None
     finally:
         _remove(tmp)
+
+
+class WriteError(UserError):
+    """A file could not be written for a reason outside the program (disk full, read-only, no permission)."""
+
+
+def _disk_problem(e: Exception) -> str | None:
+    """Why a write failed, when the disk (not the program) is the cause; None otherwise. safetensors and
+    torch.save report a full disk in their own exception types, so their messages are read too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return os.strerror(e.errno).lower()
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text or "unexpected pos" in text:
+        return "no space left on device"
+    return None
 
 
 def _remove(path: Path):
@@ -95,7 +120,7 @@ def set_rng_state(st: dict, generators: dict):
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message names the file and what to do."""
 
 
@@ -126,6 +151,8 @@ def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, value_net, opt_p
             save_file({k: v.detach().contiguous().cpu() for k, v in value_net.state_dict().items()}, d / "value.safetensors")
         torch.save({"opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict() if opt_vf else None,
                     "scaler": scaler.state_dict(), "state": state, "rng": rngs, "args": args}, d / "state.pt")
+    for stale in path.parent.glob(".epoch_*.tmp"):  # left by a run killed while it wrote a checkpoint
+        _remove(stale)
     atomic_write(path, write, folder=True)
     write_text(path.parent / "latest", path.name)
 
@@ -151,10 +178,17 @@ def load_state(ckpt: Path) -> dict:
 
 
 def resume_args(args, given: set, args_cls):
-    """--resume: (the saved args overridden only by the flags given now, the checkpoint folder, its state)."""
+    """--resume: (the saved args overridden only by the flags given now, the checkpoint folder, its state).
+    The run continues in the run folder that holds the checkpoint (a copied run folder continues in the copy,
+    never in the folder it was copied from), or in --output-dir when given."""
     ckpt = find_checkpoint(args.resume)
     saved = load_state(ckpt)
     merged = args_cls(**{**saved["args"], **{k: getattr(args, k) for k in given if k != "resume"}, "resume": args.resume})
+    if "output_dir" not in given:
+        if ckpt.parent.name != "checkpoints":
+            raise CheckpointError(f"--resume {args.resume}: this checkpoint folder is not inside a run folder "
+                                  "(RUN/checkpoints/epoch_N); pass --output-dir for the continued run")
+        merged = dataclasses.replace(merged, output_dir=str(ckpt.parent.parent))
     return merged, ckpt, saved
 
 

@@ -1,8 +1,12 @@
 """Command-line flags from an `Args` dataclass, shared by the scripts (CleanRL style).
 
 Every dataclass field becomes `--field-name`; the string literal under a field is its help text; a field typed
-`Literal[...]` accepts only those values; `--exp NAME` selects a preset (drlhf.presets), a plain dict that only
-overrides defaults. Precedence: default < preset < command line.
+`Literal[...]` accepts only those values, one typed `PosInt`, `Fraction`... (an `Annotated` `Range`) only values in
+its range, checked when the arguments are parsed, before anything is written; `--exp NAME` selects a preset
+(drlhf.presets), a plain dict that only overrides defaults. Precedence: default < preset < command line.
+
+Errors a user can cause are `UserError`s (or the file and value errors of bad input): `run(main)` prints them as
+one line and exits with 1; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -13,6 +17,51 @@ import inspect
 import sys
 import types
 import typing
+from dataclasses import dataclass
+from typing import Annotated
+
+
+class UserError(Exception):
+    """Bad input: the message names the flag or file and what to do."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric flag: low <= value (< if low_open), value <= high (< if high_open)."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, flag: str, value):
+        if value is None:
+            return
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise UserError(f"--{flag} {value}: must be {'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            raise UserError(f"--{flag} {value}: must be {'<' if self.high_open else '<='} {self.high:g}")
+
+
+PosInt = Annotated[int, Range(1)]
+NonNegInt = Annotated[int, Range(0)]
+PosFloat = Annotated[float, Range(0, low_open=True)]
+NonNegFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]         # 0 <= x <= 1 (probabilities, GAE gamma and lambda)
+OpenFraction = Annotated[float, Range(0, 1, high_open=True)]  # 0 <= x < 1 (Adam betas)
+
+
+def run(main, expected: tuple = ()):
+    """Run a script's main(): a UserError, a missing or unreadable file, a bad value (and `expected`) is printed
+    as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+            FloatingPointError, *expected) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def field_docs(args_cls) -> dict:
@@ -23,14 +72,22 @@ def field_docs(args_cls) -> dict:
 
 
 def _field_type(hint):
-    """(base type, optional, choices) of a field annotation such as `float | None` or `Literal["a", "b"]`."""
-    optional = False
+    """(base type, optional, choices, range) of a field annotation such as `float | None`, `Literal["a", "b"]`
+    or `Annotated[int, Range(1)]`."""
+    optional, limits = False, None
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         parts = [a for a in typing.get_args(hint) if a is not type(None)]
         optional, hint = len(parts) < len(typing.get_args(hint)), parts[0]
+    if typing.get_origin(hint) is Annotated:
+        hint, *meta = typing.get_args(hint)
+        limits = next((m for m in meta if isinstance(m, Range)), None)
     if typing.get_origin(hint) is typing.Literal:
-        return str, optional, typing.get_args(hint)
-    return hint, optional, None
+        return str, optional, typing.get_args(hint), limits
+    return hint, optional, None, limits
+
+
+def _hints(args_cls) -> dict:
+    return typing.get_type_hints(args_cls, vars(sys.modules[args_cls.__module__]), include_extras=True)
 
 
 def _parser_of(kind, optional: bool):
@@ -50,19 +107,18 @@ def _parser_of(kind, optional: bool):
 
 def choices(args_cls) -> dict:
     """The allowed values of every Literal-typed field, by field name."""
-    hints = typing.get_type_hints(args_cls, vars(sys.modules[args_cls.__module__]))
-    return {name: c for name, c in ((n, _field_type(h)[2]) for n, h in hints.items()) if c}
+    return {name: c for name, c in ((n, _field_type(h)[2]) for n, h in _hints(args_cls).items()) if c}
 
 
 def build_parser(args_cls, suppress_defaults: bool = False, presets: dict | None = None) -> argparse.ArgumentParser:
     """One --flag per field, help from the field's docstring, choices from its type, defaults shown."""
     doc = field_docs(args_cls)
-    hints = typing.get_type_hints(args_cls, vars(sys.modules[args_cls.__module__]))
+    hints = _hints(args_cls)
     parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
     for f in dataclasses.fields(args_cls):
-        kind, optional, options = _field_type(hints[f.name])
+        kind, optional, options, _ = _field_type(hints[f.name])
         if f.name == "exp" and presets:
             options = None
         kwargs = {} if suppress_defaults else {"default": f.default}
@@ -86,4 +142,14 @@ def parse_args(args_cls, presets: dict, argv=None):
             raise KeyError(f"preset {ns.exp!r} has unknown keys {sorted(unknown)}")
         values.update(presets[ns.exp])
     values.update({k: getattr(ns, k) for k in given})
-    return args_cls(**values), given
+    args = args_cls(**values)
+    check_ranges(args)
+    return args, given
+
+
+def check_ranges(args):
+    """Every Range-typed field of an Args instance (after presets and resume merges) -> UserError naming the flag."""
+    for name, hint in _hints(type(args)).items():
+        limits = _field_type(hint)[3]
+        if limits is not None:
+            limits.check(name.replace("_", "-"), getattr(args, name))

@@ -67,9 +67,10 @@ class FixedSeedEval:
         return self.base.decode(buf.samples), [torch.as_tensor(fn(buf.samples, self.cond, self.prompts)).float()
                                                .flatten().cpu() for fn in self.reward_fns]
 
-    def record_base(self, out: Path, state: dict):
-        """The base model's scores into the run state (once per run; a resumed run keeps them) and its grid."""
-        images, (base_rewards, *gold) = self()
+    def record_base(self, out: Path, state: dict, evaluated=None):
+        """The base model's scores into the run state (once per run; a resumed run keeps them) and its grid.
+        evaluated: this evaluator's output for the base model, when it was already computed."""
+        images, (base_rewards, *gold) = evaluated or self()
         state["base_rewards"] = base_rewards
         if gold:
             state["base_eval_reward"] = gold[0]
@@ -94,9 +95,10 @@ class FixedSeedEval:
     def finish(self, out: Path, state: dict, eval_reward: str | None) -> dict:
         """The before/after grid and reward histogram; returns summary.json's score fields (and prints them)."""
         images, (ev, *gold) = self()
-        before = pictures.load_grid(out / "samples_base.png")
-        gap = np.full((before.shape[0], 4, 3), 255, np.uint8)
-        pictures.save_png(np.concatenate([before, gap, pictures.image_grid(images)], 1), out / "samples_before_after.png")
+        if (out / "samples_base.png").exists():
+            before = pictures.load_grid(out / "samples_base.png")
+            gap = np.full((before.shape[0], 4, 3), 255, np.uint8)
+            pictures.save_png(np.concatenate([before, gap, pictures.image_grid(images)], 1), out / "samples_before_after.png")
         br = state["base_rewards"]
         pictures.histogram_png(br.numpy(), ev.numpy(), out / "reward_histogram.png")
         summary = before_after(br, ev)

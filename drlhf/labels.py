@@ -1,11 +1,7 @@
-"""The labeling contracts (dataset, label store, exported rankings) and the ordering logic of one task.
-
-    DATASET/dataset.json        base model, sampler settings, K, seed (its hash is the dataset's fingerprint)
-    DATASET/tasks.jsonl         {"task_id", "prompt" | "class_label", "images": [K paths], "latents": [K] | null, "seeds"}
-    DATASET/labels.sqlite       an append-only event log per project and annotator (Store); state = replay(log)
-    OUT/rankings.jsonl          {"task_id", "ranking": [[best tie group], ...], "both_bad", "split", "annotator",
-                                 "project", "dataset": fingerprint}, one line per complete task and annotator
-    OUT/pairs.jsonl             one line per effective comparison, label_0 / label_1 = 1 / 0, 0.5 / 0.5 for a tie
+"""The labeling contracts and the ordering logic of one task (fields: the README's file contracts):
+DATASET/dataset.json (its hash is the dataset's fingerprint), DATASET/tasks.jsonl and images/ (load_tasks);
+DATASET/labels.sqlite, an append-only event log per project and annotator (Store; state = replay(log));
+OUT/rankings.jsonl and pairs.jsonl (export; read back by read_rankings).
 """
 from __future__ import annotations
 
@@ -22,17 +18,16 @@ from itertools import combinations
 from pathlib import Path
 
 from drlhf.checkpoint import write_text
+from drlhf.cli import UserError
 
 APP_ID, SCHEMA = "drlhf-labels", 1
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """Bad input: the message says which file or flag to fix."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The dataset (contract in the README): dataset.json, tasks.jsonl, images/
-# ---------------------------------------------------------------------------------------------------------
+# -------- The dataset (contract in the README): dataset.json, tasks.jsonl, images/ -------------------------
 def load_tasks(dataset: Path, check_images: bool = True) -> list[dict]:
     """Tasks of a labeling dataset, validated: every task has >= 2 images that exist and can be decoded."""
     tasks_file = dataset / "tasks.jsonl"
@@ -75,9 +70,7 @@ def dataset_fingerprint(dataset: Path) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The ordering of one task from pairwise answers
-# ---------------------------------------------------------------------------------------------------------
+# -------- The ordering of one task from pairwise answers ---------------------------------------------------
 class TaskSorter:
     """Orders K images from answers to "is a better than b?" ('a', 'b' or 'tie').
 
@@ -154,9 +147,7 @@ class TaskSorter:
         return [[i for i in range(self.k) if score[i] == s] for s in sorted(set(score), reverse=True)]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Storage: an append-only event log in SQLite
-# ---------------------------------------------------------------------------------------------------------
+# -------- Storage: an append-only event log in SQLite ------------------------------------------------------
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS projects(name TEXT PRIMARY KEY, dataset TEXT NOT NULL, fingerprint TEXT NOT NULL,
@@ -166,10 +157,8 @@ CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY AUTOINCREMENT, project 
     task_id INTEGER, kind TEXT NOT NULL CHECK(kind IN ('decision', 'flag', 'skip', 'undo')), data TEXT NOT NULL,
     ts REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_annotator ON events(project, annotator, id);
-CREATE TRIGGER IF NOT EXISTS events_append_only_u BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_append_only_d BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_u BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_d BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'append-only'); END;
 """
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb", "smbfs", "smb3", "fuse.sshfs", "9p", "afs", "lustre", "gpfs")
 
@@ -278,15 +267,14 @@ class Store:
         return [dict(id=i, task_id=t, kind=k, ts=ts, **json.loads(d)) for i, t, k, d, ts in rows]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The state of one annotator, rebuilt by replaying the log
-# ---------------------------------------------------------------------------------------------------------
+# -------- The state of one annotator, rebuilt by replaying the log -----------------------------------------
 @dataclass
 class State:
     sorters: dict
     both_bad: dict
     skipped: list
     decisions: list = field(default_factory=list)  # effective decision events, in order
+    conflicts: list = field(default_factory=list)  # decisions that answer another pair than the pending one
 
     def current_task(self, tasks):
         """First unfinished task in dataset order; skipped tasks come back when nothing else is left."""
@@ -296,7 +284,9 @@ class State:
 
 
 def replay(events, tasks, project) -> State:
-    """Fold the log into the state: an undo cancels the latest effective event (decision, flag or skip)."""
+    """Fold the log into the state: an undo cancels the latest effective event (decision, flag or skip). A
+    decision for another pair than the pending one (two sessions of one annotator answered the same pair) is
+    kept out and listed in state.conflicts: the first answer stands."""
     effective = []
     for e in events:
         if e["kind"] == "undo":
@@ -308,6 +298,9 @@ def replay(events, tasks, project) -> State:
                    for t in tasks}, {t["task_id"]: set() for t in tasks}, [])
     for e in effective:
         if e["kind"] == "decision":
+            if state.sorters[e["task_id"]].next_pair() != (e["a"], e["b"]):
+                state.conflicts.append(e)
+                continue
             state.sorters[e["task_id"]].apply(e["a"], e["b"], e["outcome"])
             state.decisions.append(e)
         elif e["kind"] == "flag":
@@ -317,9 +310,7 @@ def replay(events, tasks, project) -> State:
     return state
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Export: rankings.jsonl, pairs.jsonl, report
-# ---------------------------------------------------------------------------------------------------------
+# -------- Export: rankings.jsonl, pairs.jsonl, report ------------------------------------------------------
 def kendall_tau_b(rank_x, rank_y) -> float:
     """Kendall's tau-b between two rankings given as ranks per item (ties allowed)."""
     conc = disc = tx = ty = 0
@@ -362,11 +353,12 @@ def export(store, project, tasks, out: Path, val_fraction: float, seed: int) -> 
             pairs.append(dict(task_id=e["task_id"], annotator=annotator, index_0=e["a"], index_1=e["b"],
                               image_0=images[e["a"]], image_1=images[e["b"]], label_0=label[0], label_1=label[1],
                               left=e["left"], split=split[e["task_id"]]))
-        times = [e["ms"] for e in state.decisions if e.get("ms")]
-        ties = sum(e["outcome"] == "tie" for e in state.decisions)
+        times, ties = [e["ms"] for e in state.decisions if e.get("ms")], sum(e["outcome"] == "tie" for e in state.decisions)
         pace = f"{sum(times) / len(times) / 1000:.2f} s" if times else "–"
-        report.append(f"| {annotator} | {len(done)} / {len(tasks)} | {len(state.decisions)} | {ties} | {pace} |")
-    out.mkdir(parents=True, exist_ok=True)
+        report.append(f"| {annotator} | {len(done)} / {len(tasks)} | {len(state.decisions)} | {ties} | {pace} | "
+                      f"{len(state.conflicts)} |")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise LabelError(f"--out {out}: cannot write there (read-only); export elsewhere with --out DIR")
     for name, rows in (("rankings.jsonl", rankings), ("pairs.jsonl", pairs)):
         write_text(out / name, "".join(json.dumps(r) + "\n" for r in rows))
     annotators = store.annotators(project["name"])
@@ -379,7 +371,8 @@ def export(store, project, tasks, out: Path, val_fraction: float, seed: int) -> 
         taus.append(f"| {x} / {y} | {len(shared)} | {(sum(vals) / len(vals) if vals else float('nan')):.3f} |")
     text = (f"# Labels of project {project['name']}\n\n{len(rankings)} complete rankings, {len(pairs)} compared pairs; "
             f"split by task with seed {seed}: {n_val} validation tasks of {len(tasks)}.\n\n"
-            "| annotator | tasks done | comparisons | ties | mean time per decision |\n|---|---|---|---|---|\n"
+            "| annotator | tasks done | comparisons | ties | mean time per decision | conflicting answers ignored |\n"
+            "|---|---|---|---|---|---|\n"
             + "\n".join(report) + "\n")
     if taus:
         text += ("\nAgreement on shared complete tasks (Kendall tau-b, mean over tasks):\n\n"
@@ -392,9 +385,16 @@ def read_rankings(path: Path, annotator: str | None = None) -> list[dict]:
     """rankings.jsonl (written by export), optionally of one annotator only."""
     if not path.exists():
         raise FileNotFoundError(f"--rankings {path}: no such file; run `label.py export` on the dataset first")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise LabelError(f"{path}:{n}: not a JSON line ({e}); export the rankings again with `label.py export`") from None
+    if any(not isinstance(r, dict) or "task_id" not in r or "ranking" not in r for r in rows):
+        raise LabelError(f"{path}: every line must be an object with task_id and ranking (label.py export writes them)")
     if annotator:
-        rows = [r for r in rows if r["annotator"] == annotator]
+        rows = [r for r in rows if r.get("annotator") == annotator]
     if not rows:
         raise ValueError(f"--rankings {path}: no rankings{' of annotator ' + annotator if annotator else ''}")
     return rows

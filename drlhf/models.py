@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 
 from drlhf.checkpoint import atomic_write, save_safetensors
+from drlhf.cli import UserError
 from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, default_cache_dir, toy_guided_classifier, toy_model_dir
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A model could not be loaded; the message says which flag or file to fix."""
 
 

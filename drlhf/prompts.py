@@ -97,9 +97,22 @@ def read_prompts(spec: str, flag: str = "--prompts") -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {spec}: no such file")
+    try:
+        return _read_prompt_file(path, spec, flag)
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {spec}: not a UTF-8 text file (prompts come from .txt, .jsonl, .csv or "
+                         ".parquet files)") from None
+
+
+def _read_prompt_file(path: Path, spec: str, flag: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{flag} {path}:{n}: not a JSON line ({e})") from None
         prompts = [_field(r, path, flag) for r in rows]
     elif suffix == ".csv":
         with open(path, newline="") as f:

@@ -27,6 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from drlhf.checkpoint import save_safetensors, write_text
+from drlhf.cli import UserError
 
 TRAINABLE = ("head", "mid", "encoder")  # new head only (thesis) / + mid block / + the whole encoder
 
@@ -218,7 +219,7 @@ class ClassifierRewardModel(nn.Module):
         _save_folder(self, out_dir, dict(config, backbone="classifier", classifier=self.classifier_spec))
 
 
-class RewardModelError(Exception):
+class RewardModelError(UserError):
     """A reward-model folder that cannot be used; the message says why and what to do."""
 
 
@@ -229,7 +230,14 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise RewardModelError(f"--reward-model {path}: expected config.json and model.safetensors (written by "
                                "train_reward.py)")
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RewardModelError(f"--reward-model {path}: {path / 'config.json'} is not valid JSON ({e}); write the "
+                               "folder again with train_reward.py") from None
+    if not isinstance(config, dict):
+        raise RewardModelError(f"--reward-model {path}: {path / 'config.json'} holds a {type(config).__name__}, not "
+                               "the JSON object train_reward.py writes")
     if config.get("backbone") == "classifier":
         return _load_classifier_reward_model(path, config, base, device, classifier, cache_dir)
     if config.get("fingerprint") != base_fingerprint(base.unet):

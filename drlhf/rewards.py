@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drlhf.cli import UserError
+
 TARGET_PNG = Path(__file__).parent / "assets" / "target_4.png"
 
 
@@ -197,47 +199,92 @@ def get_reward_fn(name: str, resolution: int, channels: int, target_image=None, 
                      "pickscore, rm (a trained reward model), or module:function")
 
 
+class RewardFunctionError(UserError):
+    """A reward function that cannot be used or gave no usable scores; the message names the flag."""
+
+
 def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
           pickscore_model="yuvalkirstain/PickScore_v1",
           pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", cache_dir=None, aesthetic_clip=None,
-          aesthetic_mlp=None):
+          aesthetic_mlp=None, flag: str = "--reward"):
     """A reward by name for a base model (models.BaseModel) -> fn(samples, cond, prompts=None) -> (B,) scores.
 
     rm scores the samples themselves (latents for latent models; thesis 5.2); every other reward sees the decoded
     images in [-1, 1] and the condition in human terms: the prompts of text models, the class labels otherwise.
+    Every reward's output is checked to be one number per sample; `flag` names the option in messages.
     """
     if spec == "rm":
         if not reward_model:
-            raise ValueError("--reward rm needs --reward-model DIR, a folder written by train_reward.py")
+            raise ValueError(f"{flag} rm needs --reward-model DIR, a folder written by train_reward.py")
         from drlhf.reward_model import load_reward_model
         rm, config = load_reward_model(reward_model, base, device, cache_dir=cache_dir)
         rm.eval().requires_grad_(False)  # frozen; --algo backprop sends gradients through it, never into it
         fn = lambda samples, cond, prompts=None: rm(samples.float(), None, cond,  # noqa: E731
                                                     guidance=config.get("guidance_weight", 1.0))
-        fn.model = rm
-        return fn
+        return checked(fn, spec, flag, model=rm)
     if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
-        import importlib
-        mod, fn = spec.split(":", 1)
+        image_fn = import_function(spec, flag)
+        fn = lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)  # noqa: E731
+        return checked(fn, spec, flag, user_code=True)
+    c, h, _ = base.sample_shape
+    image_fn = get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c, target_image,
+                             pickscore_model, pickscore_processor, device, aesthetic_clip, aesthetic_mlp, cache_dir)
+    return checked(lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None
+                                                               else cond), spec, flag)
+
+
+def import_function(spec: str, flag: str):
+    """module:function -> the function. The module must be importable: a file MODULE.py in the working directory
+    or in a folder on PYTHONPATH (PYTHONPATH=/path/to/folder python train_ppo.py --reward MODULE:FUNCTION)."""
+    import importlib
+    mod, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise RewardFunctionError(f"{flag} {spec}: cannot import module {mod!r} ({e}); it must be importable: put "
+                                  f"{mod}.py in the working directory or its folder on PYTHONPATH") from None
+    if not callable(getattr(module, name, None)):
+        raise RewardFunctionError(f"{flag} {spec}: module {mod!r} ({getattr(module, '__file__', '?')}) has no "
+                                  f"function {name!r}")
+    return getattr(module, name)
+
+
+def checked(fn, spec: str, flag: str, model=None, user_code: bool = False):
+    """fn with its output checked to be one number per sample, returned as a float tensor of shape (B,) (with its
+    gradient, for --algo backprop); finiteness is the caller's check. An exception inside user code becomes one line naming the flag and the place."""
+    def score(samples, cond, prompts=None):
         try:
-            image_fn = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"--reward {spec}: cannot import it ({e}); give module:function with the module "
-                             "on the Python path") from None
-    else:
-        c, h, _ = base.sample_shape
-        image_fn = get_reward_fn(spec, h * (8 if base.is_latent else 1), 3 if base.is_latent else c, target_image,
-                                 pickscore_model, pickscore_processor, device, aesthetic_clip, aesthetic_mlp, cache_dir)
-    return lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)
+            out = fn(samples, cond, prompts)
+        except Exception as e:  # noqa: BLE001
+            if not user_code or isinstance(e, UserError):
+                raise
+            import traceback
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raise RewardFunctionError(f"{flag} {spec} raised {type(e).__name__}: {e} (at {where.filename}:"
+                                      f"{where.lineno})") from e
+        try:
+            scores = torch.as_tensor(out).to(samples.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise RewardFunctionError(f"{flag} {spec} returned {type(out).__name__} {str(out)[:60]!r}; a reward "
+                                      "function returns one number per sample (a tensor of shape (B,))") from None
+        n = len(samples)
+        if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64, torch.bool)) or \
+                tuple(scores.shape) not in ((n,), (n, 1)):
+            raise RewardFunctionError(f"{flag} {spec} returned {scores.dtype} of shape {tuple(scores.shape)} for "
+                                      f"{n} samples; a reward function returns one number per sample, shape ({n},)")
+        return scores.reshape(n).float()
+    if model is not None:
+        score.model = model
+    return score
 
 
-
-def from_flags(spec: str, base, device, flags):
+def from_flags(spec: str, base, device, flags, flag: str = "--reward"):
     """build() with the reward settings of a script's Args (--reward-model, --target-image, --pickscore-*,
     --aesthetic-*, --cache-dir); flags a script does not have take their defaults."""
     names = ("reward_model", "target_image", "pickscore_model", "pickscore_processor", "cache_dir", "aesthetic_clip",
              "aesthetic_mlp")
-    return build(spec, base, device, **{n: getattr(flags, n) for n in names if hasattr(flags, n)})
+    return build(spec, base, device, **{n: getattr(flags, n) for n in names if hasattr(flags, n)}, flag=flag)
+
 
 if __name__ == "__main__":  # regenerate the committed target image: python -m drlhf.rewards
     from drlhf.checkpoint import atomic_write

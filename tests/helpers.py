@@ -31,3 +31,24 @@ def write_openai_checkpoints(folder: Path):
                                                          ("model_channels", "num_res_blocks", "num_head_channels")}))
         out.append(folder / f"{name}.pt")
     return out
+
+
+# reward functions that break the contract (one number per sample), for the failure tests
+def one_scalar(images, cond=None):
+    return images.float().mean()
+
+
+def two_columns(images, cond=None):
+    return images.float().mean((2, 3)).repeat(1, 2)[:, :2]
+
+
+def one_short(images, cond=None):
+    return images.float().mean((1, 2, 3))[:-1]
+
+
+def strings(images, cond=None):
+    return ["good"] * len(images)
+
+
+def raises(images, cond=None):
+    raise ZeroDivisionError("the scorer divided by zero")
