@@ -19,7 +19,6 @@ The store, the ordering logic, replay and export are drlhf/labels.py; this file 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -31,10 +30,12 @@ from pathlib import Path
 from textual.app import App, ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Header, Markdown, Static
+from textual.widgets import Header, Markdown, Static
 
 from drlhf import cli
-from drlhf.labels import LabelError, Store, dataset_fingerprint, export, load_tasks, replay
+from drlhf.labels import (LabelError, Store, auto_label, dataset_fingerprint, effective_events, export,
+                          ink_score, load_tasks, placement, replay, session_lock, stroke_score)
+from drlhf.ordering import ordering_text
 
 DEFAULT_KEYS = dict(left="a", right="d", tie="t", bad="b", skip="n", undo="u")
 FIXED_KEYS = ("1", "2", "i", "question_mark", "?", "q")  # zoom, instructions, help, quit
@@ -42,25 +43,9 @@ PROMPT_CHARS = 200  # longer prompts are cut on screen (the dataset keeps them w
 RENDERERS = ("auto", "tgp", "sixel", "halfcell", "unicode")
 
 
-def placement(project: str, annotator: str, task_id: int, n: int, a: int, b: int):
-    """Left/right placement of a comparison: seeded by (project, annotator, task, decision number), so that
-    it is random per comparison yet the same after a restart. Returns (left, right)."""
-    h = hashlib.sha256(f"{project}/{annotator}/{task_id}/{n}".encode()).digest()[0]
-    return (a, b) if h & 1 else (b, a)
-
-
-# -------- Scoring functions for --auto (AI feedback, tests): images (B, C, H, W) in [-1, 1], prompts -> scores ---
-def ink_score(images, prompts=None):
-    """Mean brightness: ink coverage of white-on-black digits."""
-    return images.float().mean((1, 2, 3))
-
-
-def stroke_score(images, prompts=None):
-    """Share of bright pixels (> 0.5 on [0, 1]), a stroke-thickness proxy."""
-    return ((images.float() + 1) / 2 > 0.5).float().mean((1, 2, 3))
-
-
 def load_scorer(spec: str):
+    """--auto SPEC -> a scoring function of images (B, C, H, W) in [-1, 1] and prompts, higher preferred; the
+    built-in ones also serve as gold functions elsewhere (--eval-reward label:ink_score)."""
     builtin = {"ink": ink_score, "stroke": stroke_score}
     if spec.startswith("builtin:"):
         name = spec[8:]
@@ -76,32 +61,16 @@ def load_scorer(spec: str):
     return import_function(spec, "--auto")
 
 
-def auto_label(store, project, annotator, tasks, dataset: Path, scorer, quiet=False):
-    """Rank every unfinished task by the scorer, recording each comparison the sort asks as a decision."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
-    state = replay(store.events(project["name"], annotator), tasks, project)
-    for task in tqdm([t for t in tasks if not state.sorters[t["task_id"]].done], desc=f"auto-labeling ({annotator})",
-                     disable=quiet):
-        arrays = [np.asarray(Image.open(dataset / p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in task["images"]]
-        images = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2)
-        if all(np.allclose(a[..., 0], a[..., 1]) and np.allclose(a[..., 0], a[..., 2]) for a in arrays):
-            images = images[:, :1]  # greyscale
-        scores = torch.as_tensor(scorer(images, [task.get("prompt")] * len(arrays))).float().flatten().tolist()
-        if len(scores) != len(arrays) or not all(math.isfinite(s) for s in scores):
-            raise LabelError(f"--auto: the scorer returned {scores} for task {task['task_id']}; need one finite "
-                             "score per image")
-        sorter, events = state.sorters[task["task_id"]], []
-        while (pair := sorter.next_pair()) is not None:
-            a, b = pair
-            outcome = "tie" if scores[a] == scores[b] else ("a" if scores[a] > scores[b] else "b")
-            left, right = placement(project["name"], annotator, task["task_id"], sorter.decisions, a, b)
-            events.append(("decision", task["task_id"], dict(a=a, b=b, left=left, right=right, outcome=outcome,
-                                                            ms=0, auto=True)))
-            sorter.apply(a, b, outcome)
-        store.append_many(project["name"], annotator, events)
+def keys_line(keys: dict, width: int) -> str:
+    """All keys on one or two lines: the long words when the window is wide enough, short ones otherwise."""
+    words = [(keys["left"], "left better", "left"), (keys["right"], "right better", "right"), (keys["tie"], "tie", "tie"),
+             (keys["bad"], "both bad", "bad"), (keys["skip"], "skip task", "skip"), (keys["undo"], "undo", "undo"),
+             ("1/2", "zoom", "zoom"), ("i", "instructions", "info"), ("?", "help", "help"), ("q", "quit", "quit")]
+    for long in (True, False):
+        text = " " + "  ".join(f"[b]{k}[/b] {w if long else s}" for k, w, s in words)
+        if 1 + len("  ".join(f"{k} {w if long else s}" for k, w, s in words)) <= width:
+            return text
+    return text
 
 
 # -------- The app ------------------------------------------------------------------------------------------
@@ -154,6 +123,7 @@ class LabelApp(App):
     TITLE = "drlhf labeler"
     CSS = """
     #prompt { height: auto; max-height: 3; padding: 0 1; text-style: bold; }
+    #done { height: auto; max-height: 2; padding: 0 1; color: $success; }
     #pair { height: 1fr; }
     .side { width: 1fr; border: round $accent; padding: 0 1; }
     .side Image { height: 1fr; width: auto; }
@@ -162,6 +132,7 @@ class LabelApp(App):
     .thumb Image { height: 1fr; width: auto; }
     .thumb Static { height: 1; text-align: center; }
     #status { height: 1; padding: 0 1; background: $boost; }
+    #keys { height: auto; background: $panel; }
     #zoom, #text { width: 90%; height: 90%; border: thick $accent; background: $surface; }
     #zoom Image { height: 1fr; width: auto; }
     """
@@ -182,7 +153,7 @@ class LabelApp(App):
             self.bind(key, action, description=description, show=show)
         self.state = replay(self.store.events(self.project["name"], self.annotator), self.tasks, self.project)
         self.task_id, self.pair, self.shown_at = None, None, time.monotonic()
-        self.session_ms = []
+        self.session_ms, self.saved = [], len(self.store.events(self.project["name"], self.annotator))
         self.acknowledged = len(self.state.decisions)  # decisions committed to the database
 
     def load(self, task_id: int, i: int):
@@ -199,6 +170,7 @@ class LabelApp(App):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(id="prompt")
+        yield Static(id="done")
         with Horizontal(id="pair"):
             with Vertical(classes="side"):
                 yield Static(f"[b]LEFT[/b]  ({self.keys['left']} = left is better)", id="left-label")
@@ -208,22 +180,40 @@ class LabelApp(App):
                 yield self.image_widget(None, id="right")
         yield Horizontal(id="strip")
         yield Static(id="status")
-        yield Footer()
+        yield Static(id="keys")  # every key, in as few words as the width needs (Textual's footer cuts them off)
 
     def on_mount(self):
         self.sub_title = f"{self.project['name']} · {self.annotator} · renderer: {self.renderer_name}"
+        self.fit(self.size.width, self.size.height)
         self.refresh_view()
         if self.project["instructions"].strip() and not self.state.decisions:
             self.action_instructions()
 
     # --- what is shown -----------------------------------------------------------------------------
+    def on_resize(self, event):
+        self.fit(event.size.width, event.size.height)
+
+    def fit(self, width: int, height: int):
+        """The images as large as the window allows: the ordering strip takes a quarter of the height (3 to 9
+        rows), each of its K thumbnails an equal share of the width; the key line shortens on narrow windows."""
+        k = max(len(t["images"]) for t in self.tasks)
+        self.query_one("#strip").styles.height = max(5, min(9, height // 4)) if self.task_id is not None else "1fr"
+        for thumb in self.query(".thumb"):
+            thumb.styles.width = max(6, min(12, (width - 2) // k))
+        self.query_one("#keys", Static).update(keys_line(self.keys, width))
+
     def refresh_view(self):
         self.task_id = self.state.current_task(self.tasks)
-        if self.task_id is None:
+        self.query_one("#pair").display = self.task_id is not None
+        if self.task_id is None:  # the end: what was done and what comes next
             self.pair = None
-            self.query_one("#prompt", Static).update("All tasks are ordered. Export with `label.py export`. "
-                                                     "(u undoes, q quits)")
-            self.query_one("#status", Static).update(self.progress())
+            self.query_one("#prompt", Static).update(
+                f"All {len(self.tasks)} tasks are ordered. Export with `python label.py export {self.dataset}`"
+                f"{'' if self.project['name'] == 'default' else ' --project ' + self.project['name']}; "
+                f"{self.keys['undo']} undoes the last answer, q quits.")
+            last = self.state.decisions[-1]["task_id"] if self.state.decisions else None
+            if last is not None and self.show_strip(last, f"task {last}: final ordering (best first)") is not None:
+                self.query_one("#status", Static).update(self.progress())
             return
         task, sorter = self.by_id[self.task_id], self.state.sorters[self.task_id]
         a, b = sorter.next_pair()
@@ -231,22 +221,36 @@ class LabelApp(App):
         cond = task.get("prompt") or (f"class {task['class_label']}" if "class_label" in task else "(unconditional)")
         cond = cond if len(cond) <= PROMPT_CHARS else cond[:PROMPT_CHARS] + "…"  # a long prompt keeps the images
         self.query_one("#prompt", Static).update(f"Task {self.task_id}: {cond}")
-        shown = {i: self.load(self.task_id, i) for i in {*self.pair, *(i for g in sorter.ranking() for i in g)}}
-        if any(image is None for image in shown.values()):
+        shown = self.show_strip(self.task_id, "current ordering (best first; = tie, ✗ flagged bad)", self.pair)
+        if shown is None:
             return  # the session is ending with the reason (fail)
         self.query_one("#left", self.image_widget).image = shown[self.pair[0]]
         self.query_one("#right", self.image_widget).image = shown[self.pair[1]]
+        for side, i in (("left", self.pair[0]), ("right", self.pair[1])):
+            bad = " [red]✗ bad[/red]" if i in self.state.both_bad[self.task_id] else ""
+            self.query_one(f"#{side}-label", Static).update(
+                f"[b]{side.upper()}[/b] #{i}{bad}  ({self.keys[side]} = {side} is better)")
+        self.query_one("#status", Static).update(self.progress())
+        self.shown_at = time.monotonic()
+
+    def show_strip(self, task_id: int, title: str, pair=()) -> dict | None:
+        """The task's ordering so far as thumbnails; returns its images (and the pair's), or None when one of
+        them cannot be read (the session then ends)."""
+        ranking = self.state.sorters[task_id].ranking()
+        shown = {i: self.load(task_id, i) for i in {*pair, *(i for g in ranking for i in g)}}
+        if any(image is None for image in shown.values()):
+            return None
         strip = self.query_one("#strip", Horizontal)
         strip.remove_children()
         thumbs = []
-        for rank, group in enumerate(sorter.ranking(), 1):
+        for rank, group in enumerate(ranking, 1):
             for i in group:
-                tag = f"{rank}{'=' if len(group) > 1 else ''} #{i}{' ✗' if i in self.state.both_bad[self.task_id] else ''}"
+                tag = f"{rank}{'=' if len(group) > 1 else ''} #{i}{' ✗' if i in self.state.both_bad[task_id] else ''}"
                 thumbs.append(Vertical(self.image_widget(shown[i]), Static(tag), classes="thumb"))
         strip.mount(*thumbs)
-        strip.border_title = "current ordering (best first; = tie, ✗ flagged bad)"
-        self.query_one("#status", Static).update(self.progress())
-        self.shown_at = time.monotonic()
+        strip.border_title = title
+        self.fit(self.size.width, self.size.height)
+        return shown
 
     def progress(self) -> str:
         done = sum(s.done for s in self.state.sorters.values())
@@ -257,14 +261,18 @@ class LabelApp(App):
         pace = self.session_ms[-50:] or [e["ms"] for e in self.state.decisions[-50:] if e.get("ms")]
         eta = (f"{left_tasks * sum(per_task) / len(per_task) * sum(pace) / len(pace) / 60000:.0f} min"
                if pace else "–")
-        return (f"task {position} of {len(self.tasks)} · {done} ordered · {len(self.state.decisions)} comparisons · "
-                f"ETA {eta} · saved #{self.acknowledged}")
+        in_task = ""
+        if self.task_id is not None:
+            sorter = self.state.sorters[self.task_id]
+            in_task = f" · comparison {sorter.decisions + 1} of max {sorter.decisions + sorter.most_left()}"
+        return f"task {position}/{len(self.tasks)}{in_task} · {done} ordered · ETA {eta} · {self.saved} answers saved"
 
     # --- actions: each one is committed to the log before the view changes ---------------------------
     def record(self, kind, **data) -> bool:
         """Commit one event to the store; False (and the session ends) when it could not be saved."""
         try:
             self.store.append(self.project["name"], self.annotator, kind, self.task_id, **data)
+            self.saved += 1
             return True
         except sqlite3.Error as e:  # disk full, database locked for too long, file removed
             self.fail(f"could not save to {self.store.path} ({e}); the decisions saved before this one are kept: fix "
@@ -286,13 +294,22 @@ class LabelApp(App):
                                          outcome=outcome, ms=ms))
         self.session_ms.append(ms)
         self.acknowledged = len(self.state.decisions)
+        sorter = self.state.sorters[self.task_id]
+        self.show_done(f"Task {self.task_id} is ordered: {ordering_text(sorter.ranking())}" if sorter.done else "")
         self.refresh_view()
+
+    def show_done(self, text: str):
+        """The line above the pair: a finished task's final ordering, shown until the next key."""
+        self.query_one("#done", Static).update(text)
+        self.query_one("#done").display = bool(text)
 
     def action_flag(self):
         if self.pair is not None:
             if not self.record("flag", left=self.pair[0], right=self.pair[1]):
                 return
             self.state.both_bad[self.task_id] |= set(self.pair)
+            self.show_done("")
+            self.notify(f"flagged #{self.pair[0]} and #{self.pair[1]} of task {self.task_id} as both bad; now choose")
             self.refresh_view()
 
     def action_skip(self):
@@ -300,14 +317,24 @@ class LabelApp(App):
             if not self.record("skip"):
                 return
             self.state.skipped.append(self.task_id)
+            self.show_done("")
+            self.notify(f"skipped task {self.task_id}: it comes back after the others")
             self.refresh_view()
 
     def action_undo(self):
+        undone = (effective_events(self.store.events(self.project["name"], self.annotator)) or [None])[-1]
+        if undone is None:
+            self.notify("nothing to undo")
+            return
         self.task_id = None  # an undo is not tied to a task
         if not self.record("undo"):
             return
         self.state = replay(self.store.events(self.project["name"], self.annotator), self.tasks, self.project)
         self.acknowledged = len(self.state.decisions)
+        self.show_done("")
+        what = {"decision": lambda e: f"the answer #{e['a']} vs #{e['b']}", "flag": lambda e: "the both-bad flag",
+                "skip": lambda e: "the skip"}[undone["kind"]](undone)
+        self.notify(f"undid {what} of task {undone['task_id']}")
         self.refresh_view()
 
     def action_zoom(self, side: str):
@@ -378,29 +405,6 @@ def parse_keys(spec: str) -> dict:
         raise LabelError(f"--keys {spec}: key {taken[0]!r} would serve two actions (the fixed keys are "
                          f"{', '.join(FIXED_KEYS)}); give every action its own key")
     return keys
-
-
-def session_lock(store: Store, project: str, annotator: str):
-    """Refuse a second live session of one annotator on one project (two windows would answer the same pair):
-    an flock on a file next to the database, released by the OS when the session ends, even by SIGKILL."""
-    import fcntl
-    import socket
-    name = hashlib.sha256(f"{project}/{annotator}".encode()).hexdigest()[:12]
-    path = store.path.with_name(f".{store.path.name}.{name}.lock")
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        raise LabelError(f"annotator {annotator!r} is already labeling project {project!r} of {store.path} ({holder}); "
-                         "close that session first (a session that died holds no lock), or use another --annotator") from None
-    except OSError:
-        return f  # a file system without flock (some network mounts): no lock, as before
-    f.truncate(0)
-    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    f.flush()
-    return f
 
 
 def create(store, dataset, tasks, args):

@@ -123,7 +123,7 @@ class Args:
     update_epochs: PosInt = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
     old_logprobs: Literal["rollout", "recompute"] = "rollout"
-    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact on CPU and in fp32) or recompute (one extra no-grad pass in the update's own minibatches; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
+    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact in fp32 on CPU up to the rounding of batch-size-dependent matrix kernels, ~1e-4) or recompute (one extra no-grad pass in the update's own minibatches; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
     minibatch_grouping: Literal["state", "trajectory"] = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---

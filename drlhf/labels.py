@@ -19,6 +19,7 @@ from pathlib import Path
 
 from drlhf.checkpoint import write_text
 from drlhf.cli import UserError
+from drlhf.ordering import TaskSorter  # noqa: F401 - part of this module's interface
 
 APP_ID, SCHEMA = "drlhf-labels", 1
 
@@ -68,83 +69,6 @@ def dataset_fingerprint(dataset: Path) -> str:
     meta = dataset / "dataset.json"
     data = meta.read_bytes() if meta.exists() else str(dataset.resolve()).encode()
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-# -------- The ordering of one task from pairwise answers ---------------------------------------------------
-class TaskSorter:
-    """Orders K images from answers to "is a better than b?" ('a', 'b' or 'tie').
-
-    Binary insertion sort over tie groups (transitivity assumed, the default): image i is inserted into the
-    groups of images 0..i-1 by binary search; a tie joins the group. Worst case sum_{n=1}^{K-1} ceil(log2(n+1))
-    comparisons: 8 for K = 5, 17 for K = 8. Optionally a final pass re-asks every neighbouring pair of groups
-    (swap or merge on a contradiction). Without transitivity, every pair is asked and images are ranked by
-    wins + ties/2 (Copeland), equal scores forming tie groups.
-    """
-
-    def __init__(self, k: int, all_pairs: bool = False, recheck: bool = False):
-        self.k, self.all_pairs, self.recheck = k, all_pairs, recheck
-        self.groups = [[0]]                   # best first
-        self.item, self.lo, self.hi = 1, 0, 1  # image being inserted and its search interval over groups
-        self.check = 0                         # position of the neighbour re-check pass
-        self.pairs = list(combinations(range(k), 2))
-        self.answers: dict[tuple[int, int], str] = {}
-        self.decisions = 0
-
-    def next_pair(self):
-        """The next (a, b) to ask, or None when the task is ordered."""
-        if self.all_pairs:
-            return next((p for p in self.pairs if p not in self.answers), None)
-        if self.item < self.k:
-            return self.item, self.groups[(self.lo + self.hi) // 2][0]
-        if self.recheck and self.check < len(self.groups) - 1:
-            return self.groups[self.check + 1][0], self.groups[self.check][0]  # (lower, upper)
-        return None
-
-    @property
-    def done(self) -> bool:
-        return self.next_pair() is None
-
-    def apply(self, a: int, b: int, outcome: str):
-        if (a, b) != self.next_pair():
-            raise ValueError(f"answer for ({a}, {b}) but the pending pair is {self.next_pair()}")
-        self.decisions += 1
-        if self.all_pairs:
-            self.answers[(a, b)] = outcome
-            return
-        if self.item < self.k:
-            mid = (self.lo + self.hi) // 2
-            if outcome == "tie":
-                self.groups[mid].append(a)
-                return self._next_item()
-            if outcome == "a":
-                self.hi = mid
-            else:
-                self.lo = mid + 1
-            if self.lo == self.hi:
-                self.groups.insert(self.lo, [a])
-                self._next_item()
-            return
-        p = self.check  # re-check: a = lower group, b = upper group
-        if outcome == "tie":
-            self.groups[p:p + 2] = [self.groups[p] + self.groups[p + 1]]
-            return
-        if outcome == "a":
-            self.groups[p], self.groups[p + 1] = self.groups[p + 1], self.groups[p]
-        self.check += 1
-
-    def _next_item(self):
-        self.item += 1
-        self.lo, self.hi = 0, len(self.groups)
-
-    def ranking(self) -> list[list[int]]:
-        """Tie groups of image indices, best first (partial while the task is not done)."""
-        if not self.all_pairs:
-            return [sorted(g) for g in self.groups]
-        score = [0.0] * self.k
-        for (a, b), o in self.answers.items():
-            score[a] += {"a": 1.0, "tie": 0.5, "b": 0.0}[o]
-            score[b] += {"a": 0.0, "tie": 0.5, "b": 1.0}[o]
-        return [[i for i in range(self.k) if score[i] == s] for s in sorted(set(score), reverse=True)]
 
 
 # -------- Storage: an append-only event log in SQLite ------------------------------------------------------
@@ -283,17 +207,22 @@ class State:
         return min(todo, key=lambda t: last_skip.get(t, -1)) if todo else None  # never skipped first, then oldest skip
 
 
+def effective_events(events: list) -> list:
+    """The events that count: each undo cancels the latest effective decision, flag or skip."""
+    effective = []
+    for e in events:
+        if e["kind"] != "undo":
+            effective.append(e)
+        elif effective:
+            effective.pop()
+    return effective
+
+
 def replay(events, tasks, project) -> State:
     """Fold the log into the state: an undo cancels the latest effective event (decision, flag or skip). A
     decision for another pair than the pending one (two sessions of one annotator answered the same pair) is
     kept out and listed in state.conflicts: the first answer stands."""
-    effective = []
-    for e in events:
-        if e["kind"] == "undo":
-            if effective:
-                effective.pop()
-        else:
-            effective.append(e)
+    effective = effective_events(events)
     state = State({t["task_id"]: TaskSorter(len(t["images"]), bool(project["all_pairs"]), bool(project["recheck"]))
                    for t in tasks}, {t["task_id"]: set() for t in tasks}, [])
     for e in effective:
@@ -398,3 +327,72 @@ def read_rankings(path: Path, annotator: str | None = None) -> list[dict]:
     if not rows:
         raise ValueError(f"--rankings {path}: no rankings{' of annotator ' + annotator if annotator else ''}")
     return rows
+
+
+def placement(project: str, annotator: str, task_id: int, n: int, a: int, b: int):
+    """Left/right placement of a comparison: seeded by (project, annotator, task, decision number), so that
+    it is random per comparison yet the same after a restart. Returns (left, right)."""
+    h = hashlib.sha256(f"{project}/{annotator}/{task_id}/{n}".encode()).digest()[0]
+    return (a, b) if h & 1 else (b, a)
+
+
+def session_lock(store: Store, project: str, annotator: str):
+    """Refuse a second live session of one annotator on one project (two windows would answer the same pair):
+    an flock on a file next to the database, released by the OS when the session ends, even by SIGKILL."""
+    import fcntl
+    import socket
+    name = hashlib.sha256(f"{project}/{annotator}".encode()).hexdigest()[:12]
+    path = store.path.with_name(f".{store.path.name}.{name}.lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise LabelError(f"annotator {annotator!r} is already labeling project {project!r} of {store.path} ({holder}); "
+                         "close that session first (a session that died holds no lock), or use another --annotator") from None
+    except OSError:
+        return f  # a file system without flock (some network mounts): no lock, as before
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    return f
+
+
+# -------- Scoring functions for --auto (AI feedback, tests): images (B, C, H, W) in [-1, 1], prompts -> scores ---
+def ink_score(images, prompts=None):
+    """Mean brightness: ink coverage of white-on-black digits."""
+    return images.float().mean((1, 2, 3))
+
+
+def stroke_score(images, prompts=None):
+    """Share of bright pixels (> 0.5 on [0, 1]), a stroke-thickness proxy."""
+    return ((images.float() + 1) / 2 > 0.5).float().mean((1, 2, 3))
+
+
+def auto_label(store, project, annotator, tasks, dataset: Path, scorer, quiet=False):
+    """Rank every unfinished task by the scorer, recording each comparison the sort asks as a decision."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+    state = replay(store.events(project["name"], annotator), tasks, project)
+    for task in tqdm([t for t in tasks if not state.sorters[t["task_id"]].done], desc=f"auto-labeling ({annotator})",
+                     disable=quiet):
+        arrays = [np.asarray(Image.open(dataset / p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in task["images"]]
+        images = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2)
+        if all(np.allclose(a[..., 0], a[..., 1]) and np.allclose(a[..., 0], a[..., 2]) for a in arrays):
+            images = images[:, :1]  # greyscale
+        scores = torch.as_tensor(scorer(images, [task.get("prompt")] * len(arrays))).float().flatten().tolist()
+        if len(scores) != len(arrays) or not all(math.isfinite(s) for s in scores):
+            raise LabelError(f"--auto: the scorer returned {scores} for task {task['task_id']}; need one finite "
+                             "score per image")
+        sorter, events = state.sorters[task["task_id"]], []
+        while (pair := sorter.next_pair()) is not None:
+            a, b = pair
+            outcome = "tie" if scores[a] == scores[b] else ("a" if scores[a] > scores[b] else "b")
+            left, right = placement(project["name"], annotator, task["task_id"], sorter.decisions, a, b)
+            events.append(("decision", task["task_id"], dict(a=a, b=b, left=left, right=right, outcome=outcome,
+                                                            ms=0, auto=True)))
+            sorter.apply(a, b, outcome)
+        store.append_many(project["name"], annotator, events)

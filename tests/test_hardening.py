@@ -127,8 +127,8 @@ def test_a_second_session_of_one_annotator_is_refused_and_a_conflicting_log_stil
     store = labels.Store(db, quiet=True)
     store.create_project("default", ds, 5, False, False, "")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, '.'); import label; from drlhf.labels import Store; "
-        f"s = Store({str(db)!r}, quiet=True); f = label.session_lock(s, 'default', 'alice'); "
+        "import sys, time; sys.path.insert(0, '.'); from drlhf import labels; from drlhf.labels import Store; "
+        f"s = Store({str(db)!r}, quiet=True); f = labels.session_lock(s, 'default', 'alice'); "
         "print('locked', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -185,3 +185,33 @@ def test_an_image_deleted_during_a_session_ends_it_with_one_line(tmp_path):
     asyncio.run(drive())
     assert app.return_code == 1
     assert len(store.events("p", "tester")) == 1  # the answer given before the failure is kept
+
+
+def test_flag_skip_and_undo_say_what_they_did_and_a_finished_task_shows_its_ordering(tmp_path):
+    import asyncio
+    from test_label import make_dataset, open_app
+    ds = make_dataset(tmp_path / "ds", num_tasks=2, k=3)
+    app, store, _ = open_app(ds, tmp_path / "labels.sqlite", k=3)
+    said = []
+    app.notify = lambda message, **kw: said.append(message)
+
+    async def drive():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("escape")
+            left, right = app.pair
+            await pilot.press("b")
+            assert "✗ bad" in str(app.query_one("#left-label").render())
+            await pilot.press("u")
+            await pilot.press("u")  # nothing left to undo
+            await pilot.press("n")
+            while app.task_id == 1 and app.pair is not None:  # task 1 first: task 0 was skipped
+                await pilot.press("a")
+            done = str(app.query_one("#done").render())
+            assert done.startswith("Task 1 is ordered: #")
+            await pilot.press("a")
+            assert str(app.query_one("#done").render()) == ""  # until the next key
+            return left, right
+    left, right = asyncio.run(drive())
+    assert said[:4] == [f"flagged #{left} and #{right} of task 0 as both bad; now choose",
+                        "undid the both-bad flag of task 0", "nothing to undo",
+                        "skipped task 0: it comes back after the others"]

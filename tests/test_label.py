@@ -1,5 +1,6 @@
 """label.py: the ordering logic, the app driven headless through Textual's pilot, storage, crash safety, export."""
 import asyncio
+import re
 import json
 import os
 import random
@@ -358,3 +359,51 @@ def test_app_in_tmux_shows_prompt_images_strip_and_keys(tmp_path):
     levels = [sum(fg) / 3 for fg, _ in cells] + [sum(bg) / 3 for _, bg in cells]
     assert len(cells) > 500 and len(set(levels)) >= 8 and np.std(levels) > 20  # pictures, not blank boxes
     render(ansi, tmp_path / "labeler.png")
+
+
+@pytest.mark.parametrize("width,height,k", [(80, 24, 5), (80, 24, 8), (130, 42, 5), (130, 42, 8)])
+def test_app_in_tmux_keeps_every_key_visible_and_ends_with_the_next_step(tmp_path, width, height, k):
+    import time
+
+    from ansi_png import parse
+    ds = make_dataset(tmp_path / "ds", num_tasks=2, k=k)
+    session = f"drlhf-keys-{os.getpid()}-{width}-{k}"
+    cmd = f"cd {ROOT} && env -u COLUMNS -u LINES {sys.executable} label.py label {ds} --annotator tmux; sleep 60"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(width), "-y", str(height), cmd], check=True)
+
+    def screen():
+        ansi = subprocess.run(["tmux", "capture-pane", "-t", session, "-e", "-p"], capture_output=True, text=True).stdout
+        return "\n".join("".join(c for c, _, _ in row) for row in parse(ansi))
+    try:
+        for _ in range(120):
+            time.sleep(0.5)
+            text = screen()
+            if "Instructions" in text:
+                subprocess.run(["tmux", "send-keys", "-t", session, "Escape"])
+            elif "LEFT #" in text and "comparison 1 of" in text:
+                break
+        for key in "ad":
+            subprocess.run(["tmux", "send-keys", "-t", session, key])
+            time.sleep(0.3)
+        time.sleep(1.0)
+        middle = screen()
+        for _ in range(2 * (17 if k == 8 else 8) + 2):  # more answers than the worst case of two tasks
+            subprocess.run(["tmux", "send-keys", "-t", session, "a"])
+            time.sleep(0.15)
+        time.sleep(1.5)
+        end = screen()
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session])
+    rows = middle.splitlines()
+    assert len(rows) <= height
+    for key, word in (("a", "left"), ("d", "right"), ("t", "tie"), ("b", "bad"), ("n", "skip"), ("u", "undo"),
+                      ("1/2", "zoom"), ("i", "in"), ("?", "help"), ("q", "quit")):  # the key, then its word
+        assert re.search(rf"(^| ){re.escape(key)} (\w+ )?{word}", rows[-1]), (key, rows[-1])
+    assert f"comparison 3 of max {17 if k == 8 else 8}" in middle and "LEFT #" in middle and "RIGHT #" in middle
+    thumbs = [row for row in rows if "#" in row and "1 #" in row]  # the strip's labels: every inserted image
+    assert thumbs and len(re.findall(r"\d=? #\d", thumbs[-1])) in (2, 3)
+    picture_rows = [row for row in rows if row.count("▀") >= 10 and row.startswith("│ ")]
+    assert len(picture_rows) >= (10 if height == 24 else 20)  # the pair's images get most of the height
+    assert "All 2 tasks are ordered" in end and "label.py export" in end and "final ordering" in end
+    final = [row for row in end.splitlines() if "1 #" in row]  # the last task's final ordering: all K images
+    assert final and len(re.findall(r"\d=? #\d", final[-1])) == k, end
