@@ -430,7 +430,7 @@ def main(argv=None):
     common.add_argument("--project", default="default", help="project name (several may label one dataset)")
     common.add_argument("--db", help="SQLite database (default DATASET/labels.sqlite)")
     opts = argparse.ArgumentParser(add_help=False)
-    opts.add_argument("--k", type=int, help="images per task (default: from dataset.json)")
+    opts.add_argument("--k", type=cli.bounded(int, 2), help="images per task (default: from dataset.json)")
     opts.add_argument("--instructions", help="Markdown instructions (default: the dataset's instructions.md)")
     opts.add_argument("--all-pairs", action="store_true", help="compare every pair instead of assuming transitivity "
                                                               "(thesis: Macaw compared all 10 pairs of K = 5)")
@@ -445,7 +445,8 @@ def main(argv=None):
                                                     "(images in [-1,1], prompts) -> scores, higher preferred")
     exp = sub.add_parser("export", parents=[common], help="write rankings.jsonl, pairs.jsonl and report.md")
     exp.add_argument("--out", help="output folder (default: the dataset folder)")
-    exp.add_argument("--val-fraction", type=float, default=0.2, help="share of tasks in the validation split")
+    exp.add_argument("--val-fraction", type=cli.bounded(float, 0, 1), default=0.2,
+                     help="share of tasks in the validation split, in [0, 1)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by task")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):

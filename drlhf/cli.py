@@ -50,6 +50,17 @@ Fraction = Annotated[float, Range(0, 1)]         # 0 <= x <= 1 (probabilities, G
 OpenFraction = Annotated[float, Range(0, 1, high_open=True)]  # 0 <= x < 1 (Adam betas)
 
 
+def bounded(kind, low, high=None):
+    """An argparse type for scripts without an Args dataclass (label.py): kind(text) with low <= value (< high)."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"{text}: must be >= {low}" + (f" and < {high}" if high is not None else ""))
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def run(main, expected: tuple = ()):
     """Run a script's main(): a UserError, a missing or unreadable file, a bad value (and `expected`) is printed
     as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback."""

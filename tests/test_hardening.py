@@ -215,3 +215,38 @@ def test_flag_skip_and_undo_say_what_they_did_and_a_finished_task_shows_its_orde
     assert said[:4] == [f"flagged #{left} and #{right} of task 0 as both bad; now choose",
                         "undid the both-bad flag of task 0", "nothing to undo",
                         "skipped task 0: it comes back after the others"]
+
+
+def test_a_long_prompt_is_cut_on_screen_and_a_failed_save_ends_the_session(tmp_path):
+    import asyncio
+    import sqlite3
+    from test_label import make_dataset, open_app
+    ds = make_dataset(tmp_path / "ds", num_tasks=2, k=3)
+    lines = [json.loads(line) for line in (ds / "tasks.jsonl").read_text().splitlines()]
+    for t in lines:
+        t.pop("class_label")
+        t["prompt"] = "a photograph of a corgi " * 420  # ~10,000 characters
+    (ds / "tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in lines))
+    app, store, _ = open_app(ds, tmp_path / "labels.sqlite", k=3)
+
+    def disk_full(*a, **kw):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def drive():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("escape")
+            prompt = str(app.query_one("#prompt").render())
+            assert len(prompt) < 260 and prompt.endswith("…")
+            assert app.query_one("#left").size.height >= 8  # the images keep their rows
+            await pilot.press("a")
+            store.append = disk_full
+            await pilot.press("a")
+            await pilot.pause()
+    asyncio.run(drive())
+    assert app.return_code == 1
+    assert len(labels_of(store)) == 1  # the answer saved before the failure is kept
+
+
+def labels_of(store):
+    from drlhf.labels import Store
+    return Store(store.path, quiet=True).events("p", "tester")

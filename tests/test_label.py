@@ -392,6 +392,9 @@ def test_app_in_tmux_keeps_every_key_visible_and_ends_with_the_next_step(tmp_pat
             time.sleep(0.15)
         time.sleep(1.5)
         end = screen()
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"])
+        time.sleep(1.5)
+        after = screen()  # the pane keeps what the labeler printed on quitting
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
     rows = middle.splitlines()
@@ -405,5 +408,6 @@ def test_app_in_tmux_keeps_every_key_visible_and_ends_with_the_next_step(tmp_pat
     picture_rows = [row for row in rows if row.count("▀") >= 10 and row.startswith("│ ")]
     assert len(picture_rows) >= (10 if height == 24 else 20)  # the pair's images get most of the height
     assert "All 2 tasks are ordered" in end and "label.py export" in end and "final ordering" in end
+    assert "[label] tmux:" in after and "decisions saved" in after and "--annotator tmux" in after
     final = [row for row in end.splitlines() if "1 #" in row]  # the last task's final ordering: all K images
     assert final and len(re.findall(r"\d=? #\d", final[-1])) == k, end
