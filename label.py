@@ -441,12 +441,12 @@ def main(argv=None):
     lab.add_argument("--annotator", help="who labels (default: $USER, or 'auto' with --auto)")
     lab.add_argument("--renderer", default="auto", choices=RENDERERS, help="force an image renderer")
     lab.add_argument("--keys", default="", help="key overrides, e.g. left=j,right=l,tie=k,bad=b,skip=n,undo=u")
-    lab.add_argument("--auto", metavar="SPEC", help="rank by builtin:ink|stroke|colorfulness or module:function "
-                                                    "(images in [-1,1], prompts) -> scores, higher preferred")
+    lab.add_argument("--auto", metavar="SPEC", help="rank by builtin:ink|stroke|colorfulness or module:function (images "
+                     "in [-1,1], prompts) -> one score per image, higher preferred; e.g. gold.py holding `def ink(images, "
+                     "prompts): return images.mean((1, 2, 3))` and --auto gold:ink (gold.py in the working directory or on PYTHONPATH)")
     exp = sub.add_parser("export", parents=[common], help="write rankings.jsonl, pairs.jsonl and report.md")
     exp.add_argument("--out", help="output folder (default: the dataset folder)")
-    exp.add_argument("--val-fraction", type=cli.bounded(float, 0, 1), default=0.2,
-                     help="share of tasks in the validation split, in [0, 1)")
+    exp.add_argument("--val-fraction", type=cli.bounded(float, 0, 1), default=0.2, help="validation share of tasks, [0, 1)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by task")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):

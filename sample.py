@@ -345,7 +345,9 @@ def eval_main(argv=None):
     names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
     specs = [None] + [c for c in args.checkpoints.split(",") if c]
     from tqdm.auto import tqdm
-    images, scores = [], {k: [] for k in scorers}
+    images, scores, variety = [], {k: [] for k in scorers}, {}
+    diversity = evaluation.Diversity(base)  # the base model's encoder; the base model's samples are the reference
+    groups = prompts or (cond.tolist() if cond is not None else [None] * n)
     for name, spec in tqdm(list(zip(names, specs)), desc="sampling models", unit="model"):
         unet = base.unet if spec is None else load_policy_unet(spec, base, device)
         policy = models.make_denoiser(dataclasses.replace(base, unet=unet), args.guidance_scale).eval()
@@ -362,6 +364,7 @@ def eval_main(argv=None):
                     scores[k].append(torch.as_tensor(fn(samples, c, p)).float().flatten().cpu())
         samples = torch.cat(outs)
         images.append(base.decode(samples).cpu())
+        variety[name] = diversity(samples, groups)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cols = min(n, 8)
@@ -370,7 +373,7 @@ def eval_main(argv=None):
     # rows = seeds, columns = models in the given order (optimization progression)
     prog = torch.stack([im[:cols] for im in images], 1).flatten(0, 1)
     pictures.save_png(pictures.image_grid(prog, nrow=len(images)), out / "progression.png")
-    summary = {"models": names, "prompts": prompts[:cols] if prompts else None}
+    summary = {"models": names, "prompts": prompts[:cols] if prompts else None, "diversity": variety}
     for k, vals in scores.items():
         per_model = [torch.cat(vals[m * len(vals) // len(names):(m + 1) * len(vals) // len(names)])
                      for m in range(len(names))]
@@ -379,7 +382,8 @@ def eval_main(argv=None):
         for name, v in zip(names[1:], per_model[1:]):
             pictures.histogram_png(b.numpy(), v.numpy(), out / f"histogram_{k}_{name}.png")
     write_text(out / "scores.json", json.dumps(summary, indent=1))
-    print(f"[drlhf] {out}: comparison.png, progression.png" + (", histograms and scores.json" if scores else ""))
+    print(f"[drlhf] {out}: comparison.png, progression.png, scores.json" + (", histograms" if scores else ""))
+    print("  diversity (Vendi score per condition): " + ", ".join(f"{m} {v:.2f}" for m, v in variety.items()))
     for k in scores:
         print(f"  {k}: " + ", ".join(f"{m} {v['mean']:.4f} ({v['gain_in_base_std']:+.2f} base std)"
                                     for m, v in summary[k].items()))

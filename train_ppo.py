@@ -82,7 +82,7 @@ class Args:
     """text models: a .txt/.jsonl/.csv/.parquet prompt file or builtin:pink / builtin:pickscore-eval, sampled uniformly per environment (thesis 5.3)"""
     # --- reward and value function ---
     reward: str = "target"
-    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), aesthetic (LAION Aesthetics Predictor V2), pickscore (PickScore v1), rm (a trained reward model, --reward-model) or module:function on images in [-1,1] and prompts/class labels"""
+    """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), aesthetic (LAION Aesthetics Predictor V2), pickscore (PickScore v1), rm (a trained reward model, --reward-model) or module:function on images in [-1,1] and prompts/class labels, one number per image: e.g. my_reward.py holding `def brightness(images, cond): return images.mean((1, 2, 3))`, then --reward my_reward:brightness (the module must be importable: in the working directory or on PYTHONPATH)"""
     reward_model: str | None = None
     """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2), scored on the samples themselves (latents for latent models)"""
     eval_reward: str | None = None

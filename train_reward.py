@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from drlhf.cli import Fraction, NonNegFloat, OpenFraction, PosFloat, PosInt
-from drlhf import cli, hardware, models, presets, tracking
+from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
+from drlhf import cli, hardware, models, pictures, presets, tracking
 from drlhf.hardware import DeviceFlag, Precision, autocast
 from drlhf.labels import dataset_fingerprint, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
@@ -75,6 +75,10 @@ class Args:
     """width of the cross-attention pooling head"""
     heads: PosInt = 4
     """attention heads of the pooling head"""
+    keep: Literal["best", "last"] = "best"
+    """which epoch's model is saved: best (lowest validation loss, Eq. 5.1 on the validation tasks) or last; without a validation split the last epoch is kept"""
+    patience: NonNegInt = 0
+    """stop early after this many epochs without a lower validation loss (0: run all --epochs)"""
     seed: int = 0
     """seed of the split, the task order and the condition dropping"""
     precision: Precision = "fp32"
@@ -243,6 +247,54 @@ def train_epoch(net, model, data: dict, train, args: Args, opt, scaler, g, rank:
     return losses
 
 
+@torch.no_grad()
+def validate(model, data: dict, val, args: Args, device) -> dict:
+    """Eq. 5.1's loss and the pairwise accuracy of the validation tasks ({} without a validation split)."""
+    if not len(val):
+        return {}
+    model.eval()
+    rv = score(model, *subset(data, val), device, args)
+    return {"val_loss": ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item(),
+            "val_accuracy": pair_accuracy(rv, data["win"][val])}
+
+
+class Keeper:
+    """Which epoch's model is saved: with keep="best", the trainable parts at the lowest validation loss so far
+    (a copy on the CPU); `patience` epochs without a new best stop the run. Prints one table row per epoch."""
+
+    def __init__(self, keep: str, patience: int, epochs: int):
+        self.keep, self.patience, self.every = keep, patience, max(1, epochs // 100)
+        self.history, self.best, self.state = [], None, None
+
+    def update(self, model, logs: dict, bar) -> bool:
+        self.history.append(logs)
+        improved = "val_loss" in logs and (self.best is None or logs["val_loss"] < self.best["val_loss"])
+        if improved:
+            self.best = logs
+            if self.keep == "best":
+                self.state = {k: v.clone() for k, v in model.trainable_state().items()}
+        if len(self.history) == 1:
+            bar.write("epoch  train loss  " + ("val loss  val accuracy" if "val_loss" in logs else "(no validation split: "
+                                                                                               "the last epoch is kept)"))
+        if improved or logs["epoch"] % self.every == 0:
+            bar.write(f"{logs['epoch']:5d}  {logs['train_loss']:10.4f}" + (
+                f"  {logs['val_loss']:8.4f}  {logs['val_accuracy']:12.3f}{'  *' if improved else ''}" if "val_loss" in logs
+                else ""))
+        return bool(self.patience and self.best is not None and logs["epoch"] - self.best["epoch"] >= self.patience)
+
+    def restore(self, model):
+        if self.state is not None:
+            model.load_state_dict(self.state, strict=False)
+
+    def kept(self) -> dict:
+        """config.json's record of the choice: the epoch and its metrics, and why."""
+        logs = self.best if self.keep == "best" and self.best is not None else self.history[-1]
+        why = ("lowest validation loss" if self.keep == "best" and self.best is not None else
+               "last epoch" + ("" if "val_loss" in logs else " (no validation split)"))
+        return dict(kept_epoch=logs["epoch"], kept=why, epochs_run=len(self.history), history=self.history,
+                    **{k: v for k, v in logs.items() if k.startswith("val_")})
+
+
 def subset(data: dict, idx):
     """(inputs, conditions) of the tasks idx."""
     return data["x"][idx], None if data["cond"] is None else data["cond"][idx]
@@ -276,13 +328,14 @@ def load_base(args: Args, device):
 
 
 def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict, train, val, rt, device,
-         minutes: float):
+         minutes: float, keeper: Keeper):
     """Rank 0: validation strips and the standardized reward histogram in TensorBoard, then the folder
     (model.safetensors + config.json with the accuracies). rt: the raw rewards of the training tasks."""
     result = {"train_accuracy": pair_accuracy(rt, data["win"][train])}
     if len(val):
         rv = score(model, *subset(data, val), device, args)
-        result.update(val_accuracy=pair_accuracy(rv, data["win"][val]), val_pairs=int(data["win"][val].sum()))
+        result.update(val_accuracy=pair_accuracy(rv, data["win"][val]), val_pairs=int(data["win"][val].sum()),
+                      val_loss=ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item())
         for n in range(min(4, len(val))):  # a few validation tasks: model order above human order
             human = sorted(range(rv.shape[1]), key=lambda i: -float(data["win"][val[n]][i].sum()))
             model_order = torch.argsort(rv[n], descending=True).tolist()
@@ -290,12 +343,14 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
             writer.add_image(f"val_task_{data['ids'][val[n]]}", np.concatenate(
                 [strip_image(x, model_order, rv[n]), strip_image(x, human, rv[n])], 0), dataformats="HWC")
     writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
+    kept = keeper.kept()
+    pictures.learning_curves_png(kept["history"], kept["kept_epoch"], out / "learning_curves.png")
     config = dict(base_model=pretrained, dataset=str(args.dataset), guidance_weight=args.guidance,
                   input_shape=list(base.sample_shape), cond_drop=args.cond_drop, args=dataclasses.asdict(args),
-                  minutes=minutes, **result)
+                  minutes=minutes, **{k: v for k, v in kept.items() if not k.startswith("val_")}, **result)
     model.save(out, config)
-    print(f"[drlhf] reward model saved to {out}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                             for k, v in result.items()))
+    print(f"[drlhf] reward model of epoch {kept['kept_epoch']} ({kept['kept']}) saved to {out}: " + ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
 def main(argv=None):
@@ -328,27 +383,26 @@ def main(argv=None):
     from tqdm.auto import tqdm
     bar = tqdm(range(args.epochs), desc="reward model", unit="epoch", disable=rank != 0)
     t0 = time.perf_counter()
+    keeper = Keeper(args.keep if len(val) else "last", args.patience, args.epochs)
     for epoch in bar:
         losses = train_epoch(net, model, data, train, args, opt, scaler, g, rank, world, device)
-        if rank == 0:
-            model.eval()
-            writer.add_scalar("losses/train_loss", float(np.mean(losses)), epoch)
-            logs = {}
-            if len(val):
-                rv = score(model, *subset(data, val), device, args)
-                logs = {"val_loss": ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item(),
-                        "val_accuracy": pair_accuracy(rv, data["win"][val])}
-                for k, v in logs.items():
-                    writer.add_scalar(f"eval/{k}", v, epoch)
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", **{k: f"{v:.3f}" for k, v in logs.items()})
-    # Eq. 5.2: standardize with the mean and std over the training images
-    model.eval()
-    rt = score(model, *subset(data, train), device, args)
-    if args.standardize:
-        model.reward_mean.fill_(rt.mean().item())
-        model.reward_std.fill_(rt.std().item())
-    if rank == 0:
-        save(model, out, writer, args, pretrained, base, data, train, val, rt, device, (time.perf_counter() - t0) / 60)
+        stop = False
+        if rank == 0:  # VALIDATION: loss and pairwise accuracy on the held-out tasks, every epoch
+            logs = dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), **validate(model, data, val, args, device))
+            for k, v in logs.items():
+                if k != "epoch":
+                    writer.add_scalar(("losses/" if k == "train_loss" else "eval/") + k, v, epoch)
+            stop = keeper.update(model, logs, bar)
+        if hardware.broadcast_object(stop):  # early stopping: every rank leaves together
+            break
+    if rank == 0:  # the kept epoch's model, standardized over the training images (Eq. 5.2), and its folder
+        keeper.restore(model)
+        rt = score(model, *subset(data, train), device, args)
+        if args.standardize:
+            model.reward_mean.fill_(rt.mean().item())
+            model.reward_std.fill_(rt.std().item())
+        save(model, out, writer, args, pretrained, base, data, train, val, rt, device, (time.perf_counter() - t0) / 60,
+             keeper)
         writer.close()
     hardware.cleanup_distributed()
 

@@ -6,10 +6,12 @@ standardize reward histograms to the base distribution): gain = (mean_policy - m
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from drlhf import pictures
 
@@ -40,11 +42,84 @@ def describe(base: torch.Tensor, final: torch.Tensor) -> str:
             f"({gain_in_base_std(base, final):+.2f} base std)")
 
 
+def vendi_score(features: torch.Tensor) -> float:
+    """The Vendi score (Friedman & Dieng 2022) of n samples: the exponential of the Shannon entropy of the
+    eigenvalues of K / n, K the cosine similarities of their features. 1 when all samples are the same, n when
+    they are all orthogonal: the effective number of distinct samples."""
+    x = features.double().flatten(1)
+    if len(x) < 2:
+        return 1.0
+    scale = x.norm(dim=1).mean().clamp(min=1e-12)
+    x = torch.cat([x, torch.full((len(x), 1), 1e-3, dtype=x.dtype) * scale], 1)  # zero rows: alike, not undefined
+    x = x / x.norm(dim=1, keepdim=True)
+    eigenvalues = torch.linalg.eigvalsh(x @ x.T / len(x)).clamp(min=0)
+    eigenvalues = eigenvalues[eigenvalues > 1e-12]
+    return float(torch.exp(-(eigenvalues * eigenvalues.log()).sum()))
+
+
+def frozen_encoder(unet: nn.Module) -> nn.Module:
+    """A frozen copy of a U-Net's encoder half (the decoder is left out of the copy, not copied and dropped)."""
+    decoder = [n for n in ("up_blocks", "conv_norm_out", "conv_act", "conv_out", "output_blocks", "out")
+               if isinstance(getattr(unet, n, None), nn.Module)]
+    parts = {n: getattr(unet, n) for n in decoder}
+    try:
+        for n in decoder:
+            setattr(unet, n, None)
+        return copy.deepcopy(unet).requires_grad_(False).eval()
+    finally:
+        for n, module in parts.items():
+            setattr(unet, n, module)
+
+
+class Diversity:
+    """How varied a set of samples is, for any base model offline: the Vendi score of the base model's own U-Net
+    encoder features (mid-block, at t = 0, no condition; the reward model's backbone) of the samples of each
+    prompt or class, averaged over the conditions weighted by their sample counts. Features are centred on the
+    base model's samples (the first set scored), so that samples that share what every sample has still count
+    as alike; all copies of one sample score 1."""
+
+    def __init__(self, base, chunk: int = 16, dtype=torch.float32):
+        self.chunk, self.reference = chunk, None
+        self.null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
+        self.encoder = frozen_encoder(base.unet).to(dtype)  # the base weights, whatever training does later
+
+    @torch.no_grad()
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        unet = self.encoder
+        out = []
+        for s in range(0, len(samples), self.chunk):
+            x = samples[s:s + self.chunk].to(next(unet.parameters()).device, next(unet.parameters()).dtype)
+            t = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            if not hasattr(unet, "config"):  # OpenAI's U-Net (drlhf.guided_diffusion): input and middle blocks
+                from drlhf.guided_diffusion import timestep_embedding
+                emb, h = unet.time_embed(timestep_embedding(t, unet.model_channels)), x
+                for block in unet.input_blocks:
+                    h = block(h, emb)
+                h = unet.middle_block(h, emb)
+            else:
+                from drlhf.reward_model import run_encoder
+                ehs = None if self.null_text is None else self.null_text.expand(len(x), -1, -1).to(x.dtype)
+                h = run_encoder(unet, x, unet.time_embedding(unet.time_proj(t).to(x.dtype)), ehs)
+            out.append(h.flatten(1).float().cpu())
+        return torch.cat(out)
+
+    def __call__(self, samples: torch.Tensor, groups: list) -> float:
+        """samples (N, C, H, W) in the model's input space; groups: N hashable conditions (prompts or classes)."""
+        f = self.features(samples)
+        if self.reference is None:
+            self.reference = f.mean(0)
+        f = f - self.reference
+        keys = list(dict.fromkeys(groups))
+        scores = [(vendi_score(f[[i for i, g in enumerate(groups) if g == k]]), groups.count(k)) for k in keys]
+        return sum(v * n for v, n in scores) / len(groups)
+
+
 class FixedSeedEval:
     """The fixed-seed samples of a train_ppo.py run (the same initial noise, step noise and conditions every
     time), scored by the optimized reward and by --eval-reward: before training (RUN/samples_base.png), every
     --eval-every epochs (TensorBoard eval/, RUN/samples/epoch_NNNNN.png) and at the end (before/after grid,
-    standardized reward histogram, the scores of summary.json)."""
+    standardized reward histogram, the scores of summary.json); each time also their diversity per prompt or
+    class (Diversity), beside the base model's."""
 
     def __init__(self, policy, schedule, base, reward_fns: list, n: int, seed: int, precision: str, device,
                  class_labels: str | None = None, prompts=None, prompt_embeds=None):
@@ -54,10 +129,22 @@ class FixedSeedEval:
         cond, self.prompts = sample_conditions(base, class_labels, n, torch.Generator().manual_seed(seed + 54321),
                                                prompts, prompt_embeds)  # drawn once: the same conditions every time
         self.cond = None if cond is None else cond.to(device)
+        self.groups = self.prompts or (cond.tolist() if cond is not None else [None] * n)
+        self.diversity = Diversity(base, dtype=torch.float16 if device.type == "cuda" and precision != "fp32"
+                                   else torch.float32)
+
+    def variety(self, samples, state: dict) -> float:
+        """The samples' diversity; the base model's features (kept in the run state) are the reference."""
+        if "diversity_reference" in state:
+            self.diversity.reference = state["diversity_reference"]
+        value = self.diversity(samples, self.groups)
+        state["diversity_reference"] = self.diversity.reference
+        return value
 
     @torch.no_grad()
     def __call__(self):
-        """Fixed-seed samples -> decoded images and the scores of each reward function (each (N,) on the CPU)."""
+        """Fixed-seed samples -> decoded images, the scores of each reward function (each (N,) on the CPU) and
+        the samples themselves (N, C, H, W)."""
         from drlhf.hardware import autocast
         from drlhf.sampler import rollout
         g = torch.Generator(self.device).manual_seed(self.seed + 12345)  # the same seeds every time
@@ -65,23 +152,26 @@ class FixedSeedEval:
         with autocast(self.precision, self.device):
             buf = rollout(self.policy, self.schedule, x_T, self.cond, generator=g)
         return self.base.decode(buf.samples), [torch.as_tensor(fn(buf.samples, self.cond, self.prompts)).float()
-                                               .flatten().cpu() for fn in self.reward_fns]
+                                               .flatten().cpu() for fn in self.reward_fns], buf.samples
 
     def record_base(self, out: Path, state: dict, evaluated=None):
         """The base model's scores into the run state (once per run; a resumed run keeps them) and its grid.
         evaluated: this evaluator's output for the base model, when it was already computed."""
-        images, (base_rewards, *gold) = evaluated or self()
+        images, (base_rewards, *gold), samples = evaluated or self()
         state["base_rewards"] = base_rewards
         if gold:
             state["base_eval_reward"] = gold[0]
+        state["base_diversity"] = self.variety(samples, state)
         pictures.save_png(pictures.image_grid(images), out / "samples_base.png")
         print(f"[drlhf] base model, {self.n} fixed-seed samples: reward {base_rewards.mean():.4f} "
-              f"+- {base_rewards.std():.4f}")
+              f"+- {base_rewards.std():.4f}, diversity {state['base_diversity']:.2f} (Vendi score per condition)")
 
     def log(self, writer, out: Path, epoch: int, state: dict):
         """Scores against the base model's, in TensorBoard, and the image grid of epoch + 1."""
-        images, (ev, *gold) = self()
+        images, (ev, *gold), samples = self()
         writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
+        writer.add_scalar("eval/diversity", self.variety(samples, state), epoch)  # Vendi score per condition
+        writer.add_scalar("eval/diversity_base", state.get("base_diversity", float("nan")), epoch)
         if gold:
             writer.add_scalar("eval/eval_reward_gain_in_base_std", gain_in_base_std(state["base_eval_reward"], gold[0]),
                               epoch)
@@ -94,7 +184,7 @@ class FixedSeedEval:
 
     def finish(self, out: Path, state: dict, eval_reward: str | None) -> dict:
         """The before/after grid and reward histogram; returns summary.json's score fields (and prints them)."""
-        images, (ev, *gold) = self()
+        images, (ev, *gold), samples = self()
         if (out / "samples_base.png").exists():
             before = pictures.load_grid(out / "samples_base.png")
             gap = np.full((before.shape[0], 4, 3), 255, np.uint8)
@@ -102,6 +192,9 @@ class FixedSeedEval:
         br = state["base_rewards"]
         pictures.histogram_png(br.numpy(), ev.numpy(), out / "reward_histogram.png")
         summary = before_after(br, ev)
+        summary.update(base_diversity=state.get("base_diversity"), final_diversity=self.variety(samples, state))
+        print(f"[drlhf] diversity of the fixed-seed samples (Vendi score per condition): {summary['base_diversity'] or 0:.2f}"
+              f" -> {summary['final_diversity']:.2f}")
         if gold:  # the extra score, never optimized (e.g. the gold labeler behind a reward model)
             summary.update(eval_reward=eval_reward, **before_after(state["base_eval_reward"], gold[0], "eval_reward"))
             print(f"[drlhf] {eval_reward} of the fixed-seed samples: {describe(state['base_eval_reward'], gold[0])}")

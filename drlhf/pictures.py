@@ -59,3 +59,33 @@ def load_grid(path: Path) -> np.ndarray:
     from PIL import Image
     img = Image.open(path)  # saved at 4x by save_png
     return np.asarray(img.resize((img.width // 4, img.height // 4), Image.NEAREST).convert("RGB"))
+
+
+def learning_curves_png(history: list, kept_epoch: int, path: Path):
+    """train_reward.py's curves: train and validation loss (left scale) and validation pairwise accuracy (right
+    scale, 0.5 to 1) per epoch, with the kept epoch marked."""
+    from PIL import Image, ImageDraw
+    W, H, m = 640, 320, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    epochs = [h["epoch"] for h in history]
+    losses = [h[k] for h in history for k in ("train_loss", "val_loss") if k in h]
+    lo, hi = min(losses), max(losses) + 1e-9
+    x = lambda e: m + (W - 2 * m) * (e - epochs[0]) / max(epochs[-1] - epochs[0], 1)  # noqa: E731
+    for key, colour, scale in (("train_loss", (60, 60, 200), None), ("val_loss", (220, 90, 20), None),
+                               ("val_accuracy", (30, 150, 60), (0.5, 1.0))):
+        pts = [(x(h["epoch"]), h[key]) for h in history if key in h]
+        a, b = scale or (lo, hi)
+        pts = [(px, H - m - (H - 2 * m) * min(max((v - a) / (b - a), 0), 1)) for px, v in pts]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        elif pts:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
+    d.line([x(kept_epoch), m, x(kept_epoch), H - m], fill=(120, 120, 120))
+    d.line([m, H - m, W - m, H - m], fill="black")
+    d.text((m, 5), f"loss {lo:.3f}-{hi:.3f}: train (blue), validation (orange); validation accuracy 0.5-1 (green)",
+           fill="black")
+    d.text((m, H - m + 5), f"epoch {epochs[0]}", fill="black")
+    d.text((W - m - 60, H - m + 5), f"epoch {epochs[-1]}", fill="black")
+    d.text((min(x(kept_epoch) + 3, W - m - 80), m), f"kept: {kept_epoch}", fill="black")
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -70,6 +70,21 @@ def base_fingerprint(unet: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def run_encoder(unet: nn.Module, x, emb, ehs=None):
+    """The encoder half of a diffusers U-Net (conv_in, down blocks, mid block) given the time (+ class) embedding
+    emb and the text states ehs (None for models without cross-attention) -> mid-block features (B, C, h, w)."""
+    h = unet.conv_in(x)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    if unet.mid_block is not None:
+        h = unet.mid_block(h, emb, encoder_hidden_states=ehs) if getattr(unet.mid_block, "has_cross_attention", False) \
+            else unet.mid_block(h, emb)
+    return h
+
+
 class RewardModel(nn.Module):
     def __init__(self, unet: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
                  heads: int = 4, trainable: str = "head"):
@@ -114,16 +129,7 @@ class RewardModel(nn.Module):
         elif self.conditioning == "text":
             null = self.null_text.expand(len(x), -1, -1).to(cond.dtype)
             ehs = torch.where(drop[:, None, None], null, cond)
-        h = e.conv_in(x)
-        for block in e.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-        if e.mid_block is not None:
-            h = e.mid_block(h, emb, encoder_hidden_states=ehs) if getattr(e.mid_block, "has_cross_attention", False) \
-                else e.mid_block(h, emb)
-        return h
+        return run_encoder(e, x, emb, ehs)
 
     def raw(self, x, t=None, cond=None, drop=None):
         """Unstandardized reward r_phi (B,)."""

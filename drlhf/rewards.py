@@ -237,7 +237,11 @@ def import_function(spec: str, flag: str):
     """module:function -> the function. The module must be importable: a file MODULE.py in the working directory
     or in a folder on PYTHONPATH (PYTHONPATH=/path/to/folder python train_ppo.py --reward MODULE:FUNCTION)."""
     import importlib
+    import os
+    import sys
     mod, _, name = spec.partition(":")
+    if os.getcwd() not in sys.path:  # `python path/to/script.py` puts the script's folder first, not the working one
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(mod)
     except ImportError as e:

@@ -52,3 +52,11 @@ def strings(images, cond=None):
 
 def raises(images, cond=None):
     raise ZeroDivisionError("the scorer divided by zero")
+
+
+def noisy_ink(images, prompts=None):
+    """Mean brightness plus noise that depends only on the image (a labeler the reward model can overfit)."""
+    import torch
+    ink = images.float().mean((1, 2, 3))
+    seeds = (images.float().abs().sum((1, 2, 3)) * 1e4).long() % 100_003
+    return ink + torch.stack([torch.randn((), generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * ink.std()

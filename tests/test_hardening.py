@@ -250,3 +250,68 @@ def test_a_long_prompt_is_cut_on_screen_and_a_failed_save_ends_the_session(tmp_p
 def labels_of(store):
     from drlhf.labels import Store
     return Store(store.path, quiet=True).events("p", "tester")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the reward model we keep
+# ---------------------------------------------------------------------------------------------------------
+def test_the_kept_reward_model_is_the_best_validation_epoch(run, tmp_path):
+    ds, rm = tmp_path / "ds", tmp_path / "rm"
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "3", "--num-tasks", "40", "--k", "5", "--out", ds)
+    run("label.py", "--auto", "tests.helpers:noisy_ink", ds)
+    run("label.py", "export", ds)
+    common = ["train_reward.py", "--dataset", ds, "--toy-train-steps", "8", "--lr", "1e-2"]
+    proc = run(*common, "--epochs", "12", "--out", rm)
+    config = json.loads((rm / "config.json").read_text())
+    history = config["history"]
+    best = min(history, key=lambda h: h["val_loss"])
+    assert history[-1]["val_loss"] > best["val_loss"]  # the run overfits, so keeping the last would be worse
+    assert config["kept_epoch"] == best["epoch"] and config["kept"] == "lowest validation loss"
+    assert config["val_loss"] == pytest.approx(best["val_loss"], abs=1e-5)  # the saved weights are that epoch's
+    assert config["val_accuracy"] == pytest.approx(best["val_accuracy"])
+    assert f"reward model of epoch {best['epoch']}" in proc.stdout and "val accuracy" in proc.stdout
+    assert (rm / "learning_curves.png").stat().st_size > 1000
+    last = json.loads((run(*common, "--epochs", "12", "--keep", "last", "--out", tmp_path / "last").stdout and
+                       (tmp_path / "last" / "config.json").read_text()))
+    assert last["kept_epoch"] == 12 and last["val_loss"] == pytest.approx(history[-1]["val_loss"], abs=1e-5)
+    early = run(*common, "--epochs", "12", "--patience", "2", "--out", tmp_path / "early")
+    stopped = json.loads((tmp_path / "early" / "config.json").read_text())
+    assert stopped["epochs_run"] == min(12, best["epoch"] + 2) and stopped["kept_epoch"] == best["epoch"], early.stdout
+    run(*common, "--epochs", "2", "--val-fraction", "0", "--out", tmp_path / "all")
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["kept"] == "last epoch (no validation split)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diversity of the fixed-seed samples
+# ---------------------------------------------------------------------------------------------------------
+def test_diversity_is_minimal_for_copies_and_higher_for_varied_samples():
+    import torch
+    from drlhf import models, toys
+    from drlhf.evaluation import Diversity, vendi_score
+    torch.manual_seed(0)
+    unet = toys.toy_unet(3, 16, class_cond=True).eval()
+    base = models.BaseModel("toy", "toy", unet, {}, "class", (3, 16, 16), 10)
+    diversity = Diversity(base)
+    varied = torch.rand(12, 3, 16, 16) * 2 - 1
+    groups = [0] * 6 + [1] * 6
+    base_value = diversity(varied, groups)  # the first set is the reference (the base model's samples)
+    collapsed = varied[:1].repeat(12, 1, 1, 1)
+    assert diversity(collapsed, groups) == pytest.approx(1.0, abs=1e-6)  # all copies of one image: minimal
+    assert base_value > 2.0 and diversity(varied[:6].repeat(2, 1, 1, 1), groups) == pytest.approx(base_value, rel=0.3)
+    assert diversity(varied, [0] * 12) > base_value  # one condition of 12 varied samples: more variety than 2 x 6
+    with torch.no_grad():  # the features are the base model's, not the trained U-Net's
+        for p in unet.parameters():
+            p.add_(1.0)
+    assert diversity(varied, groups) == pytest.approx(base_value)
+    assert vendi_score(torch.eye(5)) == pytest.approx(5.0) and vendi_score(torch.ones(5, 3)) == pytest.approx(1.0)
+
+
+def test_train_ppo_and_sample_eval_report_diversity_beside_the_base(run, tmp_path):
+    out = tmp_path / "run"
+    run("train_ppo.py", *TINY, "--epochs", "2", "--output-dir", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_diversity"] >= 1 and summary["final_diversity"] >= 1
+    proc = run("sample.py", "eval", "--toy-train-steps", "8", "--num-steps", "5", "--num-samples", "8",
+               "--checkpoints", out, "--out", tmp_path / "eval")
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert set(scores["diversity"]) == {"base", "run"} and "diversity (Vendi score" in proc.stdout
