@@ -474,12 +474,12 @@ def main(argv=None):
                                                                "two sessions ignored; the first answer stands)"
                                                                if state.conflicts else ""))
     elif args.command == "label":
-        keys = parse_keys(args.keys)
+        keys, scorer = parse_keys(args.keys), load_scorer(args.auto) if args.auto else None  # before any write
         dataset, tasks, store, project = open_project(args)
         annotator = args.annotator or ("auto" if args.auto else os.environ.get("USER", "annotator"))
         args.lock = session_lock(store, project["name"], annotator)  # held until the process ends
         if args.auto:
-            auto_label(store, project, annotator, tasks, dataset, load_scorer(args.auto))
+            auto_label(store, project, annotator, tasks, dataset, scorer)
             print(f"[label] {args.auto} ranked every task of project {project['name']!r}")
             return
         app = make_app(store, project, annotator, tasks, dataset, args.renderer, keys)

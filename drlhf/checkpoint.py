@@ -42,16 +42,18 @@ def atomic_write(path: Path, write: Callable[[Path], object], folder: bool = Fal
     renamed to path, replacing what was there. An interrupted write leaves no file of that name half-written,
     and its leftover tmp is replaced by the next write of the same path. One writer per path at a time."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # left by an interrupted write
         if folder:
             tmp.mkdir()
         write(tmp)
-        if folder and path.exists():
-            shutil.rmtree(path)
+        if folder and path.exists():  # a folder cannot replace a folder in one rename: the old one steps aside first
+            _remove(old)
+            os.replace(path, old)
         os.replace(tmp, path)
+        _remove(old)
     except Exception as e:  # noqa: BLE001 - a full or read-only disk is the user's to fix, anything else a bug
         reason = _disk_problem(e)
         if reason is None:
