@@ -159,11 +159,15 @@ def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, value_net, opt_p
     write_text(path.parent / "latest", path.name)
 
 
+def latest_checkpoint(path: Path) -> Path:
+    """A run folder -> the checkpoint folder its `latest` names; any other folder unchanged."""
+    latest = Path(path) / "checkpoints" / "latest"
+    return latest.parent / latest.read_text().strip() if latest.exists() else Path(path)
+
+
 def find_checkpoint(spec: str) -> Path:
     """A checkpoint folder, or a run folder (its latest checkpoint)."""
-    p = Path(spec)
-    if (p / "checkpoints" / "latest").exists():
-        p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+    p = latest_checkpoint(Path(spec))
     if not (p / "state.pt").exists() or not (p / "policy.safetensors").exists():
         raise FileNotFoundError(f"--resume {spec}: no checkpoint there (expected state.pt and policy.safetensors, "
                                 "or a run folder with checkpoints/latest)")
@@ -227,9 +231,7 @@ def load_policy_unet(spec: str, base, device) -> nn.Module:
     """A policy U-Net on `base` (drlhf.models.BaseModel) from a run folder (its latest checkpoint), a checkpoint
     folder or a diffusers folder (final_policy). LoRA checkpoints get their adapters re-injected and merged."""
     from drlhf import models
-    path = Path(spec)
-    if (path / "checkpoints" / "latest").exists():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
+    path = latest_checkpoint(Path(spec))
     if (path / "policy.safetensors").exists():
         unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
         if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them

@@ -33,13 +33,17 @@ class Range:
     low_open: bool = False
     high_open: bool = False
 
+    def violation(self, value) -> str | None:
+        """What is wrong with value ('must be >= 1'), or None when it is in range (None values always are)."""
+        if value is not None and self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        if value is not None and self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return f"must be {'<' if self.high_open else '<='} {self.high:g}"
+        return None
+
     def check(self, flag: str, value):
-        if value is None:
-            return
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            raise UserError(f"--{flag} {value}: must be {'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            raise UserError(f"--{flag} {value}: must be {'<' if self.high_open else '<='} {self.high:g}")
+        if (problem := self.violation(value)) is not None:
+            raise UserError(f"--{flag} {value}: {problem}")
 
 
 PosInt = Annotated[int, Range(1)]
@@ -51,11 +55,13 @@ OpenFraction = Annotated[float, Range(0, 1, high_open=True)]  # 0 <= x < 1 (Adam
 
 
 def bounded(kind, low, high=None):
-    """An argparse type for scripts without an Args dataclass (label.py): kind(text) with low <= value (< high)."""
+    """An argparse type for scripts without an Args dataclass (label.py): kind(text) in Range(low, high), high open."""
+    limits = Range(low, high, high_open=True)
+
     def parse(text):
         value = kind(text)
-        if value < low or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"{text}: must be >= {low}" + (f" and < {high}" if high is not None else ""))
+        if (problem := limits.violation(value)) is not None:
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
         return value
     parse.__name__ = kind.__name__
     return parse
