@@ -547,7 +547,7 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
     if args.compile:  # only the policy's forward is compiled; base.unet (saved, checkpointed) stays the plain module
-        policy_net.unet = torch.compile(base.unet)
+        policy_net.unet = hardware.compile_module(base.unet, args.cache_dir)
     value_net = value_net.to(device) if value_net is not None else None
     # thesis 6.8: with --algo backprop the whole sampling chain is the one differentiable forward
     trained = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing) if args.algo == "backprop" else policy_net
@@ -560,6 +560,22 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
                 opt_pi=torch.optim.AdamW([p for p in base.unet.parameters() if p.requires_grad], lr=args.policy_lr, **adam),
                 opt_vf=torch.optim.AdamW(value_net.parameters(), lr=args.vf_lr, **adam) if value_net else None,
                 scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))
+
+
+def setup(args: Args, rank: int, world: int, device):
+    """Seeds, TF32, batch sizes, models and networks, the prompt table and the random generators of one process
+    (also what benchmarks/epoch.py times). Returns (base, nets, reward_fns, prompts, prompt_embeds, gens, sizes)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # Table 6.2 "Allow TF32"
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    sizes = batch_arithmetic(args, world)
+    base, value_net, schedule, reward_fns = load_models(args, rank, world, device)
+    nets = build_nets(args, base, value_net, schedule, reward_fns[0], world, device)
+    prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
+    gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
+            "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
+    return base, nets, reward_fns, prompts, prompt_embeds, gens, sizes
 
 
 # ======== PLUMBING: fixed-seed evaluation, logging, the run folder (layout: drlhf/checkpoint.py) ===========
@@ -582,23 +598,32 @@ def start_run(out: Path, args: Args, base, nets: Nets, evaluator, state: dict, s
 
 
 # ======== main: set up, loop over epochs, finish ===========================================================
+def train_epoch(nets: Nets, base, args: Args, state: dict, gens: dict, prompts, prompt_embeds, B: int, rank: int,
+                device):
+    """One epoch of this process's B environments: conditions and initial noise drawn, then `ppo_epoch` (or
+    `backprop_update` with --algo backprop). Returns the rewards (B,), the KL (T, B), statistics, phase times."""
+    cond, cond_prompts = sample_conditions(base, args.class_labels, B, gens["shuffle"], prompts, prompt_embeds)
+    cond = None if cond is None else cond.to(device)
+    x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
+    if args.algo == "ppo":
+        return ppo_epoch(nets, x_T, cond, cond_prompts, args, state, gens, rank, device)
+    # thesis 6.8: sample with gradients, loss = -reward, no RL
+    noise = torch.randn((args.num_steps, *x_T.shape), generator=gens["rollout"], device=device)  # (T, B, C, H, W)
+    nets.policy_net.train()
+    scores, stats = backprop_update(nets, x_T, noise, cond, cond_prompts, args, state, device)
+    return scores, torch.zeros(args.num_steps, B, device=device), stats, {}
+
+
 def main(argv=None):
     args, ckpt, saved = resolve_args(argv)
     rank, world, device = hardware.setup_distributed(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # Table 6.2 "Allow TF32"
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
-    sizes = B, n_states, n_minibatches = batch_arithmetic(args, world)
-
-    base, value_net, schedule, reward_fns = load_models(args, rank, world, device)
-    nets = build_nets(args, base, value_net, schedule, reward_fns[0], world, device)
-    prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
-    gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
-            "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
+    base, nets, reward_fns, prompts, prompt_embeds, gens, sizes = setup(args, rank, world, device)
+    B = sizes[0]
     state = {"epoch": 0, "global_step": 0}
-    evaluator = evaluation.FixedSeedEval(nets.policy_net, schedule, base, reward_fns, args.eval_samples, args.seed,
+    # the fixed-seed evaluation runs eagerly: compiling its batch size too would only add warm-up
+    eval_net = models.make_denoiser(base, args.guidance_scale) if args.compile else nets.policy_net
+    evaluator = evaluation.FixedSeedEval(eval_net, nets.schedule, base, reward_fns, args.eval_samples, args.seed,
                                          args.precision, device, args.class_labels, prompts, prompt_embeds)
     if args.resume:
         state = checkpoint.restore_checkpoint(ckpt, saved, base.unet, nets.value_net, nets.opt_pi, nets.opt_vf,
@@ -608,25 +633,19 @@ def main(argv=None):
     state = hardware.broadcast_object(state)  # every rank keeps rank 0's state dict (rank 0 saves it)
 
     from tqdm.auto import tqdm
-    epoch_times = []
+    epoch_times, compile_log = [], tracking.CompileLog() if args.compile else None
     bar = tqdm(range(state["epoch"], args.epochs), initial=state["epoch"], total=args.epochs, disable=rank != 0,
                desc=f"{args.algo} epochs", unit="epoch")
     for epoch in bar:
         state["epoch"] = epoch
         t0 = time.perf_counter()
-        cond, cond_prompts = sample_conditions(base, args.class_labels, B, gens["shuffle"], prompts, prompt_embeds)
-        cond = None if cond is None else cond.to(device)
-        x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
-        if args.algo == "backprop":  # thesis 6.8: sample with gradients, loss = -reward, no RL
-            noise = torch.randn((args.num_steps, *x_T.shape), generator=gens["rollout"], device=device)  # (T, B, C, H, W)
-            nets.policy_net.train()
-            scores, stats = backprop_update(nets, x_T, noise, cond, cond_prompts, args, state, device)
-            kl, times = torch.zeros(args.num_steps, B, device=device), {}
-        else:
-            scores, kl, stats, times = ppo_epoch(nets, x_T, cond, cond_prompts, args, state, gens, rank, device)
+        scores, kl, stats, times = train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
         pooled = tracking.pool_rewards(scores, kl, args.kl_coef, B * world)  # all ranks' rewards and KL
         sync_device(device)
         epoch_times.append(time.perf_counter() - t0)
+        hardware.balance_cpu_threads()  # CPU: torch threads = the cores other processes leave free
+        if compile_log:
+            compile_log.epoch(writer, epoch, epoch_times[-1])
         if rank == 0:
             tracking.log_ppo_epoch(writer, bar, epoch, args.algo, pooled, scores, kl, stats, state, nets.opt_pi,
                                    nets.opt_vf, times, epoch_times[-1], B * world, device)

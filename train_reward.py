@@ -386,6 +386,7 @@ def main(argv=None):
     keeper = Keeper(args.keep if len(val) else "last", args.patience, args.epochs)
     for epoch in bar:
         losses = train_epoch(net, model, data, train, args, opt, scaler, g, rank, world, device)
+        hardware.balance_cpu_threads()  # CPU: torch threads = the cores other processes leave free
         stop = False
         if rank == 0:  # VALIDATION: loss and pairwise accuracy on the held-out tasks, every epoch
             logs = dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), **validate(model, data, val, args, device))

@@ -168,7 +168,8 @@ class FixedSeedEval:
 
     def log(self, writer, out: Path, epoch: int, state: dict):
         """Scores against the base model's, in TensorBoard, and the image grid of epoch + 1."""
-        images, (ev, *gold), samples = self()
+        self.last = (epoch, self())  # finish() reuses it when this was the last epoch
+        images, (ev, *gold), samples = self.last[1]
         writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
         writer.add_scalar("eval/diversity", self.variety(samples, state), epoch)  # Vendi score per condition
         writer.add_scalar("eval/diversity_base", state.get("base_diversity", float("nan")), epoch)
@@ -184,7 +185,8 @@ class FixedSeedEval:
 
     def finish(self, out: Path, state: dict, eval_reward: str | None) -> dict:
         """The before/after grid and reward histogram; returns summary.json's score fields (and prints them)."""
-        images, (ev, *gold), samples = self()
+        last = getattr(self, "last", None)
+        images, (ev, *gold), samples = last[1] if last and last[0] + 1 == state["epoch"] else self()
         if (out / "samples_base.png").exists():
             before = pictures.load_grid(out / "samples_base.png")
             gap = np.full((before.shape[0], 4, 3), 255, np.uint8)

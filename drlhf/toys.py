@@ -13,6 +13,7 @@ a progress bar naming the model and "first use, cached"; an existing cache is ne
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -39,6 +40,21 @@ TOY_CLASSIFIER = dict(image_size=16, in_channels=3, model_channels=32, out_chann
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DRLHF_CACHE", Path.home() / ".cache" / "drlhf"))
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Processes that need the same cache entry (two runs started together, parallel test workers) take turns:
+    the first trains it, the others wait and then load it. An flock, released even when its holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, at worst the entry is trained twice (writes are atomic)
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def toy_digits(digits, resolution: int, rgb: bool, seed: int = 0):
@@ -79,6 +95,7 @@ def train_toy(net: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor]
     """The one training loop of the toys: AdamW on loss_fn(g), where g is the loop's seeded generator that
     draws every minibatch, noise and timestep. Returns the last loss."""
     from tqdm.auto import tqdm
+    from drlhf.hardware import balance_cpu_threads
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
@@ -87,6 +104,7 @@ def train_toy(net: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        balance_cpu_threads()
     return loss
 
 
@@ -132,8 +150,9 @@ def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRA
         raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
                              + ", ".join(f"toy:{k}" for k in TOY_MODELS))
     path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}-b64"
-    if not (path / "model_index.json").exists():
-        train_toy_model(name, path, steps)
+    with cache_lock(path):
+        if not (path / "model_index.json").exists():
+            train_toy_model(name, path, steps)
     return path
 
 
@@ -143,10 +162,15 @@ def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRA
 def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None, steps: int = 400, seed: int = 0):
     """Appendix B's CNN trained as a noisy-digit classifier on all ten digits (thesis 6.4: the value function
     was initialized from an MNIST classifier). Cached as safetensors; returns the state dict."""
-    from drlhf.value import CriticCNN
     path = Path(cache_dir or default_cache_dir()) / f"critic-classifier-c{in_channels}-r{resolution}-s{steps}.safetensors"
-    if path.exists():
-        return load_file(path)
+    with cache_lock(path):
+        if not path.exists():
+            _pretrain_critic_classifier(path, in_channels, resolution, steps, seed)
+    return load_file(path)
+
+
+def _pretrain_critic_classifier(path: Path, in_channels: int, resolution: int, steps: int, seed: int):
+    from drlhf.value import CriticCNN
     torch.manual_seed(seed)
     x, y = toy_digits(list(range(10)), resolution, in_channels == 3, seed)
     net = CriticCNN(in_channels, resolution, out_dim=10)
@@ -161,7 +185,6 @@ def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None
     train_toy(net, loss_fn, steps, 3e-3, seed, "pre-training the value network as a digit classifier (cached)")
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp))
-    return state
 
 
 def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
@@ -170,9 +193,14 @@ def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
     from drlhf.guided_diffusion import GuidedClassifier
     clf = GuidedClassifier(**{**TOY_CLASSIFIER, "attention_resolutions": (4,), "channel_mult": (1, 2, 2)})
     path = Path(cache_dir or default_cache_dir()) / f"toy-classifier-digits-rgb-s{steps}.safetensors"
-    if path.exists():
-        clf.load_state_dict(load_file(path))
-        return clf
+    with cache_lock(path):
+        if not path.exists():
+            _train_toy_guided_classifier(path, clf, steps, seed)
+    clf.load_state_dict(load_file(path))
+    return clf
+
+
+def _train_toy_guided_classifier(path: Path, clf: nn.Module, steps: int, seed: int):
     torch.manual_seed(seed)
     spec = TOY_MODELS["digits-rgb"]
     x, y = toy_digits(spec["digits"], spec["resolution"], spec["rgb"], seed)
@@ -186,4 +214,3 @@ def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
     train_toy(clf, loss_fn, steps, 1e-3, seed, "training the toy noisy-image classifier (first use, cached)")
     state = {k: v.contiguous() for k, v in clf.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp))
-    return clf

@@ -76,3 +76,26 @@ def write_summary(out: Path, scores: dict, epochs: int, epoch_times: list, n_ima
                    peak_gpu_memory_gb=hardware.peak_gpu_gb(device), peak_rss_gb=hardware.peak_rss_gb())
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+
+class CompileLog:
+    """--compile: the graphs each epoch compiled, printed and logged (charts/graphs_compiled). The first epoch
+    compiles one graph per shape (the warm-up); a graph in a later epoch is a recompilation."""
+
+    def __init__(self):
+        self.seen, self.warm = hardware.compiled_graphs(), False
+
+    def epoch(self, writer, epoch: int, seconds: float):
+        import os
+        now = hardware.compiled_graphs()
+        new, self.seen = now - self.seen, now
+        if writer is not None:
+            writer.add_scalar("charts/graphs_compiled", new, epoch)
+            if new and not self.warm:
+                print(f"[drlhf] --compile warm-up: {new} graph(s) compiled in epoch {epoch + 1} ({seconds:.1f} s with "
+                      f"it); cached in {os.environ.get('TORCHINDUCTOR_CACHE_DIR')} for the next run")
+            elif new:
+                print(f"[drlhf] warning: --compile recompiled {new} graph(s) in epoch {epoch + 1}; TORCH_LOGS=recompiles "
+                      "says why")
+        self.warm = True
+

@@ -12,9 +12,18 @@ TINY = ["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5", "--mini
         "--eval-samples", "4", "--eval-every", "1", "--policy-warmup-steps", "2", "--vf-warmup-steps", "2"]
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch thread would wait for a busy core
+    import torch
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("drlhf-cache")
+    """The toy models of the whole run, shared by parallel workers (drlhf.toys trains each once, under a lock)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "drlhf-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

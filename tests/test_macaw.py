@@ -179,12 +179,20 @@ def test_aesthetic_stand_in_runs_with_the_early_learning_rate(run, tmp_path):
     assert 0 < summary["base_reward_std"] and summary["epochs"] == 2
 
 
-def test_imagenet_presets_as_written_on_the_fixture_weights(run, tmp_path):
-    """--exp macaw (all four steps), macaw-norl and aesthetic as the presets stand, on the fixture's reduced OpenAI
-    U-Net and classifier saved in the real files' format (read with weights_only=True); only sizes are shrunk."""
+OPENAI_SIZES = ["--num-envs", "4", "--num-steps", "5", "--epochs", "1", "--eval-samples", "4",
+                "--policy-warmup-steps", "1", "--vf-warmup-steps", "1"]
+
+
+def openai_fixture_flags(tmp_path):
     from helpers import write_openai_checkpoints
     unet, clf = write_openai_checkpoints(tmp_path)
-    base, classifier = ["--pretrained", f"guided-diffusion:{unet}"], ["--classifier", f"guided-diffusion:{clf}"]
+    return ["--pretrained", f"guided-diffusion:{unet}"], ["--classifier", f"guided-diffusion:{clf}"]
+
+
+def test_imagenet_presets_as_written_on_the_fixture_weights(run, tmp_path):
+    """--exp macaw (all four steps) and macaw-norl as the presets stand, on the fixture's reduced OpenAI U-Net and
+    classifier saved in the real files' format (read with weights_only=True); only sizes are shrunk."""
+    base, classifier = openai_fixture_flags(tmp_path)
     ds, rm = tmp_path / "ds", tmp_path / "rm"
     run("sample.py", "--exp", "macaw", *base, "--num-tasks", "4", "--num-steps", "5", "--out", ds)
     assert "macaw" in (ds / "instructions.md").read_text().lower()
@@ -192,16 +200,20 @@ def test_imagenet_presets_as_written_on_the_fixture_weights(run, tmp_path):
     run("label.py", "export", ds, "--val-fraction", "0")
     run("train_reward.py", "--exp", "macaw", "--dataset", ds, *classifier, "--epochs", "2", "--out", rm)
     assert json.loads((rm / "config.json").read_text())["input_shape"] == [3, 64, 64]
-    sizes = ["--num-envs", "4", "--num-steps", "5", "--epochs", "1", "--eval-samples", "4",
-             "--policy-warmup-steps", "1", "--vf-warmup-steps", "1"]
-    proc = run("train_ppo.py", "--exp", "macaw", *base, *classifier, "--reward-model", rm, *sizes,
+    proc = run("train_ppo.py", "--exp", "macaw", *base, *classifier, "--reward-model", rm, *OPENAI_SIZES,
                "--minibatch-size", "5", "--output-dir", tmp_path / "macaw")
     assert "class, pixel (3, 64, 64)), 5 steps ddpm/learned_range" in proc.stdout
-    proc = run("train_ppo.py", "--exp", "macaw-norl", *base, "--reward-model", rm, *sizes, "--minibatch-size", "10",
-               "--grad-accum-steps", "2", "--output-dir", tmp_path / "norl")
+    proc = run("train_ppo.py", "--exp", "macaw-norl", *base, "--reward-model", rm, *OPENAI_SIZES, "--minibatch-size",
+               "10", "--grad-accum-steps", "2", "--output-dir", tmp_path / "norl")
     assert "2 minibatches of 10 -> 1 optimizer steps" in proc.stdout
+    for name in ("macaw", "norl"):
+        assert (tmp_path / name / "final_policy" / "guided_unet.safetensors").exists(), name
+
+
+def test_aesthetic_preset_as_written_on_the_fixture_weights(run, tmp_path):
+    """--exp aesthetic as the preset stands, on the same fixture weights and a tiny CLIP + predictor MLP."""
+    base, classifier = openai_fixture_flags(tmp_path)
     clip_dir, _, mlp, _ = tiny_aesthetic(tmp_path)
     run("train_ppo.py", "--exp", "aesthetic", *base, *classifier, "--aesthetic-clip", clip_dir, "--aesthetic-mlp", mlp,
-        *sizes, "--minibatch-size", "5", "--output-dir", tmp_path / "aesthetic")
-    for name in ("macaw", "norl", "aesthetic"):
-        assert (tmp_path / name / "final_policy" / "guided_unet.safetensors").exists(), name
+        *OPENAI_SIZES, "--minibatch-size", "5", "--output-dir", tmp_path / "aesthetic")
+    assert (tmp_path / "aesthetic" / "final_policy" / "guided_unet.safetensors").exists()

@@ -8,18 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.architectures import SD15_UNET
 from drlhf import models
 from drlhf.value import ClassifierValue
 from drlhf.sampler import DiffusionSchedule, ReparameterizedChain, action_logprob, rollout
 
 pytestmark = pytest.mark.slow
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json and scheduler/scheduler_config.json (the fields
-# that are not diffusers defaults)
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-                 block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+# stable-diffusion-v1-5/stable-diffusion-v1-5 scheduler/scheduler_config.json (the fields that are not defaults)
 SD15_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                       prediction_type="epsilon", clip_sample=False, steps_offset=1)
 

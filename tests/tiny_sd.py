@@ -1,29 +1,21 @@
 """A tiny random-weight Stable-Diffusion-shaped pipeline folder, built from configs (no download): UNet2DConditionModel,
 a x8 AutoencoderKL, a 2-layer CLIP text encoder and a character-level CLIP tokenizer. It exercises the latent,
 text-conditional path of the loaders and the sampler offline; its images are noise."""
-import json
 from pathlib import Path
 
 import torch
 
+from benchmarks.architectures import letter_tokenizer
+
 
 def build_tiny_sd(path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     path = Path(path)
-    chars = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
     tok_dir = path / "_tok"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16,
-                              pad_token="<|endoftext|>")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+    tokenizer = letter_tokenizer(tok_dir, 16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
                                                 bos_token_id=0, eos_token_id=1, pad_token_id=1))
     unet = UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
@@ -46,21 +38,13 @@ def build_tiny_sd(path: Path, seed: int = 0) -> Path:
 def build_tiny_clip(path: Path, seed: int = 0):
     """A tiny random CLIPModel and its processor (character-level tokenizer, 32x32 images), standing in for
     PickScore v1 offline. Returns (model folder, processor folder)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     torch.manual_seed(seed)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16,
-                              pad_token="<|endoftext|>")
+    tokenizer = letter_tokenizer(path, 16)
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=tokenizer).save_pretrained(path / "processor")
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
                                          eos_token_id=1, pad_token_id=1),
                         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,

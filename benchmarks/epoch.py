@@ -1,0 +1,189 @@
+"""Epoch benchmark: N epochs of any train_ppo.py preset, timed phase by phase, to size a run before launching it.
+
+The real architectures are built at random weights from their configs (no download; seconds on a GPU) into
+--models-dir and loaded through train_ppo.py's own loaders; the epochs run through train_ppo.py's own functions
+(`setup`, `train_epoch`), so what is timed is what a run does, minus evaluation, logging and checkpoints.
+
+    python benchmarks/epoch.py --exp pink --num-envs 8                         # SD v1.5 U-Net/VAE/CLIP-L, Pink RM
+    python benchmarks/epoch.py --exp pink --num-envs 8 --lora-rank 4 --gradient-checkpointing true
+    python benchmarks/epoch.py --exp colorfulness                              # OpenAI 64x64 U-Net + classifier
+    python benchmarks/epoch.py --exp pink --num-envs 8 --compile true --bench-epochs 8
+    python benchmarks/epoch.py                                                 # the offline default (toy model)
+    python benchmarks/epoch.py --exp pink --size tiny --device cpu --num-envs 2 --bench-epochs 3   # a CPU smoke run
+
+Every flag that is not the benchmark's own (below) is train_ppo.py's. It prints a table and writes JSON
+(--json): seconds per epoch, images/s, the phases (rollout; scoring = rewards, values, pi_base and a recomputed
+pi_old; update), peak memory, FLOPs per epoch (counted by torch.utils.flop_counter on one extra eager epoch:
+matmuls, convolutions and attention, forward and backward, gradient-checkpointing recomputes included) and the
+achieved TFLOP/s against a matmul peak measured on the same device in the run's number format; the first epoch
+(compilation, allocator and kernel warm-up) apart from the steady state (the mean of the later epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_ppo  # noqa: E402
+from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_reward_model,  # noqa: E402
+                                      build_sd15)
+from drlhf import hardware  # noqa: E402
+from drlhf.toys import default_cache_dir  # noqa: E402
+
+# ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
+def benchmark(argv: list[str], epochs: int, count_flops: bool) -> dict:
+    args, _ = train_ppo.parse_args(argv)
+    train_ppo.check_requirements(args)
+    rank, world, device = hardware.setup_distributed(args.device)
+    base, nets, _, prompts, prompt_embeds, gens, (B, n_states, n_minibatches) = train_ppo.setup(args, rank, world, device)
+    state = {"epoch": 0, "global_step": 0}
+    train_ppo.set_lrs(nets.opt_pi, nets.opt_vf, args, state)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compiled_before = hardware.compiled_graphs()
+    rows = []
+    for epoch in range(epochs):
+        state["epoch"] = epoch
+        hardware.sync_device(device)
+        t0 = time.perf_counter()
+        _, _, _, times = train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+        hardware.sync_device(device)
+        seconds = time.perf_counter() - t0
+        rows.append(dict(seconds=seconds, rollout=times.get("rollout"), scoring=times.get("scoring"),
+                         update=seconds - times.get("rollout", 0.0) - times.get("scoring", 0.0),
+                         graphs_compiled=hardware.compiled_graphs() - compiled_before))
+        compiled_before += rows[-1]["graphs_compiled"]
+        print(f"[bench] epoch {epoch + 1}/{epochs}: {seconds:.3f} s ({', '.join(f'{k} {v:.3f}' for k, v in rows[-1].items() if k in ('rollout', 'scoring', 'update') and v is not None)})"
+              + (f", {rows[-1]['graphs_compiled']} graph(s) compiled" if args.compile else ""), flush=True)
+    result = summarize(rows, B * world, args, device)
+    if count_flops:
+        state["epoch"] = epochs
+        flops = count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+        peak = matmul_peak_tflops(args, device)
+        steady = result["steady_seconds_per_epoch"] or result["first_epoch_seconds"]
+        result.update(flops_per_epoch=flops, achieved_tflops=flops / steady / 1e12, matmul_peak_tflops=peak,
+                      fraction_of_peak=flops / steady / 1e12 / peak)
+    result.update(states_per_epoch=n_states, minibatches_per_epoch=n_minibatches)
+    return result
+
+
+def summarize(rows: list[dict], n_images: int, args, device) -> dict:
+    """First epoch apart; the steady state is the mean of the later epochs (None with a single epoch)."""
+    steady = rows[1:]
+    mean = (lambda k: sum(r[k] for r in steady) / len(steady) if steady and steady[0][k] is not None else None)
+    s = mean("seconds")
+    return dict(epochs=rows, images_per_epoch=n_images, first_epoch_seconds=rows[0]["seconds"],
+                steady_seconds_per_epoch=s, images_per_second=n_images / (s or rows[0]["seconds"]),
+                steady_phases={k: mean(k) for k in ("rollout", "scoring", "update")},
+                graphs_compiled_first_epoch=rows[0]["graphs_compiled"],
+                recompiles_after_first_epoch=sum(r["graphs_compiled"] for r in steady),
+                peak_gpu_allocated_gb=hardware.peak_gpu_gb(device),
+                peak_gpu_reserved_gb=torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None,
+                peak_rss_gb=hardware.peak_rss_gb())
+
+
+def count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device) -> int:
+    """FLOPs of one more epoch, counted eagerly (a compiled forward is swapped for the plain module meanwhile)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    compiled, nets.policy_net.unet = nets.policy_net.unet, nets.unet
+    try:
+        with FlopCounterMode(display=False) as counter:
+            train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+    finally:
+        nets.policy_net.unet = compiled
+    return counter.get_total_flops()
+
+
+def matmul_peak_tflops(args, device) -> float:
+    """The best of a few large square matmuls in the run's number format (fp16/bf16 under autocast; fp32 with
+    or without TF32), i.e. what this device reaches on the operation that dominates a U-Net."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    with hardware.autocast(args.precision, device):
+        for _ in range(3):
+            hardware.sync_device(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            hardware.sync_device(device)
+            best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n ** 3 / best / 1e12
+
+
+# ======== the models: real architectures at random weights, built once into --models-dir ==================
+def model_flags(argv: list[str], models_dir: Path, size: str, device) -> list[str]:
+    """The flags that point the preset at random-weight models of its architecture (built on first use)."""
+    args, given = train_ppo.parse_args(argv)
+    flags = []
+    if args.pretrained == train_ppo.presets.SD15 and "pretrained" not in given:
+        sd = build_sd15(models_dir / f"sd15-{size}", size, device)
+        flags += ["--pretrained", str(sd)] + (["--resolution", "64"] if size == "tiny" else [])
+        if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and "reward_model" not in given:
+            flags += ["--reward-model", str(build_reward_model(sd, models_dir / f"rm-sd15-{size}", device))]
+    elif args.pretrained.startswith("guided-diffusion:") and "pretrained" not in given:
+        folder = build_guided(models_dir / f"guided-{size}", size, device)
+        flags += ["--pretrained", f"guided-diffusion:{folder / '64x64_diffusion.pt'}"]
+        if args.classifier and "classifier" not in given:
+            flags += ["--classifier", f"guided-diffusion:{folder / '64x64_classifier.pt'}"]
+        if args.reward == "rm" and "reward_model" not in given:
+            flags += ["--reward-model", str(build_classifier_reward_model(folder, args.class_labels))]
+    return flags
+
+
+# ======== command line ====================================================================================
+def table(result: dict, args_line: str) -> str:
+    f = (lambda v, fmt=".3f": "-" if v is None else format(v, fmt))
+    ph = result["steady_phases"]
+    lines = [f"| {args_line} | {result['device']} |", "|---|---|",
+             f"| s/epoch (steady / first) | {f(result['steady_seconds_per_epoch'])} / {f(result['first_epoch_seconds'])} |",
+             f"| images/s | {f(result['images_per_second'])} |",
+             f"| rollout / scoring / update (s) | {f(ph['rollout'])} / {f(ph['scoring'])} / {f(ph['update'])} |",
+             f"| peak GB (GPU allocated / reserved; RSS) | {f(result['peak_gpu_allocated_gb'], '.1f')} / "
+             f"{f(result['peak_gpu_reserved_gb'], '.1f')}; {f(result['peak_rss_gb'], '.1f')} |",
+             f"| graphs compiled (epoch 1 / later) | {result['graphs_compiled_first_epoch']} / "
+             f"{result['recompiles_after_first_epoch']} |"]
+    if "flops_per_epoch" in result:
+        lines.append(f"| TFLOP per epoch; achieved / matmul peak TFLOP/s | {result['flops_per_epoch'] / 1e12:.2f}; "
+                     f"{result['achieved_tflops']:.1f} / {result['matmul_peak_tflops']:.1f} "
+                     f"({100 * result['fraction_of_peak']:.0f} %) |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Any other flag is train_ppo.py's "
+                                "(python train_ppo.py --help), e.g. --exp pink --num-envs 8 --compile true.")
+    p.add_argument("--bench-epochs", type=int, default=5, help="epochs to time: the first apart, the mean of the rest "
+                   "is the steady state (default 5)")
+    p.add_argument("--size", choices=("full", "tiny"), default="full", help="full: the real architectures; tiny: "
+                   "the same classes at toy widths (a CPU smoke run)")
+    p.add_argument("--models-dir", default=None, help="where the random-weight models are built once "
+                   "(default $DRLHF_CACHE/bench-models)")
+    p.add_argument("--json", default=None, help="write the result here (default runs/bench/<exp>.json)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting epoch and the matmul peak")
+    ours, rest = p.parse_known_args(argv)
+    if ours.bench_epochs < 1:
+        p.error("--bench-epochs must be at least 1")
+    device = hardware.resolve_device(train_ppo.parse_args(rest)[0].device)
+    models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
+    argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
+    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops)
+    result.update(argv=rest, size=ours.size, torch=torch.__version__, python=platform.python_version(),
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else
+                  f"CPU ({torch.get_num_threads()} threads)")
+    out = Path(ours.json or f"runs/bench/{train_ppo.parse_args(rest)[0].exp or 'default'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(table(result, " ".join(rest) or "(defaults)"))
+    print(f"[bench] wrote {out}")
+
+
+if __name__ == "__main__":
+    train_ppo.cli.run(main)

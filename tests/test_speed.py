@@ -1,0 +1,114 @@
+"""The epoch benchmark (tiny sizes on the CPU), --compile without recompilation, and CPU threads that follow the
+machine's load. Nothing here depends on how long anything takes."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from drlhf import hardware
+
+
+def test_benchmark_tiny_pink_writes_phases_flops_and_peak(run, tmp_path):
+    """The Pink preset on SD v1.5's classes at toy widths: built at random weights, timed through train_ppo.py's
+    own functions, with the first epoch apart, FLOPs counted and the matmul peak measured."""
+    out = tmp_path / "pink.json"
+    proc = run("benchmarks/epoch.py", "--exp", "pink", "--size", "tiny", "--device", "cpu", "--num-envs", "2",
+               "--num-steps", "4", "--minibatch-size", "4", "--grad-accum-steps", "1", "--bench-epochs", "2",
+               "--models-dir", tmp_path / "models", "--json", out)
+    r = json.loads(out.read_text())
+    assert len(r["epochs"]) == 2 and r["images_per_epoch"] == 2 and r["states_per_epoch"] == 8
+    for row in r["epochs"]:
+        assert row["seconds"] > 0 and row["rollout"] > 0 and row["scoring"] > 0 and row["update"] > 0
+        assert abs(row["rollout"] + row["scoring"] + row["update"] - row["seconds"]) < 1e-6
+    assert r["steady_seconds_per_epoch"] == r["epochs"][1]["seconds"]
+    assert r["flops_per_epoch"] > 1e8 and r["matmul_peak_tflops"] > 0
+    assert r["achieved_tflops"] == pytest.approx(r["flops_per_epoch"] / r["steady_seconds_per_epoch"] / 1e12)
+    assert (tmp_path / "models" / "sd15-tiny" / "model_index.json").exists()
+    assert (tmp_path / "models" / "rm-sd15-tiny" / "config.json").exists()  # --value-fn reward: Pink's own RM
+    assert "s/epoch (steady / first)" in proc.stdout and "TFLOP per epoch" in proc.stdout
+
+
+def test_benchmark_tiny_colorfulness_builds_openai_models(run, tmp_path):
+    out = tmp_path / "c.json"
+    run("benchmarks/epoch.py", "--exp", "colorfulness", "--size", "tiny", "--device", "cpu", "--num-envs", "2",
+        "--num-steps", "2", "--minibatch-size", "4", "--bench-epochs", "1", "--no-flops",
+        "--models-dir", tmp_path / "models", "--json", out)
+    r = json.loads(out.read_text())
+    assert r["steady_seconds_per_epoch"] is None and r["first_epoch_seconds"] > 0 and "flops_per_epoch" not in r
+    assert {p.name for p in (tmp_path / "models" / "guided-tiny").iterdir()} >= {"64x64_diffusion.pt",
+                                                                                  "64x64_classifier.pt"}
+
+
+@pytest.mark.slow
+def test_compile_compiles_in_the_first_epoch_only(run, tmp_path):
+    """--compile: static shapes, so every graph is compiled in epoch 1 (the warm-up, reported) and epochs 2-3 reuse
+    them; the fixed-seed evaluation runs eagerly and adds none. Slow: minutes of inductor compilation on 2 cores
+    (the second run loads the first one's graphs from the cache)."""
+    out = tmp_path / "compiled.json"
+    proc = run("benchmarks/epoch.py", *TINY, "--compile", "true", "--device", "cpu", "--bench-epochs", "3",
+               "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
+    r = json.loads(out.read_text())
+    assert r["graphs_compiled_first_epoch"] >= 3  # rollout, update; the pi_old/reference passes share the no-grad one
+    assert r["recompiles_after_first_epoch"] == 0, proc.stdout
+    runs = run("train_ppo.py", *TINY, "--compile", "true", "--epochs", "2", "--eval-every", "1",
+               "--output-dir", tmp_path / "run", timeout=900)
+    assert "--compile warm-up:" in runs.stdout and "recompiled" not in runs.stdout
+
+
+def fake_machine(monkeypatch, cores, readings):
+    """hardware's view of /proc/stat: `readings` = the other processes' busy cores over each following window."""
+    clock = {"t": 0.0, "busy": 0.0}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(hardware.time, "sleep", lambda s: advance(s))
+    monkeypatch.setattr(hardware.time, "process_time", lambda: 0.0)
+    monkeypatch.setattr(hardware, "_cpu_seconds", lambda: (clock["busy"], 0.0, cores))
+    it = iter(readings)
+
+    def advance(seconds):
+        clock["busy"] += next(it) * seconds
+        clock["t"] += seconds
+    return advance
+
+
+def test_cpu_threads_follow_the_load_both_ways(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        advance = fake_machine(monkeypatch, 2, [1.0, 0.0, 0.0, 0.05, 0.5, 2.0])
+        hardware.balance_cpu_threads(first=True)      # one busy process beside us: one thread
+        assert torch.get_num_threads() == 1
+        advance(1.0)
+        hardware.balance_cpu_threads()                # within the window: nothing changes
+        assert torch.get_num_threads() == 1
+        advance(3.0)                                  # the other process ended: both cores again
+        hardware.balance_cpu_threads()
+        assert torch.get_num_threads() == 2
+        for load, threads in ((0.05, 2), (0.5, 1), (2.0, 1)):  # daemons' noise; half a core; all (>= 1 thread)
+            advance(3.0)
+            hardware.balance_cpu_threads()
+            assert torch.get_num_threads() == threads, load
+    finally:
+        hardware._balance["at"] = None
+        torch.set_num_threads(before)
+
+
+def test_cpu_threads_leave_an_explicit_setting_alone(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        advance = fake_machine(monkeypatch, 2, [1.0, 1.0])
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        hardware.balance_cpu_threads(first=True)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        hardware.balance_cpu_threads(first=True)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)                      # the caller chose: balancing stops
+        advance(3.0)
+        hardware.balance_cpu_threads()
+        assert torch.get_num_threads() == 2 and hardware._balance["at"] is None
+    finally:
+        hardware._balance["at"] = None
+        torch.set_num_threads(before)
