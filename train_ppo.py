@@ -24,7 +24,6 @@ import contextlib
 import copy
 import dataclasses
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -115,7 +114,13 @@ class Args:
     vf_coef: NonNegFloat = 0.5
     """Table 6.2 "PPO VF Coeff." """
     kl_coef: NonNegFloat = 0.0
-    """Table 6.2 "KL Penalty Coeff." beta of Eq. 5.3; the frozen base model is built only when > 0"""
+    """Table 6.2 "KL Penalty Coeff." beta of Eq. 5.3; the frozen base model is built only when > 0 (with --kl-target: the starting beta)"""
+    kl_target: PosFloat | None = None
+    """beyond the thesis (its 8.1): adapt beta every epoch towards this KL per sample (summed over the steps) with Ziegler et al. 2019's proportional controller; None = the fixed beta of Table 6.2"""
+    kl_horizon: PosFloat = 10000.0
+    """--kl-target: samples over which beta may change by the controller's full step: beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * samples per epoch / horizon (Ziegler et al. 2019)"""
+    advantage: Literal["gae", "group"] = "gae"
+    """gae: the critic and GAE over the denoising steps (thesis 5.3); group: no critic, each terminal reward standardized among the epoch's samples of its prompt or class (DDPO's per-prompt statistics, GRPO), minus the KL penalty still to come"""
     norm_adv: bool = True
     """normalize advantages over the whole batch of all processes (thesis 5.3)"""
     clip_vloss: bool = True
@@ -211,9 +216,10 @@ class Nets:
     scaler: torch.amp.GradScaler  # fp16 only; a no-op otherwise
 
 
-def ppo_epoch(nets: Nets, x_T, cond, prompts, args: Args, state: dict, gens: dict, rank: int, device):
+def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, gens: dict, rank: int, device):
     """Rollout -> terminal reward + per-step KL -> values -> GAE -> PPO update, for environments starting at
-    x_T (B, C, H, W). Returns the rewards (B,), the KL (T, B), the update statistics and the phase times (s)."""
+    x_T (B, C, H, W) with conditions of group ids `groups` (B,) (prompt or class; --advantage group). Returns the
+    rewards (B,), the KL (T, B), the update statistics and the phase times (s)."""
     T, B = nets.schedule.num_steps, len(x_T)
     t0 = time.perf_counter()
     # 1. ROLLOUT: all environments, one batch per denoising step
@@ -230,16 +236,20 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, args: Args, state: dict, gens: dic
     # 2. REWARD: terminal score, per-step KL to the base model (Eq. 5.3), values of every state
     scores = score_terminal(nets.reward_fn, buf.samples, cond, prompts, state["epoch"], rank)  # (B,)
     ref_logprobs = None                                              # (T, B) log pi_base(a_t|s_t)
-    if nets.ref_net is not None:
+    if nets.ref_net is not None and args.kl_coef > 0:  # (--eval-reward alone builds pi_base for the evaluations)
         ref_logprobs = state_fn(lambda x, i, c, a: action_logprob(nets.ref_net, nets.schedule, x, i, c, a))
-    rewards_t, kl = compute_rewards(scores, logprobs, ref_logprobs, args.kl_coef)  # (T, B) each
+    beta = state.get("kl_coef", args.kl_coef)                       # --kl-target adapts it every epoch
+    rewards_t, kl = compute_rewards(scores, logprobs, ref_logprobs, beta)  # (T, B) each
     values = torch.zeros_like(rewards_t)                                          # (T, B) V(x_t, t, c)
     if nets.value_net is not None:
         nets.value_net.eval()
         timesteps = nets.schedule.timesteps.to(device)
         values = state_fn(lambda x, i, c, a: nets.value_net(x, timesteps[i], c))
-    # 3. ADVANTAGES: GAE over the denoising steps
-    advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)  # (T, B) each
+    # 3. ADVANTAGES: GAE over the denoising steps (or the critic-free group baseline)
+    if args.advantage == "group":
+        advantages, returns = group_advantages(scores, groups, kl, beta)                  # (T, B) each
+    else:
+        advantages, returns = compute_advantages(rewards_t, values, args.gamma, args.gae_lambda)  # (T, B) each
     sync_device(device)
     t_score = time.perf_counter() - t0 - t_rollout
     # 4. UPDATE: PPO over all states in random minibatches
@@ -251,6 +261,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, args: Args, state: dict, gens: dic
     stats = ppo_update(nets, buf_d, orders, args, state, device)
     var_y = returns.var()
     stats["explained_variance"] = (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan")
+    stats["kl_coef"] = beta
     return scores, kl, stats, dict(rollout=t_rollout, scoring=t_score)
 
 
@@ -293,6 +304,27 @@ def compute_advantages(rewards, values, gamma: float, gae_lambda: float):
         last = delta + gamma * gae_lambda * last
         advantages[t] = last
     return advantages, advantages + values
+
+
+def group_advantages(scores, groups, kl, kl_coef: float):
+    """The critic-free baseline (DDPO's per-prompt reward statistics; GRPO): each terminal reward standardized
+    among all processes' samples of this epoch with the same prompt or class, minus the KL penalty from each step
+    on: A_t = (r - mean_g r) / (std_g r + 1e-8) - beta * sum_{t' >= t} KL_t'. scores, groups (B,), kl (T, B) ->
+    advantages and returns (T, B) (returns = advantages: there is no value function to fit)."""
+    all_scores, all_groups = hardware.all_gather(scores.float()), hardware.all_gather(groups)
+    norm = torch.empty_like(scores, dtype=torch.float32)
+    for g in groups.unique():
+        pool = all_scores[all_groups == g]
+        norm[groups == g] = (scores[groups == g].float() - pool.mean()) / (pool.std(correction=0) + 1e-8)
+    advantages = norm[None] - kl_coef * kl.flip(0).cumsum(0).flip(0)
+    return advantages, advantages
+
+
+def adapt_kl_coef(beta: float, kl: float, args: Args, n_samples: int) -> float:
+    """Ziegler et al. 2019 (sec. 2.2): proportional control of beta towards --kl-target, the KL per sample summed
+    over the steps: error e = clip(KL / target - 1, -0.2, 0.2), beta <- beta * (1 + e * samples / --kl-horizon)."""
+    error = min(max(kl / args.kl_target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_samples / args.kl_horizon)
 
 
 def whiten(x: torch.Tensor) -> torch.Tensor:
@@ -480,6 +512,10 @@ def check_requirements(args: Args):
     if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and not args.reward_model:
         raise SystemExit(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
                          "written by train_reward.py")
+    if args.kl_target is not None and not args.kl_coef:
+        raise SystemExit("--kl-target adapts beta from its start: pass --kl-coef > 0 as the starting value")
+    if args.advantage == "group" and args.value_fn != "none":
+        raise SystemExit(f"--advantage group has no critic: pass --value-fn none (got --value-fn {args.value_fn})")
     if args.value_fn == "classifier" and not args.classifier:
         raise SystemExit("--value-fn classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
                          "(OpenAI's noisy-image classifier); offline stand-in: --exp digits-colorfulness")
@@ -542,7 +578,7 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
         base.unet.enable_gradient_checkpointing()
     policy_net = models.make_denoiser(base, args.guidance_scale)
     ref_net = None
-    if args.kl_coef > 0:  # the frozen base policy pi_base, only needed for the KL penalty
+    if args.kl_coef > 0 or args.eval_reward:  # the frozen base policy pi_base: the KL penalty; KL of the evaluations
         ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
@@ -578,25 +614,6 @@ def setup(args: Args, rank: int, world: int, device):
     return base, nets, reward_fns, prompts, prompt_embeds, gens, sizes
 
 
-# ======== PLUMBING: fixed-seed evaluation, logging, the run folder (layout: drlhf/checkpoint.py) ===========
-def start_run(out: Path, args: Args, base, nets: Nets, evaluator, state: dict, sizes: tuple, world: int):
-    """Rank 0: the base model's scores (once per run, first: a failing reward writes nothing), the run folder,
-    TensorBoard, the batch sizes."""
-    base_eval = evaluator() if "base_rewards" not in state else None
-    writer = tracking.open_run(out, args, purge_step=state["epoch"] if args.resume else None)
-    B, n_states, n_minibatches = sizes
-    print(f"[drlhf] base {args.pretrained} ({base.conditioning}, {'latent' if base.is_latent else 'pixel'} "
-          f"{tuple(base.sample_shape)}), {args.num_steps} steps {args.sampler}/{nets.schedule.cfg.variance_type}; "
-          f"{world} process(es) x {B} environments = {B * world}; {n_states} states per process -> {n_minibatches} "
-          f"minibatches of {args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
-    if base_eval is not None:
-        evaluator.record_base(out, state, base_eval)
-    elif not (out / "samples_base.png").exists():  # resumed into a new --output-dir: the base grid comes along
-        if (src := checkpoint.find_checkpoint(args.resume).parent.parent / "samples_base.png").exists():
-            shutil.copy2(src, out)
-    return writer
-
-
 # ======== main: set up, loop over epochs, finish ===========================================================
 def train_epoch(nets: Nets, base, args: Args, state: dict, gens: dict, prompts, prompt_embeds, B: int, rank: int,
                 device):
@@ -605,8 +622,10 @@ def train_epoch(nets: Nets, base, args: Args, state: dict, gens: dict, prompts, 
     cond, cond_prompts = sample_conditions(base, args.class_labels, B, gens["shuffle"], prompts, prompt_embeds)
     cond = None if cond is None else cond.to(device)
     x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
-    if args.algo == "ppo":
-        return ppo_epoch(nets, x_T, cond, cond_prompts, args, state, gens, rank, device)
+    if args.algo == "ppo":  # group ids for --advantage group: the class, the prompt's row, or one group
+        groups = (cond if base.conditioning == "class" else torch.tensor([prompts.index(p) for p in cond_prompts])
+                  if cond_prompts else torch.zeros(B, dtype=torch.long)).to(device)
+        return ppo_epoch(nets, x_T, cond, cond_prompts, groups, args, state, gens, rank, device)
     # thesis 6.8: sample with gradients, loss = -reward, no RL
     noise = torch.randn((args.num_steps, *x_T.shape), generator=gens["rollout"], device=device)  # (T, B, C, H, W)
     nets.policy_net.train()
@@ -620,16 +639,17 @@ def main(argv=None):
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
     base, nets, reward_fns, prompts, prompt_embeds, gens, sizes = setup(args, rank, world, device)
     B = sizes[0]
-    state = {"epoch": 0, "global_step": 0}
+    state = {"epoch": 0, "global_step": 0} | ({"kl_coef": args.kl_coef} if args.kl_target else {})
     # the fixed-seed evaluation runs eagerly: compiling its batch size too would only add warm-up
     eval_net = models.make_denoiser(base, args.guidance_scale) if args.compile else nets.policy_net
     evaluator = evaluation.FixedSeedEval(eval_net, nets.schedule, base, reward_fns, args.eval_samples, args.seed,
-                                         args.precision, device, args.class_labels, prompts, prompt_embeds)
+                                         args.precision, device, args.class_labels, prompts, prompt_embeds,
+                                         ref=nets.ref_net if args.eval_reward else None)
     if args.resume:
         state = checkpoint.restore_checkpoint(ckpt, saved, base.unet, nets.value_net, nets.opt_pi, nets.opt_vf,
                                               nets.scaler, gens, rank, world, adapters_only=bool(args.lora_rank))
     set_lrs(nets.opt_pi, nets.opt_vf, args, state)
-    writer = start_run(out, args, base, nets, evaluator, state, sizes, world) if rank == 0 else None
+    writer = tracking.start_run(out, args, base, nets.schedule, evaluator, state, sizes, world) if rank == 0 else None
     state = hardware.broadcast_object(state)  # every rank keeps rank 0's state dict (rank 0 saves it)
 
     from tqdm.auto import tqdm
@@ -640,7 +660,10 @@ def main(argv=None):
         state["epoch"] = epoch
         t0 = time.perf_counter()
         scores, kl, stats, times = train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
-        pooled = tracking.pool_rewards(scores, kl, args.kl_coef, B * world)  # all ranks' rewards and KL
+        beta = state.get("kl_coef", args.kl_coef)
+        pooled = tracking.pool_rewards(scores, kl, beta, B * world)  # all ranks' rewards and KL
+        if args.kl_target:  # the KL penalty's beta towards --kl-target (Ziegler et al. 2019), for the next epoch
+            state["kl_coef"] = adapt_kl_coef(beta, pooled[4].item(), args, B * world)
         sync_device(device)
         epoch_times.append(time.perf_counter() - t0)
         hardware.balance_cpu_threads()  # CPU: torch threads = the cores other processes leave free

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from drlhf import models
+from drlhf.checkpoint import atomic_write
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5's unet/, vae/ and text_encoder/ config.json files (the fields that
 # are not the libraries' defaults) and its scheduler config; the text encoder is CLIP ViT-L/14's
@@ -65,13 +66,17 @@ def build_sd15(path: Path, size: str, device) -> Path:
         unet = UNet2DConditionModel(**(TINY["unet"] if tiny else SD15_UNET))
         vae = AutoencoderKL(**(TINY["vae"] if tiny else SD15_VAE))
         text_encoder = CLIPTextModel(CLIPTextConfig(**(TINY["text"] if tiny else SD15_TEXT)))
-    # CLIP's 77 positions and the ids of its two special tokens; the letters are all that prompts need here
-    tokenizer = letter_tokenizer(path / "_tokenizer", 77, "abcdefghijklmnopqrstuvwxyz .,'-", (49406, 49407))
-    StableDiffusionPipeline(vae=vae.half().cpu(), text_encoder=text_encoder.half().cpu(), tokenizer=tokenizer,
-                            unet=unet.half().cpu(), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path, safe_serialization=True)
-    shutil.rmtree(path / "_tokenizer")  # saved into tokenizer/ with the pipeline
+
+    def write(folder: Path):  # into a temporary folder renamed when complete: an interrupted build is not reused
+        # CLIP's 77 positions and the ids of its two special tokens; the letters are all that prompts need here
+        tokenizer = letter_tokenizer(folder / "_tokenizer", 77, "abcdefghijklmnopqrstuvwxyz .,'-", (49406, 49407))
+        StableDiffusionPipeline(vae=vae.half().cpu(), text_encoder=text_encoder.half().cpu(), tokenizer=tokenizer,
+                                unet=unet.half().cpu(), scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+                                safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(folder, safe_serialization=True)
+        shutil.rmtree(folder / "_tokenizer")  # saved into tokenizer/ with the pipeline
+
+    atomic_write(path, write, folder=True)
     print(f"[bench] built {path} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M U-Net parameters) in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
     return path
@@ -106,7 +111,8 @@ def build_guided(folder: Path, size: str, device) -> Path:
                          "channel_mult": tuple(kw["channel_mult"])})
         if size == "tiny":
             (folder / f"{name}.json").write_text(json.dumps(TINY["guided"]))
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / f"{name}.pt")
+        atomic_write(folder / f"{name}.pt", lambda tmp: torch.save({k: v.detach().cpu() for k, v in
+                                                                    net.state_dict().items()}, tmp))
     return folder
 
 

@@ -114,6 +114,18 @@ class Diversity:
         return sum(v * n for v, n in scores) / len(groups)
 
 
+@torch.no_grad()
+def kl_from_reference(ref: nn.Module, schedule, buf) -> float:
+    """KL(pi_theta || pi_base) of a rollout's trajectories: the k3 estimate of each step's KL (as in the PPO
+    reward), summed over the steps, averaged over the samples. One reference pass per step at the rollout's batch."""
+    from drlhf.sampler import action_logprob
+    T, n = buf.logprobs.shape
+    ref_lp = torch.stack([action_logprob(ref, schedule, buf.latents[i], torch.full((n,), i, device=buf.latents.device),
+                                         buf.cond, buf.latents[i + 1]) for i in range(T)])
+    log_ratio = ref_lp.double() - buf.logprobs.double()
+    return (torch.expm1(log_ratio) - log_ratio).sum(0).mean().item()
+
+
 class FixedSeedEval:
     """The fixed-seed samples of a train_ppo.py run (the same initial noise, step noise and conditions every
     time), scored by the optimized reward and by --eval-reward: before training (RUN/samples_base.png), every
@@ -122,9 +134,10 @@ class FixedSeedEval:
     class (Diversity), beside the base model's."""
 
     def __init__(self, policy, schedule, base, reward_fns: list, n: int, seed: int, precision: str, device,
-                 class_labels: str | None = None, prompts=None, prompt_embeds=None):
+                 class_labels: str | None = None, prompts=None, prompt_embeds=None, ref=None):
         from drlhf.prompts import sample_conditions
         self.policy, self.schedule, self.base, self.reward_fns = policy, schedule, base, reward_fns
+        self.ref, self.kl = ref, float("nan")  # ref: the frozen base policy, for the samples' KL from it
         self.n, self.seed, self.precision, self.device = n, seed, precision, device
         cond, self.prompts = sample_conditions(base, class_labels, n, torch.Generator().manual_seed(seed + 54321),
                                                prompts, prompt_embeds)  # drawn once: the same conditions every time
@@ -151,6 +164,8 @@ class FixedSeedEval:
         x_T = torch.randn((self.n, *self.base.sample_shape), generator=g, device=self.device)
         with autocast(self.precision, self.device):
             buf = rollout(self.policy, self.schedule, x_T, self.cond, generator=g)
+            if self.ref is not None:
+                self.kl = kl_from_reference(self.ref, self.schedule, buf)
         return self.base.decode(buf.samples), [torch.as_tensor(fn(buf.samples, self.cond, self.prompts)).float()
                                                .flatten().cpu() for fn in self.reward_fns], buf.samples
 
@@ -162,6 +177,9 @@ class FixedSeedEval:
         if gold:
             state["base_eval_reward"] = gold[0]
         state["base_diversity"] = self.variety(samples, state)
+        if gold:  # the over-optimization curve starts at the base model: KL 0
+            state["overoptimization"] = [dict(epoch=0, kl=0.0, proxy_gain=0.0, gold_gain=0.0,
+                                              proxy=base_rewards.mean().item(), gold=gold[0].mean().item())]
         pictures.save_png(pictures.image_grid(images), out / "samples_base.png")
         print(f"[drlhf] base model, {self.n} fixed-seed samples: reward {base_rewards.mean():.4f} "
               f"+- {base_rewards.std():.4f}, diversity {state['base_diversity']:.2f} (Vendi score per condition)")
@@ -176,12 +194,26 @@ class FixedSeedEval:
         if gold:
             writer.add_scalar("eval/eval_reward_gain_in_base_std", gain_in_base_std(state["base_eval_reward"], gold[0]),
                               epoch)
+            self.overoptimization(writer, out, epoch, state, ev, gold[0])
         writer.add_scalar("eval/reward_gain_in_base_std", gain_in_base_std(state["base_rewards"], ev), epoch)
         grid = pictures.image_grid(images)
         writer.add_image("eval/samples", grid, epoch, dataformats="HWC")
         (out / "samples").mkdir(exist_ok=True)
         pictures.save_png(grid, out / "samples" / f"epoch_{epoch + 1:05d}.png")
         state["last_eval"] = ev
+
+    def overoptimization(self, writer, out: Path, epoch: int, state: dict, proxy, gold):
+        """Gold (--eval-reward) and proxy (the optimized reward) of the fixed-seed samples against their KL from
+        the base policy, the x axis sqrt(KL) as in Gao et al. 2022 ("Scaling Laws for Reward Model
+        Overoptimization"): TensorBoard, RUN/overoptimization.png, and the points in the run state."""
+        point = dict(epoch=epoch + 1, kl=self.kl, proxy_gain=gain_in_base_std(state["base_rewards"], proxy),
+                     gold_gain=gain_in_base_std(state["base_eval_reward"], gold), proxy=proxy.mean().item(),
+                     gold=gold.mean().item())
+        curve = [p for p in state.setdefault("overoptimization", []) if p["epoch"] < point["epoch"]] + [point]
+        state["overoptimization"] = curve  # (a resumed run drops the points after its checkpoint)
+        writer.add_scalar("eval/kl_from_base", self.kl, epoch)
+        writer.add_scalar("eval/sqrt_kl_from_base", max(self.kl, 0.0) ** 0.5, epoch)
+        pictures.overoptimization_png(curve, out / "overoptimization.png")
 
     def finish(self, out: Path, state: dict, eval_reward: str | None) -> dict:
         """The before/after grid and reward histogram; returns summary.json's score fields (and prints them)."""
@@ -199,6 +231,10 @@ class FixedSeedEval:
               f" -> {summary['final_diversity']:.2f}")
         if gold:  # the extra score, never optimized (e.g. the gold labeler behind a reward model)
             summary.update(eval_reward=eval_reward, **before_after(state["base_eval_reward"], gold[0], "eval_reward"))
+            curve = state.get("overoptimization", [])
+            peak = max(curve, key=lambda p: p["gold_gain"], default=None)
+            summary.update(gold_peak_epoch=peak and peak["epoch"], gold_peak_gain_in_base_std=peak and peak["gold_gain"],
+                           gold_peak_mean=peak and peak["gold"], final_kl_from_base=self.kl, overoptimization=curve)
             print(f"[drlhf] {eval_reward} of the fixed-seed samples: {describe(state['base_eval_reward'], gold[0])}")
         print(f"[drlhf] fixed-seed reward {describe(br, ev)}")
         return summary

@@ -120,6 +120,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Every process's x (same shape on each) concatenated along dim 0, in rank order (x itself in one process)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
 def sync_device(device: torch.device):
     """Wait for queued GPU work, so that phase timings are real (no-op on CPU)."""
     if device.type == "cuda":

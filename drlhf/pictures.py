@@ -89,3 +89,35 @@ def learning_curves_png(history: list, kept_epoch: int, path: Path):
     d.text((W - m - 60, H - m + 5), f"epoch {epochs[-1]}", fill="black")
     d.text((min(x(kept_epoch) + 3, W - m - 80), m), f"kept: {kept_epoch}", fill="black")
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def overoptimization_png(curve: list, path: Path):
+    """The over-optimization curve of a run (drlhf.evaluation): proxy and gold gains in base standard deviations
+    against sqrt(KL from the base policy) (left, as in Gao et al. 2022) and against epochs (right); the gold peak
+    marked. curve: dicts with epoch, kl, proxy_gain, gold_gain."""
+    from PIL import Image, ImageDraw
+    W, H, m = 480, 320, 40
+    img = Image.new("RGB", (2 * W, H), "white")
+    d = ImageDraw.Draw(img)
+    gains = [p[k] for p in curve for k in ("proxy_gain", "gold_gain")]
+    lo, hi = min(gains + [0.0]), max(gains + [0.0]) + 1e-9
+    peak = max(curve, key=lambda p: p["gold_gain"])
+    for panel, (xkey, label) in enumerate((("sqrt_kl", "sqrt(KL from base)"), ("epoch", "epoch"))):
+        xs = [max(p["kl"], 0.0) ** 0.5 if xkey == "sqrt_kl" else p["epoch"] for p in curve]
+        x0, x1 = min(xs), max(xs) + 1e-9
+        X = lambda v: panel * W + m + (W - 2 * m) * (v - x0) / (x1 - x0)  # noqa: E731
+        Y = lambda v: H - m - (H - 2 * m) * (v - lo) / (hi - lo)  # noqa: E731
+        d.line([X(x0), Y(0), X(x1), Y(0)], fill=(200, 200, 200))
+        for key, colour in (("proxy_gain", (60, 60, 200)), ("gold_gain", (220, 90, 20))):
+            pts = [(X(x), Y(p[key])) for x, p in zip(xs, curve)]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        px = X(xs[curve.index(peak)])
+        d.line([px, m, px, H - m], fill=(120, 120, 120))
+        d.line([panel * W + m, H - m, panel * W + W - m, H - m], fill="black")
+        d.text((panel * W + m, H - m + 5), f"{label} {x0:.3g} .. {x1:.3g}", fill="black")
+    d.text((m, 5), f"gain in base std {lo:.2f} .. {hi:.2f}: proxy reward (blue), gold --eval-reward (orange); "
+                   f"gold peak {peak['gold_gain']:+.2f} at epoch {peak['epoch']} (grey)", fill="black")
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

@@ -1,13 +1,14 @@
 """What the training scripts record: TensorBoard (namespaces charts/, losses/, objective/, eval/), the resolved
-flags, and train_ppo.py's summary.json. Rank 0 alone writes."""
+flags, train_ppo.py's run start and summary.json. Rank 0 alone writes."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
-from drlhf import hardware
+from drlhf import checkpoint, hardware
 from drlhf.checkpoint import write_text
 
 
@@ -24,12 +25,31 @@ def open_run(out: Path, args, purge_step: int | None = None, args_json: bool = T
     return writer
 
 
+def start_run(out: Path, args, base, schedule, evaluator, state: dict, sizes: tuple, world: int):
+    """train_ppo.py, rank 0: the base model's scores (once per run, first: a failing reward writes nothing), the
+    run folder, TensorBoard, the batch sizes."""
+    base_eval = evaluator() if "base_rewards" not in state else None
+    writer = open_run(out, args, purge_step=state["epoch"] if args.resume else None)
+    B, n_states, n_minibatches = sizes
+    print(f"[drlhf] base {args.pretrained} ({base.conditioning}, {'latent' if base.is_latent else 'pixel'} "
+          f"{tuple(base.sample_shape)}), {args.num_steps} steps {args.sampler}/{schedule.cfg.variance_type}; "
+          f"{world} process(es) x {B} environments = {B * world}; {n_states} states per process -> {n_minibatches} "
+          f"minibatches of {args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
+    if base_eval is not None:
+        evaluator.record_base(out, state, base_eval)
+    elif not (out / "samples_base.png").exists():  # resumed into a new --output-dir: the base grid comes along
+        if (src := checkpoint.find_checkpoint(args.resume).parent.parent / "samples_base.png").exists():
+            shutil.copy2(src, out)
+    return writer
+
+
 def pool_rewards(scores, kl, kl_coef: float, n: int):
-    """[mean reward, mean squared reward, mean KL penalty, mean |reward| + penalty] over all processes' n samples
-    (every rank calls it)."""
+    """[mean reward, mean squared reward, mean KL penalty, mean |reward| + penalty, mean KL] over all processes' n
+    samples, the KL summed over the steps of each (every rank calls it)."""
     import torch
     return hardware.all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * kl_coef,
-                                                (scores.abs() + kl.sum(0) * kl_coef).sum()]).double()).cpu() / n
+                                                (scores.abs() + kl.sum(0) * kl_coef).sum(),
+                                                kl.sum()]).double()).cpu() / n
 
 
 def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats: dict, state: dict, opt_pi, opt_vf,
@@ -50,6 +70,7 @@ def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats:
     else:
         logs.update({
             "objective/kl": kl.sum(0).mean().item(), "objective/kl_penalty": pooled[2].item(),
+            "objective/kl_coef": stats["kl_coef"],  # beta of this epoch (--kl-target moves it)
             "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
             "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
             "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],

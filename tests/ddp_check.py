@@ -3,6 +3,7 @@
     python tests/ddp_check.py OUT.safetensors                              # one process, all 4 environments
     torchrun --nproc_per_node=2 tests/ddp_check.py OUT.safetensors         # 2 ranks, 2 environments each
     ... OUT.safetensors backprop                                           # the same for --algo backprop
+    ... OUT.safetensors group                                              # PPO with --advantage group
 
 The rollout buffer is the same in both cases (built from fixed seeds), each rank takes its share of the
 environments, and each rank's minibatch is all of its states, so the DDP-averaged gradient must equal the
@@ -53,6 +54,9 @@ policy = DDP(policy_net, broadcast_buffers=False) if world > 1 else policy_net
 value_fn = DDP(value_net) if world > 1 else value_net
 init = {f"policy.{k}": v.clone() for k, v in unet.state_dict().items()}
 init.update({f"value.{k}": v.clone() for k, v in value_net.state_dict().items()})
+if sys.argv[2:] == ["group"]:  # --advantage group: each reward standardized within its group over all ranks
+    groups = torch.tensor([0, 1, 0, 1])
+    local["advantages"], _ = train_ppo.group_advantages(scores[share], groups[share], torch.zeros(T, B_ALL // world), 0.0)
 if sys.argv[2:] == ["backprop"]:  # thesis 6.8: the reward's gradient through the chain, the same arithmetic
     from drlhf import rewards
     target = rewards.load_target(16, 1)

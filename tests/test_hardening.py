@@ -60,9 +60,14 @@ def test_reward_functions_that_break_the_contract_are_named(run, tmp_path, fn, w
     proc = run("train_ppo.py", *TINY, "--epochs", "1", "--reward", f"tests.helpers:{fn}", "--output-dir", out, check=False)
     fails(proc, f"--reward tests.helpers:{fn}", *words)
     assert not out.exists()  # the base model's scores come first: nothing was written
-    proc = run("train_ppo.py", *TINY, "--epochs", "1", "--eval-reward", f"tests.helpers:{fn}", "--output-dir", out,
+
+
+def test_an_eval_reward_that_breaks_the_contract_is_named_by_its_flag(run, tmp_path):
+    out = tmp_path / "run"
+    proc = run("train_ppo.py", *TINY, "--epochs", "1", "--eval-reward", "tests.helpers:two_columns", "--output-dir", out,
                check=False)
-    fails(proc, f"--eval-reward tests.helpers:{fn}")
+    fails(proc, "--eval-reward tests.helpers:two_columns", "shape (4, 2)")
+    assert not out.exists()
     fails(run("train_ppo.py", *TINY, "--eval-reward", "nosuchmodule:f", check=False), "--eval-reward", "PYTHONPATH")
 
 

@@ -351,9 +351,9 @@ def test_torchrun_two_cpu_processes(run, tmp_path):
     assert (tmp_path / "final_policy" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("algo", ["ppo", "backprop"])
+@pytest.mark.parametrize("algo", ["ppo", "backprop", "group"])
 def test_ddp_update_equals_single_process_on_the_union(run, tmp_path, algo):
-    mode = ["backprop"] if algo == "backprop" else []
+    mode = [algo] if algo != "ppo" else []
     run(Path(__file__).parent / "ddp_check.py", tmp_path / "single.safetensors", *mode)
     run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", Path(__file__).parent / "ddp_check.py",
         tmp_path / "ddp.safetensors", *mode)

@@ -49,7 +49,7 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path):
     proc = run("benchmarks/epoch.py", *TINY, "--compile", "true", "--device", "cpu", "--bench-epochs", "3",
                "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
     r = json.loads(out.read_text())
-    assert r["graphs_compiled_first_epoch"] >= 3  # rollout, update; the pi_old/reference passes share the no-grad one
+    assert r["graphs_compiled_first_epoch"] >= 2  # the rollout's no-grad batch and the update's minibatch
     assert r["recompiles_after_first_epoch"] == 0, proc.stdout
     runs = run("train_ppo.py", *TINY, "--compile", "true", "--epochs", "2", "--eval-every", "1",
                "--output-dir", tmp_path / "run", timeout=900)

@@ -1,0 +1,84 @@
+"""Past the thesis (its chapter 8.1): adaptive KL, the critic-free group baseline, and the over-optimization curve
+of gold against proxy reward over the KL from the base policy."""
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train_ppo
+from conftest import TINY
+
+
+def scalars(run_dir, tag):
+    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]
+
+
+def test_kl_controller_moves_beta_towards_the_target_both_ways():
+    args = train_ppo.Args(kl_coef=0.1, kl_target=6.0, kl_horizon=1000.0)
+    assert train_ppo.adapt_kl_coef(0.1, 12.0, args, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))   # too far: up
+    assert train_ppo.adapt_kl_coef(0.1, 3.0, args, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))    # too close: down
+    assert train_ppo.adapt_kl_coef(0.1, 6.6, args, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))    # proportional
+    assert train_ppo.adapt_kl_coef(0.1, 6.0, args, 100) == pytest.approx(0.1)                      # on target
+    beta = 0.1  # closed loop: a KL that falls as beta rises settles near the target from either side
+    for start in (0.01, 1.0):
+        beta = start
+        for _ in range(300):
+            beta = train_ppo.adapt_kl_coef(beta, 0.6 / beta, args, 100)  # KL = 0.6 / beta -> target at beta = 0.1
+        assert beta == pytest.approx(0.1, rel=0.05), start
+
+
+def test_group_advantages_have_zero_mean_per_prompt_and_carry_the_kl_to_go():
+    g = torch.Generator().manual_seed(0)
+    scores, groups = torch.randn(12, generator=g) * 3 + 1, torch.tensor([0, 1, 2] * 4)
+    adv, returns = train_ppo.group_advantages(scores, groups, torch.zeros(5, 12), 0.0)
+    assert adv.shape == (5, 12) and torch.equal(adv, returns)
+    for k in range(3):
+        a = adv[:, groups == k]
+        assert a.mean().abs() < 1e-6 and a[0].std(correction=0) == pytest.approx(1.0, abs=1e-4)
+        assert torch.equal(a[0], a[-1])  # no KL: every step has the terminal advantage
+    kl = torch.rand(5, 12, generator=g)
+    with_kl, _ = train_ppo.group_advantages(scores, groups, kl, 0.5)
+    torch.testing.assert_close(with_kl[0] - adv[0], -0.5 * kl.sum(0))       # the whole trajectory's penalty
+    torch.testing.assert_close(with_kl[-1] - adv[-1], -0.5 * kl[-1])        # only the last step's
+
+
+def test_group_and_adaptive_kl_runs_log_beta_and_refuse_what_does_not_fit(run, tmp_path):
+    out = tmp_path / "group"
+    run("train_ppo.py", *TINY, "--epochs", "3", "--advantage", "group", "--value-fn", "none", "--kl-coef", "0.01",
+        "--kl-target", "1.0", "--kl-horizon", "100", "--output-dir", out)
+    beta = scalars(out, "objective/kl_coef")
+    kl = scalars(out, "objective/kl")
+    assert beta[0] == pytest.approx(0.01) and len(beta) == 3
+    for b0, b1, k in zip(beta, beta[1:], kl):  # each epoch's KL against the target decides the next beta
+        assert (b1 > b0) == (k > 1.0) and b1 != b0
+    assert scalars(out, "losses/value_loss") == [0.0, 0.0, 0.0]  # no critic
+    proc = run("train_ppo.py", *TINY, "--advantage", "group", "--output-dir", tmp_path / "x", check=False)
+    assert proc.returncode != 0 and "--value-fn none" in proc.stderr
+    proc = run("train_ppo.py", *TINY, "--kl-target", "1", "--output-dir", tmp_path / "y", check=False)
+    assert proc.returncode != 0 and "--kl-coef" in proc.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_overoptimization_curve_and_gold_peak_are_written(run, tmp_path):
+    out = tmp_path / "oo"
+    run("train_ppo.py", *TINY, "--epochs", "3", "--eval-reward", "label:ink_score", "--checkpoint-every", "2",
+        "--output-dir", out)
+    summary = json.loads((out / "summary.json").read_text())
+    curve = summary["overoptimization"]
+    assert [p["epoch"] for p in curve] == [0, 1, 2, 3] and curve[0]["kl"] == 0.0
+    assert all(p["kl"] > 0 for p in curve[1:])  # the policy moved away from the base policy
+    peak = max(curve, key=lambda p: p["gold_gain"])
+    assert summary["gold_peak_epoch"] == peak["epoch"] and summary["gold_peak_gain_in_base_std"] == peak["gold_gain"]
+    assert summary["eval_reward_gain_in_base_std"] == pytest.approx(curve[-1]["gold_gain"], abs=1e-6)
+    assert summary["gain_in_base_std"] == pytest.approx(curve[-1]["proxy_gain"], abs=1e-6)
+    assert (out / "overoptimization.png").stat().st_size > 1000
+    sqrt_kl = scalars(out, "eval/sqrt_kl_from_base")
+    assert sqrt_kl == pytest.approx([p["kl"] ** 0.5 for p in curve[1:]], rel=1e-5)
+    # a resumed run keeps the curve up to its checkpoint and continues it
+    run("train_ppo.py", "--resume", out, "--epochs", "4")
+    resumed = json.loads((out / "summary.json").read_text())["overoptimization"]
+    assert [p["epoch"] for p in resumed] == [0, 1, 2, 3, 4]
+    assert resumed[:3] == curve[:3]
