@@ -84,6 +84,10 @@ class Args:
     """Table 6.2 reward: target (Algorithm 1), colorfulness (appendix A), aesthetic (LAION Aesthetics Predictor V2), pickscore (PickScore v1), rm (a trained reward model, --reward-model) or module:function on images in [-1,1] and prompts/class labels, one number per image: e.g. my_reward.py holding `def brightness(images, cond): return images.mean((1, 2, 3))`, then --reward my_reward:brightness (the module must be importable: in the working directory or on PYTHONPATH)"""
     reward_model: str | None = None
     """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2), scored on the samples themselves (latents for latent models)"""
+    ensemble_penalty: NonNegFloat = 0.0
+    """beyond the thesis (its 8.1): a reward model of N heads (train_reward.py --ensemble N) scores mean - k x std over its heads (Coste et al. 2023's uncertainty-weighted optimization); the heads' disagreement is logged as objective/ensemble_disagreement"""
+    ensemble_reduce: Literal["penalty", "min"] = "penalty"
+    """an ensemble's reward: penalty (mean - --ensemble-penalty x std) or min (the worst head, worst-case optimization)"""
     eval_reward: str | None = None
     """an extra score of the fixed-seed samples, never optimized: a --reward name or module:function (e.g. the gold function that labeled the reward model's data)"""
     classifier: str | None = None
@@ -235,6 +239,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
         logprobs = state_fn(lambda x, i, c, a: action_logprob(nets.policy_net, nets.schedule, x, i, c, a))
     # 2. REWARD: terminal score, per-step KL to the base model (Eq. 5.3), values of every state
     scores = score_terminal(nets.reward_fn, buf.samples, cond, prompts, state["epoch"], rank)  # (B,)
+    disagreement = getattr(nets.reward_fn, "ensemble", {}).get("disagreement")  # an ensemble's std over heads
     ref_logprobs = None                                              # (T, B) log pi_base(a_t|s_t)
     if nets.ref_net is not None and args.kl_coef > 0:  # (--eval-reward alone builds pi_base for the evaluations)
         ref_logprobs = state_fn(lambda x, i, c, a: action_logprob(nets.ref_net, nets.schedule, x, i, c, a))
@@ -261,7 +266,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     stats = ppo_update(nets, buf_d, orders, args, state, device)
     var_y = returns.var()
     stats["explained_variance"] = (1 - (returns - values).var() / var_y).item() if var_y > 0 else float("nan")
-    stats["kl_coef"] = beta
+    stats["kl_coef"], stats["ensemble_disagreement"] = beta, disagreement
     return scores, kl, stats, dict(rollout=t_rollout, scoring=t_score)
 
 

@@ -75,6 +75,8 @@ class Args:
     """width of the cross-attention pooling head"""
     heads: PosInt = 4
     """attention heads of the pooling head"""
+    ensemble: PosInt = 1
+    """beyond the thesis (its 8.1): N heads on one shared encoder, run once per image; each head has its own random init and trains on its own bootstrap resample of the training tasks; one folder, each head's validation accuracy in config.json; train_ppo.py scores with mean - --ensemble-penalty x std over the heads (with --trainable mid or encoder those parts are shared by the heads and trained by all)"""
     keep: Literal["best", "last"] = "best"
     """which epoch's model is saved: best (lowest validation loss, Eq. 5.1 on the validation tasks) or last; without a validation split the last epoch is kept"""
     patience: NonNegInt = 0
@@ -174,16 +176,18 @@ def load_tasks(args: Args, base: models.BaseModel, device):
 # ---------------------------------------------------------------------------------------------------------
 # METHOD: Eq. 5.1 over all pairs of each task
 # ---------------------------------------------------------------------------------------------------------
-def ranking_loss(rewards, win, tie, ties: str = "exclude"):
+def ranking_loss(rewards, win, tie, ties: str = "exclude", weights=None):
     """rewards (B, K); win/tie (B, K, K). Per task: the mean over its ordered pairs of -log sigmoid(r_w - r_l)
-    (Eq. 5.1); with ties="half", tied pairs add the cross-entropy toward 0.5. Returns the mean over tasks."""
+    (Eq. 5.1); with ties="half", tied pairs add the cross-entropy toward 0.5. Returns the mean over tasks
+    (weighted by `weights` (B,), an ensemble head's bootstrap counts of the tasks)."""
     diff = rewards[:, :, None] - rewards[:, None, :]                 # (B, K, K) r_i - r_j
     loss = (win * F.softplus(-diff)).sum((1, 2))                     # -log sigmoid(r_w - r_l) = softplus(r_l - r_w)
     pairs = win.sum((1, 2))
     if ties == "half":  # each unordered tied pair appears twice (i, j) and (j, i): 0.5 (softplus(-d) + softplus(d))
         loss = loss + (tie * 0.5 * F.softplus(-diff)).sum((1, 2))
         pairs = pairs + tie.sum((1, 2)) / 2
-    return (loss / pairs.clamp(min=1)).mean()
+    per_task = loss / pairs.clamp(min=1)
+    return per_task.mean() if weights is None else (per_task * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
 def pair_accuracy(rewards, win):
@@ -203,7 +207,7 @@ def score(model, x, cond, device, args, chunk=64):
         c = None if flat_cond is None else flat_cond[s:s + chunk].to(device)
         with autocast(args.precision, device):
             out.append(model.raw(flat[s:s + chunk].to(device), None, c).float())
-    return torch.cat(out).view(n, k)
+    return torch.cat(out).view(n, k, *out[0].shape[1:])  # (N, K), or (N, K, heads) for an ensemble
 
 
 def strip_image(x, order, rewards):
@@ -237,13 +241,17 @@ def train_epoch(net, model, data: dict, train, args: Args, opt, scaler, g, rank:
         drop = (torch.rand(b, generator=g) < args.cond_drop).repeat_interleave(k).to(device)
         with autocast(args.precision, device):
             r = net(x.flatten(0, 1), None, cond, standardize=False, drop=drop)  # through the DDP wrapper
-            loss = ranking_loss(r.float().view(b, k), data["win"][idx].to(device), data["tie"][idx].to(device),
-                                args.ties)
+            win, tie = data["win"][idx].to(device), data["tie"][idx].to(device)
+            if r.ndim == 1:
+                loss = ranking_loss(r.float().view(b, k), win, tie, args.ties)
+            else:  # --ensemble: each head on its own bootstrap resample of the tasks (the sum: each head's own loss)
+                loss = sum(ranking_loss(r[:, h].float().view(b, k), win, tie, args.ties, data["boot"][h][idx].to(device))
+                           for h in range(r.shape[1]))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        losses.append(loss.item())
+        losses.append(loss.item() / args.ensemble)
     return losses
 
 
@@ -254,8 +262,10 @@ def validate(model, data: dict, val, args: Args, device) -> dict:
         return {}
     model.eval()
     rv = score(model, *subset(data, val), device, args)
-    return {"val_loss": ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item(),
-            "val_accuracy": pair_accuracy(rv, data["win"][val])}
+    heads = [rv] if rv.ndim == 2 else rv.unbind(-1)  # an ensemble: the mean over its heads
+    return {"val_loss": float(np.mean([ranking_loss(r, data["win"][val], data["tie"][val], args.ties).item()
+                                       for r in heads])),
+            "val_accuracy": float(np.mean([pair_accuracy(r, data["win"][val]) for r in heads]))}
 
 
 class Keeper:
@@ -309,10 +319,10 @@ def build_model(args: Args, base: models.BaseModel, device):
                              f"(OpenAI's, {models.GUIDED_URL.replace('64x64_diffusion', '64x64_classifier')}) or "
                              "toy:digits-rgb offline")
         clf = models.load_guided_classifier(args.classifier, args.cache_dir)
-        return ClassifierRewardModel(clf, args.classifier, args.trainable).to(device)
+        return ClassifierRewardModel(clf, args.classifier, args.trainable, args.ensemble).to(device)
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
     return RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
-                       args.trainable).to(device)
+                       args.trainable, args.ensemble).to(device)
 
 
 def load_base(args: Args, device):
@@ -331,11 +341,15 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
          minutes: float, keeper: Keeper):
     """Rank 0: validation strips and the standardized reward histogram in TensorBoard, then the folder
     (model.safetensors + config.json with the accuracies). rt: the raw rewards of the training tasks."""
-    result = {"train_accuracy": pair_accuracy(rt, data["win"][train])}
+    result = {"train_accuracy": pair_accuracy(rt, data["win"][train])} if rt.ndim == 2 else {
+        "train_accuracy": float(np.mean([pair_accuracy(r, data["win"][train]) for r in rt.unbind(-1)])),
+        "head_train_accuracy": [pair_accuracy(r, data["win"][train]) for r in rt.unbind(-1)]}
     if len(val):
         rv = score(model, *subset(data, val), device, args)
-        result.update(val_accuracy=pair_accuracy(rv, data["win"][val]), val_pairs=int(data["win"][val].sum()),
-                      val_loss=ranking_loss(rv, data["win"][val], data["tie"][val], args.ties).item())
+        result.update(validate(model, data, val, args, device), val_pairs=int(data["win"][val].sum()))
+        if rv.ndim == 3:  # --ensemble: each head's accuracy; the strips below order by the heads' mean
+            result["head_val_accuracy"] = [pair_accuracy(r, data["win"][val]) for r in rv.unbind(-1)]
+            rv = rv.mean(-1)
         for n in range(min(4, len(val))):  # a few validation tasks: model order above human order
             human = sorted(range(rv.shape[1]), key=lambda i: -float(data["win"][val[n]][i].sum()))
             model_order = torch.argsort(rv[n], descending=True).tolist()
@@ -368,6 +382,12 @@ def main(argv=None):
         raise SystemExit(f"{len(train)} training tasks are fewer than --batch-tasks ({args.batch_tasks}) over {world} "
                          "processes")
     model = build_model(args, base, device)
+    if args.ensemble > 1:  # bootstrap: each head draws len(train) training tasks with replacement (counts per task)
+        gb = torch.Generator().manual_seed(args.seed + 1)
+        data["boot"] = torch.zeros(args.ensemble, len(data["x"]))
+        for h in range(args.ensemble):
+            data["boot"][h].index_add_(0, torch.as_tensor(train)[torch.randint(len(train), (len(train),), generator=gb)],
+                                       torch.ones(len(train)))
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -399,9 +419,12 @@ def main(argv=None):
     if rank == 0:  # the kept epoch's model, standardized over the training images (Eq. 5.2), and its folder
         keeper.restore(model)
         rt = score(model, *subset(data, train), device, args)
-        if args.standardize:
+        if args.standardize and model.ensemble == 1:
             model.reward_mean.fill_(rt.mean().item())
             model.reward_std.fill_(rt.std().item())
+        elif args.standardize:  # each head over the training images: (N,)
+            model.reward_mean.copy_(rt.flatten(0, 1).mean(0))
+            model.reward_std.copy_(rt.flatten(0, 1).std(0))
         save(model, out, writer, args, pretrained, base, data, train, val, rt, device, (time.perf_counter() - t0) / 60,
              keeper)
         writer.close()

@@ -87,7 +87,7 @@ def run_encoder(unet: nn.Module, x, emb, ehs=None):
 
 class RewardModel(nn.Module):
     def __init__(self, unet: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
-                 heads: int = 4, trainable: str = "head"):
+                 heads: int = 4, trainable: str = "head", ensemble: int = 1):
         super().__init__()
         if not hasattr(unet, "config"):
             raise ValueError("this reward model reuses a diffusers U-Net (UNet2DModel / UNet2DConditionModel); "
@@ -106,11 +106,15 @@ class RewardModel(nn.Module):
         cond_dim = {"text": getattr(unet.config, "cross_attention_dim", None),
                     "class": unet.time_embedding.linear_2.out_features if conditioning == "class" else None}.get(conditioning)
         self.head = CrossAttentionPool(unet.config.block_out_channels[-1], cond_dim, width, heads)
+        # train_reward.py --ensemble N: N - 1 more heads, each its own init, on the same encoder features
+        self.extra_heads = nn.ModuleList(CrossAttentionPool(unet.config.block_out_channels[-1], cond_dim, width, heads)
+                                         for _ in range(ensemble - 1))
         self.register_buffer("null_text", null_text if null_text is not None else torch.zeros(0), persistent=False)
-        self.register_buffer("reward_mean", torch.zeros(()))
-        self.register_buffer("reward_std", torch.ones(()))
+        self.register_buffer("reward_mean", torch.zeros(ensemble) if ensemble > 1 else torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(ensemble) if ensemble > 1 else torch.ones(()))
         self.requires_grad_(False)
         self.head.requires_grad_(True)
+        self.extra_heads.requires_grad_(True)
         if trainable in ("mid", "encoder"):
             self.encoder.mid_block.requires_grad_(True)
         if trainable == "encoder":
@@ -131,8 +135,12 @@ class RewardModel(nn.Module):
             ehs = torch.where(drop[:, None, None], null, cond)
         return run_encoder(e, x, emb, ehs)
 
+    @property
+    def ensemble(self) -> int:
+        return 1 + len(self.extra_heads)
+
     def raw(self, x, t=None, cond=None, drop=None):
-        """Unstandardized reward r_phi (B,)."""
+        """Unstandardized reward r_phi (B,); (B, N) for an ensemble of N heads (the encoder runs once)."""
         t = torch.zeros(len(x), dtype=torch.long, device=x.device) if t is None else t
         drop = torch.zeros(len(x), dtype=torch.bool, device=x.device) if drop is None else drop
         feats = self.features(x.contiguous(), t, cond, drop)  # contiguous: see ClassifierRewardModel.raw
@@ -141,7 +149,17 @@ class RewardModel(nn.Module):
             tokens = self.encoder.class_embedding(cond)[:, None].to(feats.dtype)
         elif self.conditioning == "text":
             tokens = cond.to(feats.dtype)
-        return self.head(feats, tokens, drop if self.conditioning != "none" else None).float()
+        drop = drop if self.conditioning != "none" else None
+        r = self.head(feats, tokens, drop).float()
+        if len(self.extra_heads):
+            r = torch.stack([r] + [h(feats, tokens, drop).float() for h in self.extra_heads], -1)
+        return r
+
+    def first_head(self) -> "RewardModel":
+        """The model with its first head only (a value function needs one number per state)."""
+        self.extra_heads = nn.ModuleList()
+        self.reward_mean, self.reward_std = self.reward_mean.flatten()[0], self.reward_std.flatten()[0]
+        return self
 
     def forward(self, x, t=None, cond=None, guidance: float = 1.0, standardize: bool = True, drop=None):
         """r~ (Eq. 5.2) of inputs x (B, C, H, W); with guidance w != 1, r_u + w (r_c - r_u) in one batch of 2B.
@@ -164,6 +182,7 @@ class RewardModel(nn.Module):
 
     def save(self, out_dir: Path, config: dict):
         _save_folder(self, out_dir, dict(config, width=self.head.out.in_features, heads=self.head.attn.num_heads,
+                                         ensemble=self.ensemble,
                                          encoder_blocks=["conv_in", "time_embedding", "class_embedding",
                                                          "down_blocks", "mid_block"]))
 
@@ -174,7 +193,7 @@ def _save_folder(model: nn.Module, out_dir: Path, config: dict):
     out_dir = Path(out_dir)
     save_safetensors(model.trainable_state(), out_dir / "model.safetensors")
     config = dict(config, fingerprint=model.fingerprint, conditioning=model.conditioning, trainable=model.trainable,
-                  reward_mean=model.reward_mean.item(), reward_std=model.reward_std.item())
+                  reward_mean=model.reward_mean.tolist(), reward_std=model.reward_std.tolist())
     write_text(out_dir / "config.json", json.dumps(config, indent=1))
 
 
@@ -191,16 +210,16 @@ class ClassifierRewardModel(nn.Module):
     logits to one scalar. The class condition is not an input (thesis: one class, macaw); a timestep input lets
     the same module serve as a value function. Same interface as RewardModel."""
 
-    def __init__(self, classifier: nn.Module, classifier_spec: str, trainable: str = "head"):
+    def __init__(self, classifier: nn.Module, classifier_spec: str, trainable: str = "head", ensemble: int = 1):
         super().__init__()
         if trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.classifier, self.classifier_spec, self.trainable = classifier, classifier_spec, trainable
         self.conditioning = "class"
         self.fingerprint = classifier_fingerprint(classifier)
-        self.head = nn.Linear(classifier.out[-1].c_proj.out_channels, 1)
-        self.register_buffer("reward_mean", torch.zeros(()))
-        self.register_buffer("reward_std", torch.ones(()))
+        self.head = nn.Linear(classifier.out[-1].c_proj.out_channels, ensemble)  # --ensemble N: N linear heads
+        self.register_buffer("reward_mean", torch.zeros(ensemble) if ensemble > 1 else torch.zeros(()))
+        self.register_buffer("reward_std", torch.ones(ensemble) if ensemble > 1 else torch.ones(()))
         self.requires_grad_(False)
         self.head.requires_grad_(True)
         if trainable in ("mid", "encoder"):  # mid: + the middle block and the attention pool
@@ -213,7 +232,20 @@ class ClassifierRewardModel(nn.Module):
         t = torch.zeros(len(x), dtype=torch.long, device=x.device) if t is None else t
         # contiguous: torch 2.13's CPU GroupNorm backward crashes (SIGSEGV) on channels-last inputs that need no
         # gradient while its weights do, which is the case with --trainable mid
-        return self.head(self.classifier(x.contiguous(), t))[:, 0].float()
+        r = self.head(self.classifier(x.contiguous(), t)).float()
+        return r[:, 0] if r.shape[1] == 1 else r
+
+    @property
+    def ensemble(self) -> int:
+        return self.head.out_features
+
+    def first_head(self) -> "ClassifierRewardModel":
+        """The model with its first head only (a value function needs one number per state)."""
+        head = nn.Linear(self.head.in_features, 1).to(self.head.weight.device)
+        head.load_state_dict({k: v[:1] for k, v in self.head.state_dict().items()})
+        self.head = head.requires_grad_(self.head.weight.requires_grad)
+        self.reward_mean, self.reward_std = self.reward_mean.flatten()[0], self.reward_std.flatten()[0]
+        return self
 
     def forward(self, x, t=None, cond=None, guidance: float = 1.0, standardize: bool = True, drop=None):
         r = self.raw(x, t)
@@ -222,7 +254,8 @@ class ClassifierRewardModel(nn.Module):
     trainable_state = RewardModel.trainable_state
 
     def save(self, out_dir: Path, config: dict):
-        _save_folder(self, out_dir, dict(config, backbone="classifier", classifier=self.classifier_spec))
+        _save_folder(self, out_dir, dict(config, backbone="classifier", classifier=self.classifier_spec,
+                                         ensemble=self.ensemble))
 
 
 class RewardModelError(UserError):
@@ -252,7 +285,7 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
                                "model or pass the matching --pretrained")
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
     rm = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
-                     config["trainable"])
+                     config["trainable"], config.get("ensemble", 1))
     return _load_trained_parts(rm, path).to(device), config
 
 
@@ -270,7 +303,7 @@ def _load_classifier_reward_model(path: Path, config: dict, base, device, classi
     if shape != tuple(base.sample_shape):
         raise RewardModelError(f"--reward-model {path} scores inputs of shape {shape}, the base model "
                                f"{base.source} makes {tuple(base.sample_shape)}")
-    rm = ClassifierRewardModel(clf, spec, config["trainable"])
+    rm = ClassifierRewardModel(clf, spec, config["trainable"], config.get("ensemble", 1))
     return _load_trained_parts(rm, path).to(device), config
 
 

@@ -206,12 +206,15 @@ class RewardFunctionError(UserError):
 def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
           pickscore_model="yuvalkirstain/PickScore_v1",
           pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", cache_dir=None, aesthetic_clip=None,
-          aesthetic_mlp=None, flag: str = "--reward"):
+          aesthetic_mlp=None, flag: str = "--reward", ensemble_penalty: float = 0.0, ensemble_reduce: str = "penalty"):
     """A reward by name for a base model (models.BaseModel) -> fn(samples, cond, prompts=None) -> (B,) scores.
 
     rm scores the samples themselves (latents for latent models; thesis 5.2); every other reward sees the decoded
     images in [-1, 1] and the condition in human terms: the prompts of text models, the class labels otherwise.
-    Every reward's output is checked to be one number per sample; `flag` names the option in messages.
+    Every reward's output is checked to be one number per sample; `flag` names the option in messages. A reward
+    model with N heads (train_reward.py --ensemble N) gives mean - ensemble_penalty * std over its heads, or with
+    ensemble_reduce="min" the worst head (conservative reward-model ensembles, Coste et al. 2023); the heads'
+    mean std of the last call is in fn.ensemble["disagreement"].
     """
     if spec == "rm":
         if not reward_model:
@@ -219,9 +222,18 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
         from drlhf.reward_model import load_reward_model
         rm, config = load_reward_model(reward_model, base, device, cache_dir=cache_dir)
         rm.eval().requires_grad_(False)  # frozen; --algo backprop sends gradients through it, never into it
-        fn = lambda samples, cond, prompts=None: rm(samples.float(), None, cond,  # noqa: E731
-                                                    guidance=config.get("guidance_weight", 1.0))
-        return checked(fn, spec, flag, model=rm)
+        ensemble = {}
+
+        def fn(samples, cond, prompts=None):
+            r = rm(samples.float(), None, cond, guidance=config.get("guidance_weight", 1.0))  # (B,) or (B, N)
+            if r.ndim == 2:
+                std = r.std(1)
+                ensemble["disagreement"] = std.mean().item()
+                r = r.min(1).values if ensemble_reduce == "min" else r.mean(1) - ensemble_penalty * std
+            return r
+        scored = checked(fn, spec, flag, model=rm)
+        scored.ensemble = ensemble
+        return scored
     if ":" in spec:  # module:function, e.g. a custom scoring function of images (and conditions)
         image_fn = import_function(spec, flag)
         fn = lambda samples, cond, prompts=None: image_fn(base.decode(samples), prompts if prompts is not None else cond)  # noqa: E731
@@ -286,7 +298,7 @@ def from_flags(spec: str, base, device, flags, flag: str = "--reward"):
     """build() with the reward settings of a script's Args (--reward-model, --target-image, --pickscore-*,
     --aesthetic-*, --cache-dir); flags a script does not have take their defaults."""
     names = ("reward_model", "target_image", "pickscore_model", "pickscore_processor", "cache_dir", "aesthetic_clip",
-             "aesthetic_mlp")
+             "aesthetic_mlp", "ensemble_penalty", "ensemble_reduce")
     return build(spec, base, device, **{n: getattr(flags, n) for n in names if hasattr(flags, n)}, flag=flag)
 
 

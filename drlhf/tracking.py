@@ -71,6 +71,8 @@ def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats:
         logs.update({
             "objective/kl": kl.sum(0).mean().item(), "objective/kl_penalty": pooled[2].item(),
             "objective/kl_coef": stats["kl_coef"],  # beta of this epoch (--kl-target moves it)
+            **({"objective/ensemble_disagreement": stats["ensemble_disagreement"]}
+               if stats.get("ensemble_disagreement") is not None else {}),
             "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
             "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
             "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],

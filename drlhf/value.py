@@ -93,7 +93,7 @@ def make_value_fn(kind: str, init: str, base, reward_model: str | None = None, c
         return net
     if "reward" in (kind, init):  # thesis 6.9: the value function starts as a copy of the reward model
         from drlhf.reward_model import load_reward_model
-        return load_reward_model(reward_model, base, cache_dir=cache_dir)[0]
+        return load_reward_model(reward_model, base, cache_dir=cache_dir)[0].first_head()  # an ensemble's first head
     if kind == "classifier":  # thesis 6.5: the ImageNet classifier + a linear layer to one scalar
         from drlhf.models import load_guided_classifier
         return ClassifierValue(load_guided_classifier(classifier, cache_dir))

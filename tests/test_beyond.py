@@ -82,3 +82,45 @@ def test_overoptimization_curve_and_gold_peak_are_written(run, tmp_path):
     resumed = json.loads((out / "summary.json").read_text())["overoptimization"]
     assert [p["epoch"] for p in resumed] == [0, 1, 2, 3, 4]
     assert resumed[:3] == curve[:3]
+
+
+def test_ensemble_heads_differ_and_score_mean_minus_k_std(run, tmp_path):
+    """train_reward.py --ensemble 3: one folder, three heads on one encoder (own inits, own bootstrap resamples),
+    each head's validation accuracy; train_ppo.py scores mean - k std (or the worst head) and logs the spread."""
+    from safetensors.torch import load_file
+
+    from drlhf import models, rewards
+    from drlhf.reward_model import load_reward_model
+    ds, rm_dir = tmp_path / "ds", tmp_path / "rm"
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "5", "--num-tasks", "12", "--k", "4", "--out", ds)
+    run("label.py", "--auto", "builtin:ink", ds)
+    run("label.py", "export", ds)
+    run("train_reward.py", "--dataset", ds, "--out", rm_dir, "--epochs", "3", "--batch-tasks", "4",
+        "--toy-train-steps", "8", "--val-fraction", "0.25", "--ensemble", "3")
+    config = json.loads((rm_dir / "config.json").read_text())
+    assert config["ensemble"] == 3 and len(config["head_val_accuracy"]) == 3 and len(config["reward_mean"]) == 3
+    state = load_file(rm_dir / "model.safetensors")
+    heads = [{k.split(".", 1 if k.startswith("head.") else 2)[-1]: v for k, v in state.items()
+              if k.startswith(prefix)} for prefix in ("head.", "extra_heads.0.", "extra_heads.1.")]
+    assert heads[0].keys() == heads[1].keys() == heads[2].keys()
+    assert not torch.equal(heads[0]["out.weight"], heads[1]["out.weight"])
+    assert not torch.equal(heads[1]["out.weight"], heads[2]["out.weight"])
+
+    base = models.load_base_model("toy:digit4", toy_train_steps=8, cache_dir=run.cache_dir)
+    rm, _ = load_reward_model(rm_dir, base)
+    x = torch.randn(6, *base.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        per_head = rm(x)  # standardized, (6, 3)
+    assert per_head.shape == (6, 3) and not torch.allclose(per_head[:, 0], per_head[:, 1])
+    for penalty in (0.0, 0.5, 2.0):
+        fn = rewards.build("rm", base, reward_model=str(rm_dir), ensemble_penalty=penalty)
+        torch.testing.assert_close(fn(x, None), per_head.mean(1) - penalty * per_head.std(1))
+        assert fn.ensemble["disagreement"] == pytest.approx(per_head.std(1).mean().item(), rel=1e-5)
+    worst = rewards.build("rm", base, reward_model=str(rm_dir), ensemble_reduce="min")
+    torch.testing.assert_close(worst(x, None), per_head.min(1).values)
+
+    out = tmp_path / "ppo"
+    run("train_ppo.py", *TINY, "--epochs", "2", "--reward", "rm", "--reward-model", rm_dir, "--value-fn", "reward",
+        "--ensemble-penalty", "1.0", "--output-dir", out)
+    spread = scalars(out, "objective/ensemble_disagreement")
+    assert len(spread) == 2 and all(s > 0 for s in spread)
