@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import train_ppo  # noqa: E402
 from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_reward_model,  # noqa: E402
                                       build_sd15)
-from drlhf import hardware  # noqa: E402
+from drlhf import hardware, tracking  # noqa: E402
 from drlhf.toys import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
@@ -47,8 +47,7 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool) -> dict:
     train_ppo.set_lrs(nets.opt_pi, nets.opt_vf, args, state)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    compiled_before = hardware.compiled_graphs()
-    rows = []
+    compile_log, rows = tracking.CompileLog(), []
     for epoch in range(epochs):
         state["epoch"] = epoch
         hardware.sync_device(device)
@@ -58,8 +57,7 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool) -> dict:
         seconds = time.perf_counter() - t0
         rows.append(dict(seconds=seconds, rollout=times.get("rollout"), scoring=times.get("scoring"),
                          update=seconds - times.get("rollout", 0.0) - times.get("scoring", 0.0),
-                         graphs_compiled=hardware.compiled_graphs() - compiled_before))
-        compiled_before += rows[-1]["graphs_compiled"]
+                         graphs_compiled=compile_log.epoch(None, epoch, seconds)))
         print(f"[bench] epoch {epoch + 1}/{epochs}: {seconds:.3f} s ({', '.join(f'{k} {v:.3f}' for k, v in rows[-1].items() if k in ('rollout', 'scoring', 'update') and v is not None)})"
               + (f", {rows[-1]['graphs_compiled']} graph(s) compiled" if args.compile else ""), flush=True)
     result = summarize(rows, B * world, args, device)
@@ -171,14 +169,15 @@ def main(argv=None):
     ours, rest = p.parse_known_args(argv)
     if ours.bench_epochs < 1:
         p.error("--bench-epochs must be at least 1")
-    device = hardware.resolve_device(train_ppo.parse_args(rest)[0].device)
+    run_args = train_ppo.parse_args(rest)[0]
+    device = hardware.resolve_device(run_args.device)
     models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
     argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
     result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops)
     result.update(argv=rest, size=ours.size, torch=torch.__version__, python=platform.python_version(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"CPU ({torch.get_num_threads()} threads)")
-    out = Path(ours.json or f"runs/bench/{train_ppo.parse_args(rest)[0].exp or 'default'}.json")
+    out = Path(ours.json or f"runs/bench/{run_args.exp or 'default'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(table(result, " ".join(rest) or "(defaults)"))

@@ -138,6 +138,7 @@ class FixedSeedEval:
         from drlhf.prompts import sample_conditions
         self.policy, self.schedule, self.base, self.reward_fns = policy, schedule, base, reward_fns
         self.ref, self.kl = ref, float("nan")  # ref: the frozen base policy, for the samples' KL from it
+        self.last = None  # (epoch, evaluation) of the last log(), which finish() reuses for that epoch
         self.n, self.seed, self.precision, self.device = n, seed, precision, device
         cond, self.prompts = sample_conditions(base, class_labels, n, torch.Generator().manual_seed(seed + 54321),
                                                prompts, prompt_embeds)  # drawn once: the same conditions every time
@@ -186,7 +187,7 @@ class FixedSeedEval:
 
     def log(self, writer, out: Path, epoch: int, state: dict):
         """Scores against the base model's, in TensorBoard, and the image grid of epoch + 1."""
-        self.last = (epoch, self())  # finish() reuses it when this was the last epoch
+        self.last = (epoch, self())
         images, (ev, *gold), samples = self.last[1]
         writer.add_scalar("eval/reward_mean", ev.mean().item(), epoch)
         writer.add_scalar("eval/diversity", self.variety(samples, state), epoch)  # Vendi score per condition
@@ -217,8 +218,8 @@ class FixedSeedEval:
 
     def finish(self, out: Path, state: dict, eval_reward: str | None) -> dict:
         """The before/after grid and reward histogram; returns summary.json's score fields (and prints them)."""
-        last = getattr(self, "last", None)
-        images, (ev, *gold), samples = last[1] if last and last[0] + 1 == state["epoch"] else self()
+        reuse = self.last is not None and self.last[0] + 1 == state["epoch"]
+        images, (ev, *gold), samples = self.last[1] if reuse else self()
         if (out / "samples_base.png").exists():
             before = pictures.load_grid(out / "samples_base.png")
             gap = np.full((before.shape[0], 4, 3), 255, np.uint8)

@@ -108,7 +108,8 @@ class CompileLog:
     def __init__(self):
         self.seen, self.warm = hardware.compiled_graphs(), False
 
-    def epoch(self, writer, epoch: int, seconds: float):
+    def epoch(self, writer, epoch: int, seconds: float) -> int:
+        """Count the graphs compiled since the last call; with a writer (rank 0) also log and report them."""
         import os
         now = hardware.compiled_graphs()
         new, self.seen = now - self.seen, now
@@ -121,4 +122,5 @@ class CompileLog:
                 print(f"[drlhf] warning: --compile recompiled {new} graph(s) in epoch {epoch + 1}; TORCH_LOGS=recompiles "
                       "says why")
         self.warm = True
+        return new
 
