@@ -235,8 +235,10 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
     state_fn = lambda fn: evaluate_states(fn, buf.latents, cond, orders[0], args.minibatch_size, args, device)  # noqa: E731
     logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
-    if args.old_logprobs == "recompute":
-        logprobs = state_fn(lambda x, i, c, a: action_logprob(nets.policy_net, nets.schedule, x, i, c, a))
+    if args.old_logprobs == "recompute":  # --compile: through the update's own graph (no extra graph to compile)
+        nets.policy_net.train(args.compile)
+        logprobs = state_fn(update_graph(lambda x, i, c, a: action_logprob(nets.policy_net, nets.schedule, x, i, c, a),
+                                         args.compile))
     # 2. REWARD: terminal score, per-step KL to the base model (Eq. 5.3), values of every state
     scores = score_terminal(nets.reward_fn, buf.samples, cond, prompts, state["epoch"], rank)  # (B,)
     disagreement = getattr(nets.reward_fn, "ensemble", {}).get("disagreement")  # an ensemble's std over heads
@@ -357,6 +359,16 @@ def select(cond, index):
     return None if cond is None else cond[index.to(cond.device)]
 
 
+def update_graph(fn, on: bool):
+    """fn run with gradients on and its output detached when `on`: a compiled policy then reuses the training
+    graph of the update (same batch size, same mode) instead of compiling a no-grad one, and pi_old comes from the
+    very computation the update's first minibatch repeats."""
+    def run(*args):
+        with torch.enable_grad():
+            return fn(*args).detach()
+    return run if on else fn
+
+
 @torch.no_grad()
 def evaluate_states(fn, latents, cond, order, chunk: int, args: Args, device):
     """fn(states, step_index, cond, actions) over all T x B states of a rollout -> (T, B), evaluated in the
@@ -387,7 +399,7 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
     b_advantages = whiten(buf["advantages"].flatten()) if args.norm_adv else buf["advantages"].flatten()
     n, mb = T * B, args.minibatch_size
     policy, value_fn = nets.policy, nets.value
-    stats = {k: [] for k in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio", "ratio_dev_at_start")}
+    rows, checked = [], 0  # per minibatch, on the device: read once per optimizer step (no GPU sync per minibatch)
     for order in orders:
         for j, start in enumerate(range(0, n, mb)):
             i = order[start:start + mb]
@@ -412,22 +424,29 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
                         v_loss = torch.max(v_loss, (v_clipped - b_returns[i]) ** 2)
                     v_loss = 0.5 * v_loss.mean()
                 loss = (pg_loss + args.vf_coef * v_loss) / args.grad_accum_steps
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {state['epoch']}: non-finite PPO loss (policy {pg_loss.item()}, "
-                                             f"value {v_loss.item()}, max |log-ratio| {log_ratio.abs().max().item():.3g});"
-                                             " try --logprob-reduction mean or a lower --policy-lr")
                 nets.scaler.scale(loss).backward()
-            if sync:
-                optimizer_step(nets, args, state)
             with torch.no_grad():
-                stats["pg_loss"].append(pg_loss.item())
-                stats["v_loss"].append(v_loss.item())
-                stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())  # k3 of the update step
-                stats["clipfrac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
-                stats["ratio"].append(ratio.mean().item())
-                if not stats["ratio_dev_at_start"]:  # max |ratio - 1| of the first minibatch, before any step
-                    stats["ratio_dev_at_start"].append((ratio - 1).abs().max().item())
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+                rows.append(torch.stack([loss, pg_loss, v_loss, ((ratio - 1) - log_ratio).mean(),  # k3 of the step
+                                         ((ratio - 1).abs() > args.clip_coef).float().mean(), ratio.mean(),
+                                         (ratio - 1).abs().max(), log_ratio.abs().max()]).float())
+            if sync:  # a non-finite loss stops training before the optimizer step it would spoil
+                check_finite_losses(rows, checked, state["epoch"])
+                checked = len(rows)
+                optimizer_step(nets, args, state)
+    table = torch.stack(rows).cpu()  # (minibatches, 8)
+    stats = dict(zip(("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio"), table[:, 1:6].double().mean(0).tolist()))
+    stats["ratio_dev_at_start"] = table[0, 6].item()  # max |ratio - 1| of the first minibatch, before any step
+    return stats
+
+
+def check_finite_losses(rows: list, start: int, epoch: int):
+    """Raise at the first non-finite PPO loss among the minibatches rows[start:] (one GPU sync)."""
+    block = torch.stack(rows[start:]).cpu()
+    bad = (~torch.isfinite(block[:, 0])).nonzero().flatten()
+    if len(bad):
+        _, pg, v, *_, max_log_ratio = block[bad[0]].tolist()
+        raise FloatingPointError(f"epoch {epoch}: non-finite PPO loss (policy {pg}, value {v}, max |log-ratio| "
+                                 f"{max_log_ratio:.3g}); try --logprob-reduction mean or a lower --policy-lr")
 
 
 def optimizer_step(nets: Nets, args: Args, state: dict) -> torch.Tensor:
@@ -587,13 +606,17 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
         ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
+    value_net = value_net.to(device) if value_net is not None else None
+    for frozen in (ref_net, base.unet if args.lora_rank else None, value_net):  # GPU fp16/bf16: weights not cast
+        if frozen is not None:                                                    # at every forward (no-op on CPU)
+            hardware.hold_frozen_in_compute_dtype(frozen, args.precision, device)
     if args.compile:  # only the policy's forward is compiled; base.unet (saved, checkpointed) stays the plain module
         policy_net.unet = hardware.compile_module(base.unet, args.cache_dir)
-    value_net = value_net.to(device) if value_net is not None else None
     # thesis 6.8: with --algo backprop the whole sampling chain is the one differentiable forward
     trained = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing) if args.algo == "backprop" else policy_net
     ids = [device] if device.type == "cuda" else None
-    adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay)
+    adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
+                fused=device.type == "cuda" or None)  # GPU: one fused kernel per step instead of foreach ones
     return Nets(schedule=schedule, reward_fn=reward_fn, policy_net=policy_net, unet=base.unet, ref_net=ref_net,
                 policy=DDP(trained, device_ids=ids, broadcast_buffers=False) if world > 1 else trained,
                 value_net=value_net,

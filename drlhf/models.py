@@ -322,6 +322,7 @@ def merge_lora(unet: nn.Module) -> nn.Module:
     merged = copy.deepcopy(unet)
     for module in merged.modules():
         if isinstance(module, BaseTunerLayer):
+            module.get_base_layer().float()  # held in fp16/bf16 while training on a GPU: merge in fp32, not there
             module.merge()
     state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
     plain = type(unet).from_config(unet.config) if hasattr(unet, "config") else copy.deepcopy(unet)

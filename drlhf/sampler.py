@@ -134,6 +134,7 @@ class DiffusionSchedule:
 
     def __init__(self, train_betas: torch.Tensor, timesteps: list[int], cfg: SamplerConfig):
         self.cfg = cfg
+        self._on_device = {}  # (id of a coefficient tensor, device) -> its copy there
         abar_all = torch.cumprod(1 - train_betas.double(), 0)
         self.num_train_timesteps = len(train_betas)
         self.timesteps = torch.tensor(timesteps, dtype=torch.long)  # (T,) descending
@@ -194,9 +195,17 @@ class DiffusionSchedule:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    def on(self, coef: torch.Tensor, device) -> torch.Tensor:
+        """A coefficient tensor of this schedule on `device`, copied there once (a host-to-GPU copy at every step
+        would make the CPU wait for the GPU's queue each time)."""
+        key = (id(coef), str(device))
+        if key not in self._on_device:
+            self._on_device[key] = coef.to(device)
+        return self._on_device[key]
+
     def _at(self, coef: torch.Tensor, idx: torch.Tensor, ndim: int) -> torch.Tensor:
         """Gather per-state coefficients (B,) and shape them to broadcast over (B, C, H, W), in float32."""
-        return coef.to(idx.device)[idx].float().view(-1, *([1] * (ndim - 1)))
+        return self.on(coef, idx.device)[idx].float().view(-1, *([1] * (ndim - 1)))
 
     # -----------------------------------------------------------------------------------------------------
     # METHOD: model output -> Gaussian policy N(mean, std^2)
@@ -264,7 +273,7 @@ class StepOutput:
 
 def model_distribution(model, schedule: DiffusionSchedule, x_t, idx, cond):
     """One model forward (cond + uncond batched by the model when guidance is on) -> mean, std."""
-    t = schedule.timesteps.to(x_t.device)[idx]
+    t = schedule.on(schedule.timesteps, x_t.device)[idx]
     return schedule.distribution(model(x_t, t, cond), x_t, idx)
 
 

@@ -112,3 +112,59 @@ def test_cpu_threads_leave_an_explicit_setting_alone(monkeypatch):
     finally:
         hardware._balance["at"] = None
         torch.set_num_threads(before)
+
+
+def _tiny_text_unet():
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=32, attention_head_dim=8)
+
+
+def test_frozen_layers_in_the_compute_dtype_give_the_same_outputs_under_autocast():
+    """The frozen Linear/Conv weights of a LoRA policy and of a frozen copy are stored in bf16 (what autocast
+    casts them to at every forward): the same outputs to the bit, trainable adapters and norms left in fp32.
+    (The CPU runs bf16 autocast; the device argument only opts in, as a GPU run does.)"""
+    import copy
+    from drlhf import models
+    unet = _tiny_text_unet()
+    models.add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    for name, p in unet.named_parameters():  # B starts at zero: move it, so that the adapters contribute; norms
+        if "lora_B" in name:                   # start at exactly 1 and 0: move them off values bf16 holds exactly
+            p.data.normal_(0, 0.05)
+        elif "norm" in name:
+            p.data.add_(torch.randn_like(p) * 0.1)
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 32)
+
+    def outputs():
+        with hardware.autocast("bf16", torch.device("cpu")):
+            return [m(x, t, encoder_hidden_states=text).sample for m in (unet, frozen)]
+    before = outputs()
+    assert hardware.hold_frozen_in_compute_dtype(unet, "fp32", torch.device("cuda")) == 0  # fp32: nothing to do
+    assert hardware.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cpu")) == 0   # CPU: left alone
+    n_policy = hardware.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cuda"))
+    n_frozen = hardware.hold_frozen_in_compute_dtype(frozen, "bf16", torch.device("cuda"))
+    assert 0 < n_policy < n_frozen  # the policy's adapters (and norms, embeddings) stay fp32
+    assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if p.requires_grad or "norm" in n)
+    assert unet.conv_in.weight.dtype == torch.bfloat16
+    after = outputs()
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def test_lora_merge_of_a_policy_held_in_half_precision_keeps_the_adapters():
+    """merge_lora merges in fp32: the adapters' small update is not rounded away into a bf16 base weight."""
+    from drlhf import models
+    unet = _tiny_text_unet()
+    models.add_lora(unet, 4, 4, ["to_q"])
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    layer.lora_B["default"].weight.data.normal_(0, 1e-4)
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight  # scale alpha / r = 1
+    hardware.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cuda"))
+    merged = models.merge_lora(unet)
+    w = merged.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w - layer.base_layer.weight.float(), delta, atol=1e-7, rtol=1e-4)
