@@ -10,9 +10,10 @@ Launch:
     python sample.py --exp digits-rgb                    # offline: class-conditional colour digits
     python sample.py --exp pink --out datasets/pink      # Table 6.5 prompts, 120 tasks of K=8, 16 steps, CFG 7.5
     python sample.py --exp macaw --pretrained DIR        # class 88, 200 tasks of K=5, 25 steps
+    python sample.py --pretrained runs/digits-target/final_policy --out datasets/round2   # iterated RLHF's next round
 
 The dataset folder (read by label.py and train_reward.py; contract: drlhf/labels.py and the README):
-    dataset.json      base model, sampler settings, K, seed, batch size, conditions, instructions
+    dataset.json      base model (and the rounds of RLHF behind it), sampler settings, K, seed, batch size, ...
     tasks.jsonl       {"task_id", "prompt" | "class_label", "images": [K paths], "latents": [K paths] | null, "seeds": [K]}
     images/*.png      the images (8-bit, RGB or greyscale)
     latents/*.safetensors  the finished latents of latent models ({"latent": (C, h, w) float32})
@@ -216,7 +217,8 @@ def main(argv=None):
                     base_model=args.pretrained, base_model_path=base.path, conditioning=base.conditioning,
                     latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
                     sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
-                    instructions="instructions.md", args=dataclasses.asdict(args))
+                    instructions="instructions.md", args=dataclasses.asdict(args),
+                    **({"lineage": base.lineage} if base.lineage else {}))  # a fine-tuned policy: the rounds behind it
         write_text(out / "instructions.md", read_instructions(args.instructions))
         write_text(meta_file, json.dumps(meta, indent=1))
 

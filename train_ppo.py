@@ -667,6 +667,7 @@ def main(argv=None):
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
     base, nets, reward_fns, prompts, prompt_embeds, gens, sizes = setup(args, rank, world, device)
     B = sizes[0]
+    lineage = checkpoint.start_lineage(base)  # the rounds of RLHF behind the policy this run starts from
     state = {"epoch": 0, "global_step": 0} | ({"kl_coef": args.kl_coef} if args.kl_target else {})
     # the fixed-seed evaluation runs eagerly: compiling its batch size too would only add warm-up
     eval_net = models.make_denoiser(base, args.guidance_scale) if args.compile else nets.policy_net
@@ -709,8 +710,10 @@ def main(argv=None):
     state["epoch"] = args.epochs
     if rank == 0:  # the policy as a diffusers pipeline, before/after pictures, summary.json
         models.save_pipeline(models.merge_lora(base.unet) if args.lora_rank else base.unet, base, out / "final_policy")
-        tracking.write_summary(out, evaluator.finish(out, state, args.eval_reward), args.epochs, epoch_times,
-                               B * world, device)
+        lineage = checkpoint.record_round(lineage, out, dataclasses.asdict(args))  # iterated RLHF: this run = a round
+        checkpoint.write_lineage(out / "final_policy", lineage)
+        scores = dict(evaluator.finish(out, state, args.eval_reward), lineage=lineage)
+        tracking.write_summary(out, scores, args.epochs, epoch_times, B * world, device)
         print(f"[drlhf] policy saved to {out / 'final_policy'}, summary in {out / 'summary.json'}")
         writer.close()
     hardware.cleanup_distributed()

@@ -37,9 +37,9 @@ class Args:
     exp: str | None = None
     """preset: digits (offline), digits-macaw (offline Macaw stand-in: toy classifier + linear layer), macaw (thesis 6.7) or pink (thesis 6.9)"""
     dataset: str = "datasets/digits"
-    """labeling dataset folder (sample.py) holding the export of label.py"""
+    """labeling dataset folder (sample.py) holding the export of label.py; several (comma-separated, or a .txt file listing one per line) train on the union of their rankings: the rounds of iterated RLHF (thesis 8.1)"""
     rankings: str | None = None
-    """rankings.jsonl from `label.py export` (default DATASET/rankings.jsonl)"""
+    """rankings.jsonl from `label.py export` (default DATASET/rankings.jsonl; one dataset only)"""
     annotator: str | None = None
     """use the rankings of one annotator only (default: all; tasks ranked by several count once per annotator)"""
     pretrained: str | None = None
@@ -111,51 +111,53 @@ def pair_matrices(ranking, both_bad, k: int):
     return win, tie
 
 
+def dataset_list(args: Args) -> list[Path]:
+    """--dataset: one folder, several comma-separated, or a .txt file listing one folder per line."""
+    spec = args.dataset
+    if spec.endswith(".txt"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"--dataset {spec}: no such list of dataset folders")
+        names = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip() and line[0] != "#"]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--dataset {spec!r} names no dataset folder")
+    if len(names) > 1 and args.rankings:
+        raise ValueError("--rankings names one dataset's rankings; with several --dataset folders each reads its own "
+                         "DATASET/rankings.jsonl")
+    return [Path(n) for n in names]
+
+
 def load_tasks(args: Args, base: models.BaseModel, device):
-    """All ranked tasks as tensors: inputs (N, K, C, H, W), conditions, win/tie matrices (N, K, K), splits."""
-    from PIL import Image
-    dataset = Path(args.dataset)
-    tasks = {t["task_id"]: t for t in read_tasks(dataset, check_images=False)}
-    rankings_file = Path(args.rankings or dataset / "rankings.jsonl")
-    rows = read_rankings(rankings_file, args.annotator)
-    fingerprint = dataset_fingerprint(dataset)  # the dataset identity label.py writes into every ranking
-    foreign = [r["task_id"] for r in rows if r.get("dataset", fingerprint) != fingerprint]
-    if foreign:
-        raise ValueError(f"{rankings_file} was exported from another labeling dataset than {dataset} (tasks "
-                         f"{foreign[:5]}); pass the matching --dataset or --rankings")
-    c, h, w = base.sample_shape
+    """All ranked tasks of all datasets as tensors: inputs (N, K, C, H, W), conditions, win/tie matrices (N, K, K),
+    splits. With several datasets a task's id becomes DATASET:TASK_ID."""
+    datasets = dataset_list(args)
     inputs, conds, wins, ties, splits, ids = [], [], [], [], [], []
-    for row in rows:
-        task = tasks.get(row["task_id"])
-        if task is None:
-            raise ValueError(f"rankings name task {row['task_id']}, which {dataset / 'tasks.jsonl'} does not have")
-        k = len(task["images"])
-        if base.is_latent:
-            from safetensors.torch import load_file
-            if not task.get("latents"):
-                raise ValueError(f"task {task['task_id']}: a latent base model needs the latents sample.py stores")
-            x = torch.stack([load_file(dataset / p)["latent"] for p in task["latents"]])
-        else:
-            arrays = []
-            for p in task["images"]:
-                with Image.open(dataset / p) as img:
-                    img = img.convert("L" if c == 1 else "RGB")
-                    if img.size != (w, h):
-                        raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
-                    arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
-            x = (torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
-        try:
-            win, tie = pair_matrices(row["ranking"], row.get("both_bad", []), k)
-        except ValueError as e:
-            raise ValueError(f"{rankings_file}: task {task['task_id']}: {e}") from None
-        inputs.append(x)
-        conds.append(task.get("class_label", task.get("prompt")))
-        wins.append(win)
-        ties.append(tie)
-        splits.append(row.get("split", "train"))
-        ids.append(task["task_id"])
+    for dataset in datasets:
+        tasks = {t["task_id"]: t for t in read_tasks(dataset, check_images=False)}
+        rankings_file = Path(args.rankings or dataset / "rankings.jsonl")
+        rows = read_rankings(rankings_file, args.annotator)
+        fingerprint = dataset_fingerprint(dataset)  # the dataset identity label.py writes into every ranking
+        foreign = [r["task_id"] for r in rows if r.get("dataset", fingerprint) != fingerprint]
+        if foreign:
+            raise ValueError(f"{rankings_file} was exported from another labeling dataset than {dataset} (tasks "
+                             f"{foreign[:5]}); pass the matching --dataset or --rankings")
+        for row in rows:
+            task = tasks.get(row["task_id"])
+            if task is None:
+                raise ValueError(f"rankings name task {row['task_id']}, which {dataset / 'tasks.jsonl'} does not have")
+            inputs.append(task_inputs(task, dataset, base))
+            try:
+                win, tie = pair_matrices(row["ranking"], row.get("both_bad", []), len(task["images"]))
+            except ValueError as e:
+                raise ValueError(f"{rankings_file}: task {task['task_id']}: {e}") from None
+            conds.append(task.get("class_label", task.get("prompt")))
+            wins.append(win)
+            ties.append(tie)
+            splits.append(row.get("split", "train"))
+            ids.append(task["task_id"] if len(datasets) == 1 else f"{dataset}:{task['task_id']}")
     if len({x.shape for x in inputs}) != 1:
-        raise ValueError("tasks have different numbers of images; train_reward.py needs one K per dataset")
+        raise ValueError("tasks have different numbers of images; train_reward.py needs one K for all datasets")
     if args.val_fraction is not None:  # a fresh seeded split by task id (the thesis's preliminary 80/20 model)
         order = sorted(set(ids))
         random.Random(args.seed).shuffle(order)
@@ -171,6 +173,25 @@ def load_tasks(args: Args, base: models.BaseModel, device):
         cond = None
     return dict(x=torch.stack(inputs), cond=cond, win=torch.stack(wins), tie=torch.stack(ties),
                 split=np.array(splits), ids=ids)
+
+
+def task_inputs(task: dict, dataset: Path, base: models.BaseModel) -> torch.Tensor:
+    """A task's K images as the reward model's inputs (K, C, H, W): latents for latent models, else pixels in [-1, 1]."""
+    from PIL import Image
+    c, h, w = base.sample_shape
+    if base.is_latent:
+        from safetensors.torch import load_file
+        if not task.get("latents"):
+            raise ValueError(f"task {task['task_id']}: a latent base model needs the latents sample.py stores")
+        return torch.stack([load_file(dataset / p)["latent"] for p in task["latents"]])
+    arrays = []
+    for p in task["images"]:
+        with Image.open(dataset / p) as img:
+            img = img.convert("L" if c == 1 else "RGB")
+            if img.size != (w, h):
+                raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
+            arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
+    return (torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,15 +347,33 @@ def build_model(args: Args, base: models.BaseModel, device):
 
 
 def load_base(args: Args, device):
-    """The base model whose U-Net the reward model reuses: --pretrained, or the dataset's own base model."""
-    dataset = Path(args.dataset)
-    if not (dataset / "tasks.jsonl").exists():
-        raise FileNotFoundError(f"--dataset {dataset}: no tasks.jsonl; create it with sample.py")
-    meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
-    pretrained = args.pretrained or meta.get("base_model")
-    if not pretrained:
-        raise ValueError(f"--pretrained is needed: {dataset} has no dataset.json naming its base model")
+    """The base model whose U-Net the reward model reuses: --pretrained, or the datasets' base model. A dataset
+    sampled from a fine-tuned policy (iterated RLHF) counts as its root base model (the policy folder's lineage),
+    so that every round's reward model is built on the same U-Net and scores every round's policy."""
+    roots = []
+    for dataset in dataset_list(args):
+        if not (dataset / "tasks.jsonl").exists():
+            raise FileNotFoundError(f"--dataset {dataset}: no tasks.jsonl; create it with sample.py")
+        meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
+        roots.append(meta.get("lineage", {}).get("root", {}).get("base_model", meta.get("base_model")))
+    if not args.pretrained and (None in roots or len(set(roots)) > 1):
+        named = ", ".join(f"{d} ({r or 'no dataset.json naming it'})" for d, r in zip(dataset_list(args), roots))
+        raise ValueError(f"--pretrained is needed: the datasets do not name one base model: {named}")
+    pretrained = args.pretrained or roots[0]
     return pretrained, models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+
+
+def datasets_record(args: Args, data: dict) -> list[dict]:
+    """What config.json says of each dataset: its folder, fingerprint, base model (the policy that sampled it),
+    the RLHF round of that policy and how many ranked tasks it gave."""
+    out = []
+    for dataset in dataset_list(args):
+        meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
+        prefix = f"{dataset}:"
+        n = sum(1 for i in data["ids"] if str(i).startswith(prefix)) if len(dataset_list(args)) > 1 else len(data["ids"])
+        out.append(dict(path=str(dataset), fingerprint=dataset_fingerprint(dataset), base_model=meta.get("base_model"),
+                        policy_round=len(meta.get("lineage", {}).get("rounds", [])), ranked_tasks=n))
+    return out
 
 
 def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict, train, val, rt, device,
@@ -359,7 +398,8 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
     writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
     kept = keeper.kept()
     pictures.learning_curves_png(kept["history"], kept["kept_epoch"], out / "learning_curves.png")
-    config = dict(base_model=pretrained, dataset=str(args.dataset), guidance_weight=args.guidance,
+    config = dict(base_model=pretrained, dataset=str(args.dataset), datasets=datasets_record(args, data),
+                  guidance_weight=args.guidance,
                   input_shape=list(base.sample_shape), cond_drop=args.cond_drop, args=dataclasses.asdict(args),
                   minutes=minutes, **{k: v for k, v in kept.items() if not k.startswith("val_")}, **result)
     model.save(out, config)

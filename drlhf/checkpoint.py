@@ -5,6 +5,7 @@
     RUN/samples_base.png, samples/epoch_NNNNN.png, samples_before_after.png, reward_histogram.png
     RUN/summary.json                    fixed-seed rewards before and after, speed, memory
     RUN/final_policy/                   the policy as a diffusers pipeline (guided_unet.safetensors for OpenAI's)
+        drlhf_lineage.json              where it came from: the root base model and every round of RLHF behind it
     RUN/checkpoints/latest              name of the newest complete checkpoint folder
     RUN/checkpoints/epoch_NNNNN/
         policy.safetensors              the policy U-Net (the LoRA adapters only with --lora-rank)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import json
 import os
 import random
 import shutil
@@ -245,3 +247,39 @@ def load_policy_unet(spec: str, base, device) -> nn.Module:
     if path.is_dir():
         return models.load_base_model(str(path), device).unet.eval()
     raise FileNotFoundError(f"--checkpoints {spec}: not a run folder, checkpoint folder or diffusers folder")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lineage: the rounds of iterated RLHF behind a policy (sample -> label -> train_reward -> train_ppo, again)
+# ---------------------------------------------------------------------------------------------------------
+LINEAGE_FILE = "drlhf_lineage.json"
+
+
+def start_lineage(base) -> dict:
+    """The lineage a run continues: the loaded policy's own (a final_policy folder of an earlier run), or a new one
+    rooted at this base model. The root's fingerprint lets a reward model trained on the root base model score any
+    later round's policy (drlhf.reward_model.load_reward_model). Call before training changes base.unet."""
+    if base.lineage:
+        return copy.deepcopy(base.lineage)
+    root = {"base_model": base.source, "path": base.path}
+    if hasattr(base.unet, "config"):  # diffusers U-Nets: the identity reward models built on it carry
+        from drlhf.reward_model import base_fingerprint
+        root["fingerprint"] = base_fingerprint(base.unet)
+    return {"root": root, "rounds": []}
+
+
+def record_round(lineage: dict, run_dir: Path, args: dict) -> dict:
+    """The lineage of the policy this run wrote: the lineage it continued plus this run as the next round (which
+    policy it started from, which reward and reward model, on which labeled datasets)."""
+    datasets, rm_config = None, Path(args.get("reward_model") or "") / "config.json"
+    if args.get("reward_model") and rm_config.exists():
+        config = json.loads(rm_config.read_text())
+        datasets = config.get("datasets") or [config.get("dataset")]
+    entry = {"round": len(lineage["rounds"]) + 1, "run": str(run_dir), "policy_from": args["pretrained"],
+             "reward": args["reward"], "reward_model": args.get("reward_model"),
+             "reward_model_datasets": datasets, "epochs": args["epochs"], "seed": args["seed"]}
+    return dict(lineage, rounds=lineage["rounds"] + [entry])
+
+
+def write_lineage(policy_dir: Path, lineage: dict):
+    write_text(Path(policy_dir) / LINEAGE_FILE, json.dumps(lineage, indent=1))

@@ -42,6 +42,7 @@ class BaseModel:
     text_encoder: nn.Module | None = None
     tokenizer: object = None
     extra: dict = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)  # a fine-tuned policy's drlhf_lineage.json (drlhf.checkpoint)
 
     @property
     def is_latent(self) -> bool:
@@ -239,8 +240,9 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
     else:
         conditioning, num_classes = "none", 0
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    lineage = json.loads((path / "drlhf_lineage.json").read_text()) if (path / "drlhf_lineage.json").exists() else {}
     return BaseModel(source, str(path), unet, sched_cfg, conditioning, (c.in_channels, size, size), num_classes,
-                     vae, text_encoder, tokenizer, extra=toy)
+                     vae, text_encoder, tokenizer, extra=toy, lineage=lineage)
 
 
 # ---------------------------------------------------------------------------------------------------------

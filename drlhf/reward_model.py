@@ -280,9 +280,17 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
     if config.get("backbone") == "classifier":
         return _load_classifier_reward_model(path, config, base, device, classifier, cache_dir)
     if config.get("fingerprint") != base_fingerprint(base.unet):
-        raise RewardModelError(f"--reward-model {path} was trained on base model {config.get('base_model')!r}, which "
-                               f"is not the base model loaded now ({base.source}); train a reward model on this base "
-                               "model or pass the matching --pretrained")
+        root = base.lineage.get("root", {})  # a policy fine-tuned by an earlier round: the base model it came from
+        if not root.get("fingerprint") or root["fingerprint"] != config.get("fingerprint"):
+            raise RewardModelError(f"--reward-model {path} was trained on base model {config.get('base_model')!r}, "
+                                   f"which is neither the base model loaded now ({base.source}) nor the one it was "
+                                   "fine-tuned from; train a reward model on this base model or pass the matching "
+                                   "--pretrained")
+        from drlhf import models  # iterated RLHF: the reward model's encoder is the root base model's, as trained
+        print(f"[drlhf] --reward-model {path}: trained on {root['base_model']}, which {base.source} was fine-tuned "
+              "from; its encoder is rebuilt from there", flush=True)
+        kept = root.get("path") and Path(root["path"]).is_dir()  # the very folder; else the source named again
+        base = models.load_base_model(root["path"] if kept else root["base_model"], device, cache_dir)
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
     rm = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
                      config["trainable"], config.get("ensemble", 1))

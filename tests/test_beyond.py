@@ -124,3 +124,57 @@ def test_ensemble_heads_differ_and_score_mean_minus_k_std(run, tmp_path):
         "--ensemble-penalty", "1.0", "--output-dir", out)
     spread = scalars(out, "objective/ensemble_disagreement")
     assert len(spread) == 2 and all(s > 0 for s in spread)
+
+
+def test_two_rounds_of_iterated_rlhf_end_to_end(run, tmp_path):
+    """Round 1: sample the base model, rank, train a reward model, PPO. Round 2: sample the round-1 policy, rank,
+    train a reward model on both rounds' rankings, PPO continuing from the round-1 policy. Each policy folder says
+    where it came from, and the round-2 reward model (on the root base model's U-Net) scores the round-1 policy."""
+    ds1, ds2, rm1, rm2, ppo1, ppo2 = (tmp_path / n for n in ("ds1", "ds2", "rm1", "rm2", "ppo1", "ppo2"))
+    rm_flags = ["--epochs", "2", "--batch-tasks", "4", "--toy-train-steps", "8", "--val-fraction", "0.25"]
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "5", "--num-tasks", "8", "--k", "3", "--out", ds1)
+    run("label.py", "--auto", "builtin:ink", ds1)
+    run("label.py", "export", ds1)
+    run("train_reward.py", "--dataset", ds1, "--out", rm1, *rm_flags)
+    run("train_ppo.py", *TINY, "--epochs", "1", "--reward", "rm", "--reward-model", rm1, "--value-fn", "reward",
+        "--output-dir", ppo1)
+    first = json.loads((ppo1 / "final_policy/drlhf_lineage.json").read_text())
+    assert first["root"]["base_model"] == "toy:digit4" and len(first["rounds"]) == 1
+    assert first["rounds"][0]["reward_model"] == str(rm1) and first["rounds"][0]["policy_from"] == "toy:digit4"
+    assert first["rounds"][0]["reward_model_datasets"][0]["path"] == str(ds1)
+
+    run("sample.py", "--pretrained", ppo1 / "final_policy", "--num-steps", "5", "--num-tasks", "8", "--k", "3",
+        "--out", ds2)
+    assert json.loads((ds2 / "dataset.json").read_text())["lineage"] == first  # which round's policy sampled it
+    run("label.py", "--auto", "builtin:ink", ds2)
+    run("label.py", "export", ds2)
+    listing = tmp_path / "rounds.txt"
+    listing.write_text(f"{ds1}\n{ds2}\n")
+    run("train_reward.py", "--dataset", listing, "--out", rm2, *rm_flags)
+    config = json.loads((rm2 / "config.json").read_text())
+    assert [d["path"] for d in config["datasets"]] == [str(ds1), str(ds2)]
+    assert [d["policy_round"] for d in config["datasets"]] == [0, 1]
+    assert [d["ranked_tasks"] for d in config["datasets"]] == [8, 8]
+    assert config["base_model"] == "toy:digit4"  # the root base model, not the round-1 policy that sampled ds2
+
+    proc = run("train_ppo.py", *TINY, "--pretrained", ppo1 / "final_policy", "--epochs", "1", "--reward", "rm",
+               "--reward-model", rm2, "--value-fn", "reward", "--output-dir", ppo2)
+    assert "fine-tuned from; its encoder is rebuilt from there" in proc.stdout
+    second = json.loads((ppo2 / "final_policy/drlhf_lineage.json").read_text())
+    assert second["root"] == first["root"] and len(second["rounds"]) == 2
+    assert second["rounds"][0] == first["rounds"][0]
+    assert second["rounds"][1]["policy_from"] == str(ppo1 / "final_policy")
+    assert [d["path"] for d in second["rounds"][1]["reward_model_datasets"]] == [str(ds1), str(ds2)]
+    assert json.loads((ppo2 / "summary.json").read_text())["lineage"] == second
+
+
+def test_a_reward_model_of_an_unrelated_base_is_still_refused(run, tmp_path):
+    """The lineage opens the check to a policy's own root base model only: another base model is refused."""
+    ds, rm = tmp_path / "ds", tmp_path / "rm"
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "3", "--num-tasks", "4", "--k", "3", "--out", ds)
+    run("label.py", "--auto", "builtin:ink", ds)
+    run("label.py", "export", ds)
+    run("train_reward.py", "--dataset", ds, "--out", rm, "--epochs", "1", "--toy-train-steps", "8")
+    proc = run("train_ppo.py", *TINY, "--toy-train-steps", "9", "--epochs", "1", "--reward", "rm", "--reward-model", rm,
+               "--output-dir", tmp_path / "ppo", check=False)
+    assert proc.returncode == 1 and "nor the one it was fine-tuned from" in proc.stderr
