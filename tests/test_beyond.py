@@ -178,3 +178,23 @@ def test_a_reward_model_of_an_unrelated_base_is_still_refused(run, tmp_path):
     proc = run("train_ppo.py", *TINY, "--toy-train-steps", "9", "--epochs", "1", "--reward", "rm", "--reward-model", rm,
                "--output-dir", tmp_path / "ppo", check=False)
     assert proc.returncode == 1 and "nor the one it was fine-tuned from" in proc.stderr
+
+
+def test_several_datasets_are_refused_when_they_do_not_fit_together(tmp_path):
+    """train_reward.py --dataset A,B: datasets of different base models, --rankings with several datasets and a
+    missing list file each stop in one sentence, before any model is loaded."""
+    import train_reward
+    for name, base_model in (("a", "toy:digit4"), ("b", "toy:digits-rgb")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tasks.jsonl").write_text("")
+        (tmp_path / name / "dataset.json").write_text(json.dumps({"base_model": base_model}))
+    both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    with pytest.raises(ValueError, match="do not name one base model"):
+        train_reward.load_base(train_reward.Args(dataset=both), "cpu")
+    with pytest.raises(ValueError, match="--rankings names one dataset"):
+        train_reward.dataset_list(train_reward.Args(dataset=both, rankings=str(tmp_path / "r.jsonl")))
+    with pytest.raises(FileNotFoundError, match="no such list"):
+        train_reward.dataset_list(train_reward.Args(dataset=str(tmp_path / "rounds.txt")))
+    listing = tmp_path / "rounds.txt"
+    listing.write_text(f"# round 1\n{tmp_path / 'a'}\n\n{tmp_path / 'b'}\n")
+    assert train_reward.dataset_list(train_reward.Args(dataset=str(listing))) == [tmp_path / "a", tmp_path / "b"]

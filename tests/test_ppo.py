@@ -466,3 +466,34 @@ def test_compiled_policy_trains_and_checkpoints_plain_keys(run, smoke, tmp_path)
     keys = load_file(out / "checkpoints/epoch_00001/policy.safetensors").keys()
     assert keys == load_file(smoke[0] / "checkpoints/epoch_00001/policy.safetensors").keys()
     assert _scalars(out, "losses/ratio_dev_at_start")[0] < 1e-3
+
+
+def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):
+    """The update reads its statistics once per optimizer step; a non-finite loss in any minibatch of the step
+    still stops training before that step, with the policy and value weights untouched."""
+    import copy
+    from drlhf import hardware
+    args, _ = train_ppo.parse_args(["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5",
+                                    "--minibatch-size", "5", "--grad-accum-steps", "2", "--norm-adv", "false",
+                                    "--cache-dir", str(cache_dir), "--device", "cpu"])
+    device = hardware.resolve_device("cpu")
+    base, nets, *_ = train_ppo.setup(args, 0, 1, device)
+    T, B = args.num_steps, args.num_envs
+    latents = torch.randn(T + 1, B, *base.sample_shape)
+    advantages = torch.ones(T, B)
+    advantages.view(-1)[7] = float("nan")
+    buf = dict(latents=latents, logprobs=torch.zeros(T, B), cond=None, values=torch.zeros(T, B),
+               returns=torch.zeros(T, B), advantages=advantages)
+    before = copy.deepcopy(base.unet.state_dict()), copy.deepcopy(nets.value_net.state_dict())
+    state = {"epoch": 3, "global_step": 0}
+    orders = torch.arange(T * B)[None]  # in order: state 7 is in minibatch 2 (states 5-9), the first step's last
+    with pytest.raises(FloatingPointError, match="epoch 3: non-finite PPO loss"):
+        train_ppo.ppo_update(nets, buf, orders, args, state, device)
+    assert state["global_step"] == 0
+    for saved, module in zip(before, (base.unet, nets.value_net)):
+        assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+    advantages.view(-1)[7] = 1.0  # finite (and the stopped update's gradients cleared): the same update steps twice
+    nets.opt_pi.zero_grad(set_to_none=True)
+    nets.opt_vf.zero_grad(set_to_none=True)
+    train_ppo.ppo_update(nets, buf, orders, args, state, device)
+    assert state["global_step"] == 2
