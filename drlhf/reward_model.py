@@ -283,7 +283,7 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
         root = base.lineage.get("root", {})  # a policy fine-tuned by an earlier round: the base model it came from
         if not root.get("fingerprint") or root["fingerprint"] != config.get("fingerprint"):
             raise RewardModelError(f"--reward-model {path} was trained on base model {config.get('base_model')!r}, "
-                                   f"which is neither the base model loaded now ({base.source}) nor the one it was "
+                                   f"which is not the base model loaded now ({base.source}) nor the one it was "
                                    "fine-tuned from; train a reward model on this base model or pass the matching "
                                    "--pretrained")
         from drlhf import models  # iterated RLHF: the reward model's encoder is the root base model's, as trained
