@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from drlhf.checkpoint import atomic_write, save_safetensors
+from drlhf.checkpoint import LINEAGE_FILE, atomic_write, save_safetensors
 from drlhf.cli import UserError
 from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, default_cache_dir, toy_guided_classifier, toy_model_dir
 
@@ -240,7 +240,7 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
     else:
         conditioning, num_classes = "none", 0
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    lineage = json.loads((path / "drlhf_lineage.json").read_text()) if (path / "drlhf_lineage.json").exists() else {}
+    lineage = json.loads((path / LINEAGE_FILE).read_text()) if (path / LINEAGE_FILE).exists() else {}
     return BaseModel(source, str(path), unet, sched_cfg, conditioning, (c.in_channels, size, size), num_classes,
                      vae, text_encoder, tokenizer, extra=toy, lineage=lineage)
 
