@@ -160,8 +160,19 @@ def compile_module(module: torch.nn.Module, cache_dir: str | None = None) -> tor
     compiled kernels and graphs are cached on disk ($TORCHINDUCTOR_CACHE_DIR, default <cache_dir>/torchinductor),
     so a second run with the same shapes loads them instead of compiling again."""
     from drlhf.toys import default_cache_dir
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir or default_cache_dir(), "torchinductor"))
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_inductor_default()):  # not the user's choice
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir or default_cache_dir(), "torchinductor")
     return torch.compile(module, dynamic=False)
+
+
+def _torch_inductor_default() -> str | None:
+    """The cache folder inductor falls back to, which it also writes into $TORCHINDUCTOR_CACHE_DIR when it first
+    looks (so a value there may be torch's own default rather than the user's)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        return os.path.abspath(default_cache_dir())
+    except ImportError:  # a torch without that module: only an unset variable counts as no choice
+        return None
 
 
 def compiled_graphs() -> int:

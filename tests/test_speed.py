@@ -1,6 +1,7 @@
 """The epoch benchmark (tiny sizes on the CPU), --compile without recompilation, and CPU threads that follow the
 machine's load. Nothing here depends on how long anything takes."""
 import json
+import os
 
 import pytest
 import torch
@@ -43,17 +44,22 @@ def test_benchmark_tiny_colorfulness_builds_openai_models(run, tmp_path):
 @pytest.mark.slow
 def test_compile_compiles_in_the_first_epoch_only(run, tmp_path):
     """--compile: static shapes, so every graph is compiled in epoch 1 (the warm-up, reported) and epochs 2-3 reuse
-    them; the fixed-seed evaluation runs eagerly and adds none. Slow: minutes of inductor compilation on 2 cores
-    (the second run loads the first one's graphs from the cache)."""
-    out = tmp_path / "compiled.json"
-    proc = run("benchmarks/epoch.py", *TINY, "--compile", "true", "--device", "cpu", "--bench-epochs", "3",
+    them; the fixed-seed evaluation runs eagerly and adds none, and the pi_old recompute runs through the update's
+    own graph (no graph of its own; the PPO ratio starts at exactly 1). Slow: minutes of inductor compilation on 2
+    cores (the second run loads the first one's graphs from the cache)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, flags = tmp_path / "compiled.json", [*TINY, "--compile", "true", "--old-logprobs", "recompute"]
+    proc = run("benchmarks/epoch.py", *flags, "--device", "cpu", "--bench-epochs", "3",
                "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
     r = json.loads(out.read_text())
-    assert r["graphs_compiled_first_epoch"] >= 2  # the rollout's no-grad batch and the update's minibatch
+    assert r["graphs_compiled_first_epoch"] == 2  # the rollout's no-grad batch and the update's minibatch
     assert r["recompiles_after_first_epoch"] == 0, proc.stdout
-    runs = run("train_ppo.py", *TINY, "--compile", "true", "--epochs", "2", "--eval-every", "1",
-               "--output-dir", tmp_path / "run", timeout=900)
+    runs = run("train_ppo.py", *flags, "--epochs", "2", "--eval-every", "1", "--output-dir", tmp_path / "run",
+               timeout=900)
     assert "--compile warm-up:" in runs.stdout and "recompiled" not in runs.stdout
+    ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.value for e in ea.Scalars("losses/ratio_dev_at_start")] == [0.0, 0.0]
 
 
 def fake_machine(monkeypatch, cores, readings):
@@ -168,3 +174,16 @@ def test_lora_merge_of_a_policy_held_in_half_precision_keeps_the_adapters():
     w = merged.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
     assert w.dtype == torch.float32
     torch.testing.assert_close(w - layer.base_layer.weight.float(), delta, atol=1e-7, rtol=1e-4)
+
+
+def test_compile_cache_goes_to_the_drlhf_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
+    """Inductor writes its own default into $TORCHINDUCTOR_CACHE_DIR the first time it looks; that value is not
+    the user's choice, so compile_module still points it at <cache>/torchinductor. A user's own value stays."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cache_dir()  # what an import that touches inductor does: the variable now holds torch's default
+    hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
