@@ -19,7 +19,6 @@ The store, the ordering logic, replay and export are drlhf/labels.py; this file 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sqlite3
@@ -33,7 +32,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Header, Markdown, Static
 
 from drlhf import cli
-from drlhf.labels import (LabelError, Store, auto_label, dataset_fingerprint, effective_events, export,
+from drlhf.labels import (LabelError, Store, auto_label, dataset_fingerprint, dataset_meta, effective_events, export,
                           ink_score, load_tasks, placement, replay, session_lock, stroke_score)
 from drlhf.ordering import ordering_text
 
@@ -408,7 +407,7 @@ def parse_keys(spec: str) -> dict:
 
 
 def create(store, dataset, tasks, args):
-    meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
+    meta = dataset_meta(dataset)
     k = args.k or meta.get("k") or len(tasks[0]["images"])
     wrong = [t["task_id"] for t in tasks if len(t["images"]) != k]
     if wrong:

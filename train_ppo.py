@@ -250,7 +250,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     values = torch.zeros_like(rewards_t)                                          # (T, B) V(x_t, t, c)
     if nets.value_net is not None:
         nets.value_net.eval()
-        timesteps = nets.schedule.timesteps.to(device)
+        timesteps = nets.schedule.on(nets.schedule.timesteps, device)
         values = state_fn(lambda x, i, c, a: nets.value_net(x, timesteps[i], c))
     # 3. ADVANTAGES: GAE over the denoising steps (or the critic-free group baseline)
     if args.advantage == "group":
@@ -392,7 +392,7 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
     b_states = buf["latents"][:-1].flatten(0, 1)                 # (T*B, C, H, W), row i*B + e = step i of env e
     b_actions = buf["latents"][1:].flatten(0, 1)                 # (T*B, C, H, W)
     b_idx = torch.arange(T, device=device).repeat_interleave(B)  # (T*B,) step index of each state
-    b_t = nets.schedule.timesteps.to(device)[b_idx]              # (T*B,) training timestep
+    b_t = nets.schedule.on(nets.schedule.timesteps, device)[b_idx]              # (T*B,) training timestep
     b_cond = None if buf["cond"] is None else buf["cond"].repeat(T, *([1] * (buf["cond"].ndim - 1)))
     b_logprobs, b_values = buf["logprobs"].flatten(), buf["values"].flatten()   # (T*B,)
     b_returns = buf["returns"].flatten()                                         # (T*B,)

@@ -12,7 +12,6 @@ Launch:
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import cli, hardware, models, pictures, presets, tracking
 from drlhf.hardware import DeviceFlag, Precision, autocast
-from drlhf.labels import dataset_fingerprint, load_tasks as read_tasks, read_rankings
+from drlhf.labels import dataset_fingerprint, dataset_meta, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
 from drlhf.toys import TOY_TRAIN_STEPS
 
@@ -132,8 +131,8 @@ def load_tasks(args: Args, base: models.BaseModel, device):
     """All ranked tasks of all datasets as tensors: inputs (N, K, C, H, W), conditions, win/tie matrices (N, K, K),
     splits. With several datasets a task's id becomes DATASET:TASK_ID."""
     datasets = dataset_list(args)
-    inputs, conds, wins, ties, splits, ids = [], [], [], [], [], []
-    for dataset in datasets:
+    inputs, conds, wins, ties, splits, ids, sources = [], [], [], [], [], [], []
+    for d, dataset in enumerate(datasets):
         tasks = {t["task_id"]: t for t in read_tasks(dataset, check_images=False)}
         rankings_file = Path(args.rankings or dataset / "rankings.jsonl")
         rows = read_rankings(rankings_file, args.annotator)
@@ -156,6 +155,7 @@ def load_tasks(args: Args, base: models.BaseModel, device):
             ties.append(tie)
             splits.append(row.get("split", "train"))
             ids.append(task["task_id"] if len(datasets) == 1 else f"{dataset}:{task['task_id']}")
+            sources.append(d)
     if len({x.shape for x in inputs}) != 1:
         raise ValueError("tasks have different numbers of images; train_reward.py needs one K for all datasets")
     if args.val_fraction is not None:  # a fresh seeded split by task id (the thesis's preliminary 80/20 model)
@@ -172,7 +172,7 @@ def load_tasks(args: Args, base: models.BaseModel, device):
     else:
         cond = None
     return dict(x=torch.stack(inputs), cond=cond, win=torch.stack(wins), tie=torch.stack(ties),
-                split=np.array(splits), ids=ids)
+                split=np.array(splits), ids=ids, source=np.array(sources))  # source: the task's --dataset index
 
 
 def task_inputs(task: dict, dataset: Path, base: models.BaseModel) -> torch.Tensor:
@@ -350,14 +350,14 @@ def load_base(args: Args, device):
     """The base model whose U-Net the reward model reuses: --pretrained, or the datasets' base model. A dataset
     sampled from a fine-tuned policy (iterated RLHF) counts as its root base model (the policy folder's lineage),
     so that every round's reward model is built on the same U-Net and scores every round's policy."""
-    roots = []
-    for dataset in dataset_list(args):
+    datasets, roots = dataset_list(args), []
+    for dataset in datasets:
         if not (dataset / "tasks.jsonl").exists():
             raise FileNotFoundError(f"--dataset {dataset}: no tasks.jsonl; create it with sample.py")
-        meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
+        meta = dataset_meta(dataset)
         roots.append(meta.get("lineage", {}).get("root", {}).get("base_model", meta.get("base_model")))
     if not args.pretrained and (None in roots or len(set(roots)) > 1):
-        named = ", ".join(f"{d} ({r or 'no dataset.json naming it'})" for d, r in zip(dataset_list(args), roots))
+        named = ", ".join(f"{d} ({r or 'no dataset.json naming it'})" for d, r in zip(datasets, roots))
         raise ValueError(f"--pretrained is needed: the datasets do not name one base model: {named}")
     pretrained = args.pretrained or roots[0]
     return pretrained, models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
@@ -367,12 +367,11 @@ def datasets_record(args: Args, data: dict) -> list[dict]:
     """What config.json says of each dataset: its folder, fingerprint, base model (the policy that sampled it),
     the RLHF round of that policy and how many ranked tasks it gave."""
     out = []
-    for dataset in dataset_list(args):
-        meta = json.loads((dataset / "dataset.json").read_text()) if (dataset / "dataset.json").exists() else {}
-        prefix = f"{dataset}:"
-        n = sum(1 for i in data["ids"] if str(i).startswith(prefix)) if len(dataset_list(args)) > 1 else len(data["ids"])
+    for d, dataset in enumerate(dataset_list(args)):
+        meta = dataset_meta(dataset)
         out.append(dict(path=str(dataset), fingerprint=dataset_fingerprint(dataset), base_model=meta.get("base_model"),
-                        policy_round=len(meta.get("lineage", {}).get("rounds", [])), ranked_tasks=n))
+                        policy_round=len(meta.get("lineage", {}).get("rounds", [])),
+                        ranked_tasks=int((data["source"] == d).sum())))
     return out
 
 

@@ -63,6 +63,13 @@ def load_tasks(dataset: Path, check_images: bool = True) -> list[dict]:
     return tasks
 
 
+def dataset_meta(dataset: Path) -> dict:
+    """A dataset's dataset.json (base model, sampler, K, the lineage of the policy that sampled it), or {} when
+    there is none."""
+    meta = dataset / "dataset.json"
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
 def dataset_fingerprint(dataset: Path) -> str:
     """Identity of a dataset that survives moving its folder: the hash of its dataset.json (written once by
     sample.py), or of its resolved path when there is none."""
