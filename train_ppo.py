@@ -175,6 +175,10 @@ class Args:
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
     """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; the compiled training and no-grad graphs round differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1"""
+    compile_scope: Literal["model", "blocks"] = "model"
+    """with --compile (speed; not in the thesis): model compiles the U-Net's whole forward as one graph per batch shape; blocks compiles each repeated block (ResNet, transformer) on its own, one graph per block shape (regional compilation: quicker on a CPU, slower to warm up on an H100; docs/performance.md)"""
+    cudnn_benchmark: bool = False
+    """GPU speed (not in the thesis): cuDNN times its convolution algorithms once per input shape in the first epoch and keeps the fastest; their workspaces raise peak memory (docs/performance.md), and runs may differ in the last bits"""
     lora_rank: NonNegInt = 0
     """train low-rank adapters (peft LoRA) of this rank instead of the whole U-Net (0 = full fine-tuning, the thesis); for small GPUs. Checkpoints then hold the adapters only; the final pipeline has them merged"""
     lora_alpha: PosFloat | None = None
@@ -611,7 +615,7 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
         if frozen is not None:                                                    # at every forward (no-op on CPU)
             hardware.hold_frozen_in_compute_dtype(frozen, args.precision, device)
     if args.compile:  # only the policy's forward is compiled; base.unet (saved, checkpointed) stays the plain module
-        policy_net.unet = hardware.compile_module(base.unet, args.cache_dir)
+        policy_net.unet = hardware.compile_module(base.unet, args.cache_dir, args.compile_scope)
     # thesis 6.8: with --algo backprop the whole sampling chain is the one differentiable forward
     trained = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing) if args.algo == "backprop" else policy_net
     ids = [device] if device.type == "cuda" else None
@@ -630,6 +634,7 @@ def setup(args: Args, rank: int, world: int, device):
     """Seeds, TF32, batch sizes, models and networks, the prompt table and the random generators of one process
     (also what benchmarks/epoch.py times). Returns (base, nets, reward_fns, prompts, prompt_embeds, gens, sizes)."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # Table 6.2 "Allow TF32"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # no effect on CPU
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -154,14 +155,39 @@ def sync_device(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def compile_module(module: torch.nn.Module, cache_dir: str | None = None) -> torch.nn.Module:
-    """torch.compile at static shapes: every batch size a run uses (rollout, pi_old recompute, update) gets its
-    own graph once, in the first epoch, instead of a dynamic-shape recompile and slower kernels. Inductor's
-    compiled kernels and graphs are cached on disk ($TORCHINDUCTOR_CACHE_DIR, default <cache_dir>/torchinductor),
-    so a second run with the same shapes loads them instead of compiling again."""
+# the blocks that U-Nets repeat, compiled one at a time by --compile-scope blocks: diffusers' transformer and
+# ResNet blocks (SD v1.5, the toy models) and guided-diffusion's ResBlock and AttentionBlock (OpenAI's 64x64 models)
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "ResBlock", "AttentionBlock")
+
+
+def compile_module(module: torch.nn.Module, cache_dir: str | None = None, scope: str = "model") -> torch.nn.Module:
+    """torch.compile at static shapes: every batch size a run uses (rollout, update) gets its own graph once, in
+    the first epoch, instead of a dynamic-shape recompile and slower kernels. Inductor's compiled kernels and
+    graphs are cached on disk ($TORCHINDUCTOR_CACHE_DIR, default <cache_dir>/torchinductor), so a second run with
+    the same shapes loads them instead of compiling again.
+
+    scope "model": the whole forward as one graph (returns a wrapper around `module`). scope "blocks" (regional
+    compilation, https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): each block of
+    REPEATED_BLOCKS compiled on its own, so that blocks of the same class and shapes share one graph and the rest
+    of the forward runs eagerly; it returns a view of `module` that shares its parameters and buffers (training
+    either trains `module`), while `module` itself stays uncompiled for what copies or evaluates it. A module
+    without such blocks is compiled whole."""
     from drlhf.toys import default_cache_dir
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_inductor_default()):  # not the user's choice
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir or default_cache_dir(), "torchinductor")
+    if scope == "blocks" and any(type(m).__name__ in REPEATED_BLOCKS for m in module.modules()):
+        shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        view = copy.deepcopy(module, memo=shared)  # the module tree copied, every tensor shared
+        # one compiled entry per block class, shape and grad mode, all in the code of nn.Module's call: SD v1.5
+        # has 14 ResNet and 4 transformer block shapes, so dynamo's default limit of 8 would leave most eager
+        config = torch._dynamo.config
+        for limit in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
+            if hasattr(config, limit):
+                setattr(config, limit, max(getattr(config, limit), 256))
+        for m in view.modules():
+            if type(m).__name__ in REPEATED_BLOCKS:
+                m.compile(dynamic=False)
+        return view
     return torch.compile(module, dynamic=False)
 
 

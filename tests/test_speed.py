@@ -42,17 +42,22 @@ def test_benchmark_tiny_colorfulness_builds_openai_models(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_compiles_in_the_first_epoch_only(run, tmp_path):
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope):
     """--compile: static shapes, so every graph is compiled in epoch 1 (the warm-up, reported) and epochs 2-3 reuse
     them; the fixed-seed evaluation runs eagerly and adds none, and the pi_old recompute runs through the update's
     own graph (no graph of its own; the PPO ratio starts at exactly 1). Slow: minutes of inductor compilation on 2
     cores (the second run loads the first one's graphs from the cache)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out, flags = tmp_path / "compiled.json", [*TINY, "--compile", "true", "--old-logprobs", "recompute"]
+    out = tmp_path / "compiled.json"
+    flags = [*TINY, "--compile", "true", "--compile-scope", scope, "--old-logprobs", "recompute"]
     proc = run("benchmarks/epoch.py", *flags, "--device", "cpu", "--bench-epochs", "3",
                "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
     r = json.loads(out.read_text())
-    assert r["graphs_compiled_first_epoch"] == 2  # the rollout's no-grad batch and the update's minibatch
+    if scope == "model":  # the rollout's no-grad batch and the update's minibatch
+        assert r["graphs_compiled_first_epoch"] == 2
+    else:  # those two for each shape of the toy's ResNet blocks (input channels and resolution vary)
+        assert r["graphs_compiled_first_epoch"] > 2
     assert r["recompiles_after_first_epoch"] == 0, proc.stdout
     runs = run("train_ppo.py", *flags, "--epochs", "2", "--eval-every", "1", "--output-dir", tmp_path / "run",
                timeout=900)
@@ -187,3 +192,23 @@ def test_compile_cache_goes_to_the_drlhf_cache_unless_the_user_chose_one(monkeyp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_compile_scope_blocks_compiles_a_view_that_shares_the_weights(tmp_path):
+    """--compile-scope blocks: every repeated block of the view is compiled and nothing else; the view shares
+    every parameter and buffer with the module (training it trains the module), while the module and its copies
+    (the diversity encoder, the merged LoRA policy) stay plain. Compilation is lazy, so nothing compiles here."""
+    import copy
+    from drlhf import toys
+    unet = toys.toy_unet(1, 16, class_cond=True)
+    view = hardware.compile_module(unet, str(tmp_path), scope="blocks")
+    compiled = [type(m).__name__ for m in view.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and set(compiled) == {"ResnetBlock2D"} and len(compiled) == sum(
+        type(m).__name__ == "ResnetBlock2D" for m in unet.modules())  # the toy has no transformer blocks
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in unet.modules())
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in copy.deepcopy(unet).modules())
+    assert [id(p) for p in view.parameters()] == [id(p) for p in unet.parameters()]
+    assert [id(b) for b in view.buffers()] == [id(b) for b in unet.buffers()]
+    assert view.state_dict().keys() == unet.state_dict().keys()
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # no repeated block: the whole module is compiled
+    assert isinstance(hardware.compile_module(plain, str(tmp_path), scope="blocks"), torch._dynamo.eval_frame.OptimizedModule)
