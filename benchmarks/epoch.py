@@ -38,7 +38,7 @@ from drlhf import hardware, tracking  # noqa: E402
 from drlhf.toys import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
-def benchmark(argv: list[str], epochs: int, count_flops: bool) -> dict:
+def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int = 0) -> dict:
     args, _ = train_ppo.parse_args(argv)
     train_ppo.check_requirements(args)
     rank, world, device = hardware.setup_distributed(args.device)
@@ -68,6 +68,9 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool) -> dict:
         steady = result["steady_seconds_per_epoch"] or result["first_epoch_seconds"]
         result.update(flops_per_epoch=flops, achieved_tflops=flops / steady / 1e12, matmul_peak_tflops=peak,
                       fraction_of_peak=flops / steady / 1e12 / peak)
+    if profile_top:
+        state["epoch"] = epochs + (1 if count_flops else 0)
+        result.update(profile_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device, profile_top))
     result.update(states_per_epoch=n_states, minibatches_per_epoch=n_minibatches)
     return result
 
@@ -97,6 +100,26 @@ def count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, 
     finally:
         nets.policy_net.unet = compiled
     return counter.get_total_flops()
+
+
+def profile_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device, top: int) -> dict:
+    """One more epoch under torch.profiler: the `top` operators by self time (their GPU kernels' time on a GPU,
+    CPU time otherwise) and how much of the epoch's wall time that time fills. On a GPU, a busy share well below 1
+    means the GPU waits for the CPU (Python, kernel launches, syncs); the profiler's own overhead lowers it too."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = device.type == "cuda"
+    hardware.sync_device(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+        hardware.sync_device(device)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    self_s = (lambda e: (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e6)  # microseconds
+    busy = sum(self_s(e) for e in events)
+    ops = [dict(name=e.key, calls=e.count, self_seconds=self_s(e), share=self_s(e) / busy if busy else 0.0)
+           for e in sorted(events, key=self_s, reverse=True)[:top]]
+    return dict(profile=dict(clock="gpu" if on_gpu else "cpu", wall_seconds=wall, busy_seconds=busy, top_ops=ops))
 
 
 def matmul_peak_tflops(args, device) -> float:
@@ -152,6 +175,12 @@ def table(result: dict, args_line: str) -> str:
         lines.append(f"| TFLOP per epoch; achieved / matmul peak TFLOP/s | {result['flops_per_epoch'] / 1e12:.2f}; "
                      f"{result['achieved_tflops']:.1f} / {result['matmul_peak_tflops']:.1f} "
                      f"({100 * result['fraction_of_peak']:.0f} %) |")
+    if "profile" in result:
+        prof = result["profile"]
+        lines.append(f"| profiled epoch: {prof['clock'].upper()} busy / wall (s) | {prof['busy_seconds']:.3f} / "
+                     f"{prof['wall_seconds']:.3f} ({100 * prof['busy_seconds'] / prof['wall_seconds']:.0f} %) |")
+        lines += [f"| {op['name'][:60]} ({op['calls']} calls) | {op['self_seconds']:.3f} s ({100 * op['share']:.1f} %) |"
+                  for op in prof["top_ops"]]
     return "\n".join(lines)
 
 
@@ -166,14 +195,18 @@ def main(argv=None):
                    "(default $DRLHF_CACHE/bench-models)")
     p.add_argument("--json", default=None, help="write the result here (default runs/bench/<exp>.json)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting epoch and the matmul peak")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile one more epoch (torch.profiler) and "
+                   "list the N operators with the most self time: GPU kernel time on a GPU, else CPU (default 0: off)")
     ours, rest = p.parse_known_args(argv)
     if ours.bench_epochs < 1:
         p.error("--bench-epochs must be at least 1")
+    if ours.profile < 0:
+        p.error("--profile N: N operators, 0 or more")
     run_args = train_ppo.parse_args(rest)[0]
     device = hardware.resolve_device(run_args.device)
     models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
     argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
-    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops)
+    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile)
     result.update(argv=rest, size=ours.size, torch=torch.__version__, python=platform.python_version(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"CPU ({torch.get_num_threads()} threads)")

@@ -12,13 +12,19 @@ from drlhf import hardware
 
 def test_benchmark_tiny_pink_writes_phases_flops_and_peak(run, tmp_path):
     """The Pink preset on SD v1.5's classes at toy widths: built at random weights, timed through train_ppo.py's
-    own functions, with the first epoch apart, FLOPs counted and the matmul peak measured."""
+    own functions, with the first epoch apart, FLOPs counted, the matmul peak measured and one epoch profiled."""
     out = tmp_path / "pink.json"
     proc = run("benchmarks/epoch.py", "--exp", "pink", "--size", "tiny", "--device", "cpu", "--num-envs", "2",
                "--num-steps", "4", "--minibatch-size", "4", "--grad-accum-steps", "1", "--bench-epochs", "2",
-               "--models-dir", tmp_path / "models", "--json", out)
+               "--models-dir", tmp_path / "models", "--json", out, "--profile", "5")
     r = json.loads(out.read_text())
     assert len(r["epochs"]) == 2 and r["images_per_epoch"] == 2 and r["states_per_epoch"] == 8
+    prof = r["profile"]  # one more epoch under torch.profiler: the 5 operators with the most self CPU time
+    assert prof["clock"] == "cpu" and prof["wall_seconds"] > 0 and prof["busy_seconds"] > 0
+    assert len(prof["top_ops"]) == 5 and all(op["calls"] > 0 for op in prof["top_ops"])
+    shares = [op["share"] for op in prof["top_ops"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    assert "profiled epoch: CPU busy / wall" in proc.stdout
     for row in r["epochs"]:
         assert row["seconds"] > 0 and row["rollout"] > 0 and row["scoring"] > 0 and row["update"] > 0
         assert abs(row["rollout"] + row["scoring"] + row["update"] - row["seconds"]) < 1e-6
