@@ -178,10 +178,11 @@ def compile_module(module: torch.nn.Module, cache_dir: str | None = None, scope:
     if scope == "blocks" and any(type(m).__name__ in REPEATED_BLOCKS for m in module.modules()):
         shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
         view = copy.deepcopy(module, memo=shared)  # the module tree copied, every tensor shared
-        # one compiled entry per block class, shape and grad mode, all in the code of nn.Module's call: SD v1.5
-        # has 14 ResNet and 4 transformer block shapes, so dynamo's default limit of 8 would leave most eager
+        # one compiled entry per block class, shape and grad mode, all on the code of nn.Module's call: Pink on SD
+        # v1.5 compiles 30 ResNet-block and 8 transformer-block graphs, where dynamo's default limit of 8 would
+        # leave most blocks eager
         config = torch._dynamo.config
-        for limit in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
+        for limit in ("recompile_limit", "cache_size_limit"):  # the newer name and the older one
             if hasattr(config, limit):
                 setattr(config, limit, max(getattr(config, limit), 256))
         for m in view.modules():
