@@ -38,7 +38,7 @@ from drlhf.checkpoint import atomic_write, load_policy_unet, save_safetensors, w
 from drlhf.hardware import DeviceFlag, Precision, autocast, resolve_device
 from drlhf.prompts import class_list, prompt_list, prompt_table
 from drlhf.sampler import DiffusionSchedule, Sampler, Spacing, VarianceType, rollout
-from drlhf.toys import TOY_TRAIN_STEPS
+from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 
 VERSION = "0.1"
 BUILTIN_INSTRUCTIONS = {
@@ -77,8 +77,8 @@ class Args:
     """class models: comma-separated classes to draw tasks from (None = all; Macaw: 88)"""
     instructions: str | None = "builtin:digits"
     """labeling instructions for label.py: a Markdown file or builtin:macaw / builtin:pink / builtin:digits"""
-    num_steps: PosInt = 25
-    """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same)"""
+    num_steps: PosInt = TOY_SAMPLING_STEPS
+    """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same; offline default 10, as train_ppo.py's)"""
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
     sampler: Sampler = "ddpm"
@@ -278,8 +278,8 @@ class EvalArgs:
     """text models: a prompt file or builtin:pink / pink-colors / pink-no-sunglasses / pickscore-eval (appendix C, D)"""
     class_labels: str | None = None
     """class models: comma-separated classes to cycle through (None = all)"""
-    num_steps: PosInt = 25
-    """denoising steps (the thesis's figures: 250 for the small models, 25 for Stable Diffusion)"""
+    num_steps: PosInt = TOY_SAMPLING_STEPS
+    """denoising steps (offline default 10, as train_ppo.py's; the thesis's figures: 250 for the small models, 25 for Stable Diffusion)"""
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale"""
     sampler: Sampler = "ddpm"

@@ -42,7 +42,7 @@ from drlhf.hardware import DeviceFlag, Precision, all_reduce_sum, autocast, sync
 from drlhf.prompts import prompt_table, sample_conditions
 from drlhf.sampler import (DiffusionSchedule, ReparameterizedChain, Reduction, Sampler, Spacing, VarianceType,
                            action_logprob, rollout)
-from drlhf.toys import TOY_TRAIN_STEPS
+from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 from drlhf.value import make_value_fn
 
 
@@ -63,8 +63,8 @@ class Args:
     """Table 6.2 "Latent Diff."; checked against the base model (None = the model's)"""
     guidance_scale: NonNegFloat = 1.0
     """Table 6.2 "CFG Scale": classifier-free guidance weight during rollout and update (1 = none)"""
-    num_steps: PosInt = 25
-    """Table 6.2 "Timesteps": denoising steps per rollout, a respaced subset of the 1000 training steps"""
+    num_steps: PosInt = TOY_SAMPLING_STEPS
+    """Table 6.2 "Timesteps": denoising steps per rollout, a respaced subset of the 1000 training steps (offline default 10 for speed, as sample.py's; thesis: 25)"""
     sampler: Sampler = "ddpm"
     """thesis 5.1: ddpm (the thesis) or ddim (stochastic, --eta > 0)"""
     spacing: Spacing = "leading"
@@ -138,8 +138,8 @@ class Args:
     # --- optimization (Table 6.2, "General Optimization") ---
     epochs: PosInt = 50
     """Table 6.2 "Epochs": rollout + update rounds (offline default: 50, thesis: 3000)"""
-    minibatch_size: PosInt = 25
-    """Table 6.2 "Minibatch Size": states per forward pass on each process"""
+    minibatch_size: PosInt = 20
+    """Table 6.2 "Minibatch Size": states per forward pass on each process (offline default 20: 16 per epoch of its 32 x 10 states; thesis: 25)"""
     policy_lr: PosFloat = 5e-5
     """Table 6.2 "Learning Rate Policy" (offline default 5e-5 to learn in minutes on CPU; thesis: 1e-7)"""
     policy_lr_early: PosFloat | None = None

@@ -112,7 +112,8 @@ def test_chain_checkpointing_bounds_memory(run, tmp_path):
     for flag in ("true", "false"):
         out = tmp_path / flag
         run("train_ppo.py", "--algo", "backprop", "--value-fn", "none", "--toy-train-steps", "8", "--num-envs", "32",
-            "--minibatch-size", "800", "--epochs", "1", "--eval-samples", "4", "--chain-checkpointing", flag,
+            "--num-steps", "25", "--minibatch-size", "800", "--epochs", "1", "--eval-samples", "4",
+            "--chain-checkpointing", flag,
             "--output-dir", out)
         rss[flag] = json.loads((out / "summary.json").read_text())["peak_rss_gb"]
     assert rss["false"] > rss["true"] + 0.5, rss
