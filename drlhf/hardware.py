@@ -49,23 +49,26 @@ def cleanup_distributed():
 
 # ---- CPU: subnormal numbers flushed to zero, freed memory kept (both set by resolve_device) ----------------
 def flush_denormals() -> bool:
-    """Treat subnormal floats (|x| < 1.2e-38 in fp32) as zero: the FTZ/DAZ bits of x86 CPUs, which torch sets for
-    this thread and the worker threads it starts later. Arithmetic on subnormals takes a slow microcode path, and
-    training makes them: the offline default's PPO update took 1.12-2.5 s per epoch, the slow epochs the same in
-    two runs (the values, not the machine), and 1.14-1.21 s in every epoch with them flushed, with the same epoch
-    rewards to 4 decimals over 12 epochs (docs/performance.md). Returns False where the CPU has no such mode."""
+    """Treat subnormal floats (|x| < 1.2e-38 in fp32) as zero: the FTZ/DAZ bits of x86 CPUs. Arithmetic on
+    subnormals takes a slow microcode path, and training makes them: the offline default's PPO update took
+    1.12-2.5 s per epoch, the slow epochs the same in two runs (the values, not the machine), and 1.14-1.21 s in
+    every epoch with them flushed, with the same epoch rewards to 4 decimals over 12 epochs (docs/performance.md).
+    The bits belong to the calling thread; OpenMP's worker threads copy them when they start, so this must run
+    before torch's first parallel operation (resolve_device, the first thing a script does, calls it: a pool
+    started earlier keeps flushing only on the main thread). Returns False where the CPU has no such mode."""
     return torch.set_flush_denormal(True)
 
 
-MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 256 << 20  # bytes; mallopt's M_MMAP_THRESHOLD (-3), M_TRIM_THRESHOLD (-1)
+# bytes, for mallopt's M_MMAP_THRESHOLD (-3) and M_TRIM_THRESHOLD (-1)
+MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD = 32 << 20, 256 << 20
 
 
 def keep_freed_memory() -> bool:
     """glibc: serve allocations under 32 MiB from the heap and keep up to 256 MiB of freed heap instead of
     handing it back to the OS. By default a CPU step's activations (MiB each) are mapped fresh and unmapped
-    again, and the kernel zero-fills every page on the next touch: a toy U-Net training step at batch 20 took
-    ~5,600 page faults, and 12-15 % of its time went with them (62-65 ms against 70-76 ms, 3 runs each; faults
-    per step 5,600 -> under 25). Memory use is unchanged up to the retained 256 MiB, numbers are unchanged.
+    again, and the kernel zero-fills every page on the next touch: a toy U-Net training step at batch 20 had
+    800-5,100 page faults (0-130 with this) and took 70-76 ms against 62-65 ms with this (3 runs each of 80
+    steps). Memory use grows by at most the retained 256 MiB; numbers are unchanged.
     Returns False (and does nothing) where the C library is not glibc."""
     import ctypes
     import ctypes.util
@@ -79,8 +82,9 @@ def keep_freed_memory() -> bool:
 
 # ---- CPU threads that follow the machine's load -----------------------------------------------------------
 # An OpenMP thread that waits for a core another process holds stalls every operation of the others: the offline
-# default's epoch took 3.4 s on 2 idle cores at 2 threads, 5.3 s at 1 thread, and over 75 s at 2 threads beside
-# one busy process (at 1 thread: 5.2 s). So torch gets as many threads as the cores other processes leave free.
+# default's epoch (25 steps then) took 3.4 s on 2 idle cores at 2 threads, 5.3 s at 1 thread, and over 75 s at 2
+# threads beside one busy process (at 1 thread: 5.2 s). So torch gets as many threads as the cores other processes
+# leave free.
 _balance = {"at": None}
 
 
