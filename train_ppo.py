@@ -162,6 +162,8 @@ class Args:
     """Table 6.2 "Adam Weight Decay" (AdamW, both optimizers)"""
     grad_accum_steps: PosInt = 1
     """Table 6.2 "Grad. Accum. Steps": minibatches per optimizer step"""
+    fused_minibatches: PosInt = 1
+    """speed (not in the thesis): run this many minibatches of one optimizer step as one forward and backward pass; the same update up to the order of floating-point sums, for this many times the activation memory (must divide --grad-accum-steps; PPO only)"""
     max_grad_norm: PosFloat | None = 0.5
     """Table 6.2 "Grad. Clip Norm", per model (None: no clipping)"""
     # --- hardware (Table 6.2, "Hardware") ---
@@ -237,7 +239,8 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     sync_device(device)
     t_rollout = time.perf_counter() - t0
     orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
-    state_fn = lambda fn: evaluate_states(fn, buf.latents, cond, orders[0], args.minibatch_size, args, device)  # noqa: E731
+    chunk = args.minibatch_size * args.fused_minibatches  # the update's forward passes: pi_old sees the same batches
+    state_fn = lambda fn: evaluate_states(fn, buf.latents, cond, orders[0], chunk, args, device)  # noqa: E731
     logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
     if args.old_logprobs == "recompute":  # --compile: through the update's own graph (no extra graph to compile)
         nets.policy_net.train(args.compile)
@@ -401,13 +404,15 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
     b_logprobs, b_values = buf["logprobs"].flatten(), buf["values"].flatten()   # (T*B,)
     b_returns = buf["returns"].flatten()                                         # (T*B,)
     b_advantages = whiten(buf["advantages"].flatten()) if args.norm_adv else buf["advantages"].flatten()
-    n, mb = T * B, args.minibatch_size
+    # one pass = --fused-minibatches minibatches of one optimizer step; its mean loss / (passes per step) gives the
+    # gradient of their per-minibatch losses / --grad-accum-steps
+    n, mb, passes = T * B, args.minibatch_size * args.fused_minibatches, args.grad_accum_steps // args.fused_minibatches
     policy, value_fn = nets.policy, nets.value
-    rows, checked = [], 0  # per minibatch, on the device: read once per optimizer step (no GPU sync per minibatch)
+    rows, checked = [], 0  # per pass, on the device: read once per optimizer step (no GPU sync per pass)
     for order in orders:
         for j, start in enumerate(range(0, n, mb)):
             i = order[start:start + mb]
-            sync = (j + 1) % args.grad_accum_steps == 0
+            sync = (j + 1) % passes == 0
             with contextlib.ExitStack() as stack:
                 for m in (policy, value_fn):  # accumulate locally; all-reduce only on the optimizer step
                     if isinstance(m, DDP) and not sync:
@@ -427,7 +432,7 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
                         v_clipped = b_values[i] + (new_values - b_values[i]).clamp(-args.clip_coef, args.clip_coef)
                         v_loss = torch.max(v_loss, (v_clipped - b_returns[i]) ** 2)
                     v_loss = 0.5 * v_loss.mean()
-                loss = (pg_loss + args.vf_coef * v_loss) / args.grad_accum_steps
+                loss = (pg_loss + args.vf_coef * v_loss) / passes
                 nets.scaler.scale(loss).backward()
             with torch.no_grad():
                 rows.append(torch.stack([loss, pg_loss, v_loss, ((ratio - 1) - log_ratio).mean(),  # k3 of the step
@@ -437,9 +442,9 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
                 check_finite_losses(rows, checked, state["epoch"])
                 checked = len(rows)
                 optimizer_step(nets, args, state)
-    table = torch.stack(rows).cpu()  # (minibatches, 8)
+    table = torch.stack(rows).cpu()  # (passes, 8)
     stats = dict(zip(("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio"), table[:, 1:6].double().mean(0).tolist()))
-    stats["ratio_dev_at_start"] = table[0, 6].item()  # max |ratio - 1| of the first minibatch, before any step
+    stats["ratio_dev_at_start"] = table[0, 6].item()  # max |ratio - 1| of the first pass, before any step
     return stats
 
 
@@ -573,6 +578,12 @@ def batch_arithmetic(args: Args, world: int) -> tuple[int, int, int]:
     if n_minibatches % args.grad_accum_steps:
         raise SystemExit(f"--grad-accum-steps ({args.grad_accum_steps}) must divide the minibatches per process "
                          f"and epoch ({n_states} states / --minibatch-size {args.minibatch_size} = {n_minibatches})")
+    if args.grad_accum_steps % args.fused_minibatches:
+        raise SystemExit(f"--fused-minibatches ({args.fused_minibatches}) runs minibatches of one optimizer step "
+                         f"together: it must divide --grad-accum-steps ({args.grad_accum_steps})")
+    if args.algo == "backprop" and args.fused_minibatches > 1:
+        raise SystemExit(f"--fused-minibatches ({args.fused_minibatches}) is for --algo ppo; --algo backprop's "
+                         "minibatches are --minibatch-size / --num-steps whole chains")
     return B, n_states, n_minibatches
 
 

@@ -34,7 +34,9 @@ def start_run(out: Path, args, base, schedule, evaluator, state: dict, sizes: tu
     print(f"[drlhf] base {args.pretrained} ({base.conditioning}, {'latent' if base.is_latent else 'pixel'} "
           f"{tuple(base.sample_shape)}), {args.num_steps} steps {args.sampler}/{schedule.cfg.variance_type}; "
           f"{world} process(es) x {B} environments = {B * world}; {n_states} states per process -> {n_minibatches} "
-          f"minibatches of {args.minibatch_size} -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
+          f"minibatches of {args.minibatch_size}"
+          + (f" ({args.fused_minibatches} per forward pass)" if args.fused_minibatches > 1 else "")
+          + f" -> {n_minibatches // args.grad_accum_steps} optimizer steps per epoch")
     if base_eval is not None:
         evaluator.record_base(out, state, base_eval)
     elif not (out / "samples_base.png").exists():  # resumed into a new --output-dir: the base grid comes along

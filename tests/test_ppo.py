@@ -375,6 +375,9 @@ def test_batch_sizes_that_do_not_divide_name_the_flags(run, tmp_path):
     assert proc.returncode != 0 and "--minibatch-size (7)" in proc.stderr and "--num-envs" in proc.stderr
     proc = run("train_ppo.py", *TINY, "--grad-accum-steps", "3", "--output-dir", tmp_path, check=False)
     assert proc.returncode != 0 and "--grad-accum-steps (3)" in proc.stderr
+    proc = run("train_ppo.py", *TINY, "--grad-accum-steps", "2", "--fused-minibatches", "4", "--output-dir", tmp_path,
+               check=False)
+    assert proc.returncode != 0 and "--fused-minibatches (4)" in proc.stderr and "--grad-accum-steps (2)" in proc.stderr
 
 
 def test_unknown_preset_and_hub_id_offline(run, tmp_path):
@@ -466,6 +469,53 @@ def test_compiled_policy_trains_and_checkpoints_plain_keys(run, smoke, tmp_path)
     keys = load_file(out / "checkpoints/epoch_00001/policy.safetensors").keys()
     assert keys == load_file(smoke[0] / "checkpoints/epoch_00001/policy.safetensors").keys()
     assert _scalars(out, "losses/ratio_dev_at_start")[0] < 1e-3
+
+
+def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
+    """--fused-minibatches K runs K minibatches of one optimizer step as one forward/backward pass: the gradients
+    each optimizer step sees, and the epoch's statistics, equal those of the minibatches one at a time. (pi_old is
+    recomputed in each run's own passes, as --old-logprobs recompute does: summed over a state's dimensions, a
+    log-probability moves by ~1e-3 with the batch size a kernel sees, and the ratio would carry that.)"""
+    from drlhf import hardware
+    from drlhf.sampler import action_logprob, rollout
+    common = ["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5",
+              "--grad-accum-steps", "2", "--cache-dir", str(cache_dir), "--device", "cpu"]
+    device = hardware.resolve_device("cpu")
+    args, _ = train_ppo.parse_args(common)
+    base, nets, *_ = train_ppo.setup(args, 0, 1, device)
+    T, B = args.num_steps, args.num_envs
+    g = torch.Generator().manual_seed(0)
+    buf = rollout(nets.policy_net, nets.schedule, torch.randn(B, *base.sample_shape, generator=g), None, generator=g)
+    data = dict(latents=buf.latents, cond=None, values=torch.randn(T, B, generator=g),
+                returns=torch.randn(T, B, generator=g), advantages=torch.randn(T, B, generator=g))
+    orders = torch.randperm(T * B, generator=g)[None]
+    logprob = lambda x, i, c, a: action_logprob(nets.policy_net, nets.schedule, x, i, c, a)  # noqa: E731
+    steps = []  # the gradients of each optimizer step, which then does not move the weights (all runs start alike)
+
+    def record_step(nets, args, state):
+        steps.append({k: p.grad.clone() for k, p in [*nets.unet.named_parameters(), *nets.value_net.named_parameters()]
+                      if p.grad is not None})
+        nets.opt_pi.zero_grad(set_to_none=True)
+        nets.opt_vf.zero_grad(set_to_none=True)
+        state["global_step"] += 1
+    monkeypatch.setattr(train_ppo, "optimizer_step", record_step)
+    stats = {}
+    for k in (1, 2):
+        fused, _ = train_ppo.parse_args([*common, "--fused-minibatches", str(k)])
+        data["logprobs"] = train_ppo.evaluate_states(logprob, buf.latents, None, orders[0], 5 * k, fused, device)
+        stats[k] = train_ppo.ppo_update(nets, data, orders, fused, {"epoch": 0, "global_step": 0}, device)
+        assert stats[k]["ratio_dev_at_start"] == 0.0
+    assert len(steps) == 4  # 20 states = 4 minibatches of 5 = 2 optimizer steps, once one at a time, once fused
+    for one, two in zip(steps[:2], steps[2:]):
+        assert one.keys() == two.keys() and len(one) > 10
+        flat_one, flat_two = (torch.cat([d[name].flatten() for name in one]) for d in (one, two))
+        scale = flat_one.norm()
+        assert (flat_two - flat_one).norm() < 1e-4 * scale  # summation order (batch 5 vs 10) only: 1.3e-5 here
+        # each tensor too; some gradients all but vanish (a bias feeding a group norm), so the floor is the scale's
+        errors = {name: ((two[name] - one[name]).norm() / (one[name].norm() + 1e-4 * scale)).item() for name in one}
+        assert max(errors.values()) < 1e-3, max(errors.items(), key=lambda kv: kv[1])
+    for key in ("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio"):
+        assert stats[2][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-7), key
 
 
 def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):
