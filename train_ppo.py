@@ -534,6 +534,8 @@ def resolve_args(argv=None):
     args, given = parse_args(argv)
     args, ckpt, saved = checkpoint.resume_args(args, given, Args) if args.resume else (args, None, None)
     check_requirements(args)
+    if "compile_scope" in given and not args.compile:
+        print("[drlhf] warning: --compile-scope has no effect without --compile true", file=sys.stderr)
     return args, ckpt, saved
 
 

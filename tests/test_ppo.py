@@ -176,6 +176,13 @@ def test_preset_batch_arithmetic(exp, world, expect):
         train_ppo.batch_arithmetic(args, 3)
 
 
+def test_compile_scope_without_compile_is_named(capsys):
+    train_ppo.resolve_args(["--compile-scope", "blocks"])
+    assert "--compile-scope has no effect without --compile true" in capsys.readouterr().err
+    train_ppo.resolve_args(["--compile-scope", "blocks", "--compile", "true"])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_preset_precedence_and_unknown_preset(capsys):
     args, given = train_ppo.parse_args(["--exp", "pink", "--policy-lr", "3e-7"])
     assert args.policy_lr == 3e-7 and args.vf_lr == 1e-6 and args.num_envs == 80 and given == {"exp", "policy_lr"}
