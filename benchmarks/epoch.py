@@ -38,11 +38,16 @@ from drlhf import hardware, tracking  # noqa: E402
 from drlhf.toys import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
-def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int = 0) -> dict:
+def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int = 0,
+              channels_last: bool = False) -> dict:
     args, _ = train_ppo.parse_args(argv)
     train_ppo.check_requirements(args)
     rank, world, device = hardware.setup_distributed(args.device)
     base, nets, _, prompts, prompt_embeds, gens, (B, n_states, n_minibatches) = train_ppo.setup(args, rank, world, device)
+    if channels_last:  # a measurement before any train_ppo.py flag: every network's 4-D weights in NHWC order
+        for module in (nets.unet, nets.ref_net, nets.value_net, base.vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     state = {"epoch": 0, "global_step": 0}
     train_ppo.set_lrs(nets.opt_pi, nets.opt_vf, args, state)
     if device.type == "cuda":
@@ -197,6 +202,9 @@ def main(argv=None):
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting epoch and the matmul peak")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile one more epoch (torch.profiler) and "
                    "list the N operators with the most self time: GPU kernel time on a GPU, else CPU (default 0: off)")
+    p.add_argument("--channels-last", action="store_true", help="hold the U-Nets, value function and VAE in the "
+                   "channels-last (NHWC) memory format, which convolutions on tensor cores prefer (the issue's list "
+                   "of things to measure; not a train_ppo.py flag until it measures faster)")
     ours, rest = p.parse_known_args(argv)
     if ours.bench_epochs < 1:
         p.error("--bench-epochs must be at least 1")
@@ -206,8 +214,8 @@ def main(argv=None):
     device = hardware.resolve_device(run_args.device)
     models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
     argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
-    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile)
-    result.update(argv=rest, size=ours.size, torch=torch.__version__, python=platform.python_version(),
+    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile, ours.channels_last)
+    result.update(argv=rest, size=ours.size, channels_last=ours.channels_last, torch=torch.__version__, python=platform.python_version(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"CPU ({torch.get_num_threads()} threads)")
     out = Path(ours.json or f"runs/bench/{run_args.exp or 'default'}.json")
