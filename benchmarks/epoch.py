@@ -215,7 +215,8 @@ def main(argv=None):
     models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
     argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
     result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile, ours.channels_last)
-    result.update(argv=rest, size=ours.size, channels_last=ours.channels_last, torch=torch.__version__, python=platform.python_version(),
+    result.update(argv=rest, size=ours.size, channels_last=ours.channels_last, torch=torch.__version__,
+                  python=platform.python_version(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"CPU ({torch.get_num_threads()} threads)")
     out = Path(ours.json or f"runs/bench/{run_args.exp or 'default'}.json")
