@@ -239,8 +239,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     sync_device(device)
     t_rollout = time.perf_counter() - t0
     orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
-    chunk = args.minibatch_size * args.fused_minibatches  # the update's forward passes: pi_old sees the same batches
-    state_fn = lambda fn: evaluate_states(fn, buf.latents, cond, orders[0], chunk, args, device)  # noqa: E731
+    state_fn = lambda fn: evaluate_states(fn, buf.latents, cond, orders[0], pass_size(args), args, device)  # noqa: E731
     logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
     if args.old_logprobs == "recompute":  # --compile: through the update's own graph (no extra graph to compile)
         nets.policy_net.train(args.compile)
@@ -376,6 +375,12 @@ def update_graph(fn, on: bool):
     return run if on else fn
 
 
+def pass_size(args: Args) -> int:
+    """States per forward pass of the update (--fused-minibatches minibatches); pi_old, the values and the reference
+    policy are evaluated in the same chunks, so that batch-dependent GPU kernels see the same batches."""
+    return args.minibatch_size * args.fused_minibatches
+
+
 @torch.no_grad()
 def evaluate_states(fn, latents, cond, order, chunk: int, args: Args, device):
     """fn(states, step_index, cond, actions) over all T x B states of a rollout -> (T, B), evaluated in the
@@ -406,7 +411,7 @@ def ppo_update(nets: Nets, buf: dict, orders, args: Args, state: dict, device) -
     b_advantages = whiten(buf["advantages"].flatten()) if args.norm_adv else buf["advantages"].flatten()
     # one pass = --fused-minibatches minibatches of one optimizer step; its mean loss / (passes per step) gives the
     # gradient of their per-minibatch losses / --grad-accum-steps
-    n, mb, passes = T * B, args.minibatch_size * args.fused_minibatches, args.grad_accum_steps // args.fused_minibatches
+    n, mb, passes = T * B, pass_size(args), args.grad_accum_steps // args.fused_minibatches
     policy, value_fn = nets.policy, nets.value
     rows, checked = [], 0  # per pass, on the device: read once per optimizer step (no GPU sync per pass)
     for order in orders:
