@@ -176,7 +176,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
-    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; the compiled training and no-grad graphs round differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1"""
+    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout's batch differs from the update's pass (--num-envs vs --minibatch-size x --fused-minibatches) it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1; where they agree the rollout runs the update's graph (one graph to compile)"""
     compile_scope: Literal["model", "blocks"] = "model"
     """with --compile (speed; not in the thesis): model compiles the U-Net's whole forward as one graph per batch shape; blocks compiles each repeated block (ResNet, transformer) on its own, one graph per block shape (regional compilation: quicker on a CPU, slower to warm up on an H100; docs/performance.md)"""
     cudnn_benchmark: bool = False
@@ -233,9 +233,10 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     T, B = nets.schedule.num_steps, len(x_T)
     t0 = time.perf_counter()
     # 1. ROLLOUT: all environments, one batch per denoising step
-    nets.policy_net.eval()
+    shared = rollout_in_update_graph(nets.policy_net, B, args)  # --compile: one graph for both, where shapes agree
+    nets.policy_net.train(shared)
     with autocast(args.precision, device):
-        buf = rollout(nets.policy_net, nets.schedule, x_T, cond, generator=gens["rollout"])
+        buf = rollout(update_graph(nets.policy_net, shared), nets.schedule, x_T, cond, generator=gens["rollout"])
     sync_device(device)
     t_rollout = time.perf_counter() - t0
     orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
@@ -373,6 +374,16 @@ def update_graph(fn, on: bool):
         with torch.enable_grad():
             return fn(*args).detach()
     return run if on else fn
+
+
+def rollout_in_update_graph(net: nn.Module, B: int, args: Args) -> bool:
+    """--compile: whether the rollout can run the update's compiled training graph (gradients on, outputs detached)
+    instead of compiling a no-grad graph of its own: its batch of B environments must have the update's pass size,
+    and training mode must change no output (no active dropout, no batch norm). One graph fewer to compile, and the
+    rollout's log-probabilities come from the kernels the update's ratio is computed with."""
+    mode_dependent = any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, nn.modules.batchnorm._BatchNorm)
+                         for m in net.modules())
+    return args.compile and args.algo == "ppo" and B == pass_size(args) and not mode_dependent
 
 
 def pass_size(args: Args) -> int:
@@ -659,6 +670,11 @@ def setup(args: Args, rank: int, world: int, device):
     sizes = batch_arithmetic(args, world)
     base, value_net, schedule, reward_fns = load_models(args, rank, world, device)
     nets = build_nets(args, base, value_net, schedule, reward_fns[0], world, device)
+    if args.compile and rank == 0:
+        shared = rollout_in_update_graph(nets.policy_net, sizes[0], args)
+        print(f"[drlhf] --compile: the rollout ({sizes[0]} environments) runs " + (
+              "through the update's training graph: one graph to compile" if shared else
+              f"its own no-grad graph beside the update's ({pass_size(args)} states per pass): two graphs to compile"))
     prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
     gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
             "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}

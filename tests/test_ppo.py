@@ -525,6 +525,41 @@ def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
         assert stats[2][key] == pytest.approx(stats[1][key], rel=1e-5, abs=1e-7), key
 
 
+def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
+    """--compile with the rollout's batch equal to the update's pass: the rollout runs the training graph
+    (training mode, gradients on, outputs detached) instead of compiling its own. Eagerly that is the same chain,
+    bit for bit, with nothing left attached to an autograd graph; a batch of another size, an active dropout or
+    a run without --compile keeps the rollout's own no-grad path."""
+    from drlhf import hardware
+    from drlhf.sampler import rollout
+    common = ["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5", "--cache-dir", str(cache_dir),
+              "--device", "cpu"]
+    args, _ = train_ppo.parse_args([*common, "--minibatch-size", "4", "--compile", "true"])
+    device = hardware.resolve_device("cpu")
+    base, nets, *_ = train_ppo.setup(args, 0, 1, device)  # compiled lazily: nothing compiles unless it runs
+    net = nets.policy_net
+    assert train_ppo.rollout_in_update_graph(net, 4, args)
+    assert not train_ppo.rollout_in_update_graph(net, 2, args)  # 2 environments, passes of 4 states
+    for other in (["--minibatch-size", "4"], ["--minibatch-size", "2", "--grad-accum-steps", "2",  # 2 x 2 fused
+                                              "--fused-minibatches", "2", "--compile", "true"]):
+        flags, _ = train_ppo.parse_args([*common, *other])
+        assert train_ppo.rollout_in_update_graph(net, 4, flags) == flags.compile
+    net.unet = base.unet  # the plain module: the two paths compared eagerly
+    x_T = torch.randn(4, *base.sample_shape, generator=torch.Generator().manual_seed(0))
+    chains = []
+    for shared in (False, True):
+        net.train(shared)
+        chains.append(rollout(train_ppo.update_graph(net, shared), nets.schedule, x_T, None,
+                              generator=torch.Generator().manual_seed(1)))
+    # the same up to rounding: in training mode diffusers' ResNet blocks make their shortcut input contiguous
+    # (diffusers 0.42), so a 1x1 convolution reads another memory layout (last bits, ~1e-6 per forward here)
+    torch.testing.assert_close(chains[1].latents, chains[0].latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(chains[1].logprobs, chains[0].logprobs, rtol=1e-5, atol=0)
+    assert not chains[1].latents.requires_grad and not chains[1].logprobs.requires_grad
+    dropout = torch.nn.Sequential(net, torch.nn.Dropout(0.1))  # training mode would change what is sampled
+    assert not train_ppo.rollout_in_update_graph(dropout, 4, args)
+
+
 def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):
     """The update reads its statistics once per optimizer step; a non-finite loss in any minibatch of the step
     still stops training before that step, with the policy and value weights untouched."""
