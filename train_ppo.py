@@ -670,11 +670,15 @@ def setup(args: Args, rank: int, world: int, device):
     sizes = batch_arithmetic(args, world)
     base, value_net, schedule, reward_fns = load_models(args, rank, world, device)
     nets = build_nets(args, base, value_net, schedule, reward_fns[0], world, device)
-    if args.compile and rank == 0:
-        shared = rollout_in_update_graph(nets.policy_net, sizes[0], args)
-        print(f"[drlhf] --compile: the rollout ({sizes[0]} environments) runs " + (
-              "through the update's training graph: one graph to compile" if shared else
-              f"its own no-grad graph beside the update's ({pass_size(args)} states per pass): two graphs to compile"))
+    if args.compile and args.algo == "ppo" and rank == 0:
+        B, mb = sizes[0], pass_size(args)
+        print(f"[drlhf] --compile: the rollout ({B} environments) runs " + (
+              "through the update's training graph: one graph to compile"
+              if rollout_in_update_graph(nets.policy_net, B, args) else
+              "its own no-grad graph beside the update's: two graphs to compile; " + (
+                  f"update passes of {B} states instead of {mb} (--minibatch-size x --fused-minibatches; the same "
+                  "update while --minibatch-size x --grad-accum-steps stays) would make it one" if B != mb else
+                  "training mode changes the policy's output (dropout or batch norm)")))
     prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
     gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
             "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}

@@ -66,6 +66,8 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
         print(f"[bench] epoch {epoch + 1}/{epochs}: {seconds:.3f} s ({', '.join(f'{k} {v:.3f}' for k, v in rows[-1].items() if k in ('rollout', 'scoring', 'update') and v is not None)})"
               + (f", {rows[-1]['graphs_compiled']} graph(s) compiled" if args.compile else ""), flush=True)
     result = summarize(rows, B * world, args, device)
+    if args.compile:
+        result.update(compile_seconds=compile_seconds())
     if count_flops:
         state["epoch"] = epochs
         flops = count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
@@ -93,6 +95,23 @@ def summarize(rows: list[dict], n_images: int, args, device) -> dict:
                 peak_gpu_allocated_gb=hardware.peak_gpu_gb(device),
                 peak_gpu_reserved_gb=torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None,
                 peak_rss_gb=hardware.peak_rss_gb())
+
+
+# torch.compile's warm-up phases worth reading first (dynamo's timer names -> what they are)
+COMPILE_PHASES = {"bytecode_tracing": "dynamo tracing", "aot_trace_joint_graph": "joint fw+bw trace",
+                  "_recursive_joint_graph_passes": "joint-graph passes",
+                  "min_cut_rematerialization_partition": "fw/bw partition",
+                  "compile_fx.<locals>.fw_compiler_base": "inductor fw",
+                  "compile_fx.<locals>.bw_compiler": "inductor bw",
+                  "async_compile.wait": "waiting for Triton"}
+
+
+def compile_seconds() -> dict:
+    """Seconds torch.compile spent in each timed phase of this process so far, summed over its graphs (dynamo's
+    compile_times; the phases nest, so they do not add up to the warm-up)."""
+    from torch._dynamo.utils import compile_times
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: float(v) for name, v in zip(names, values)}
 
 
 def count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device) -> int:
@@ -180,6 +199,10 @@ def table(result: dict, args_line: str) -> str:
         lines.append(f"| TFLOP per epoch; achieved / matmul peak TFLOP/s | {result['flops_per_epoch'] / 1e12:.2f}; "
                      f"{result['achieved_tflops']:.1f} / {result['matmul_peak_tflops']:.1f} "
                      f"({100 * result['fraction_of_peak']:.0f} %) |")
+    if result.get("compile_seconds"):
+        phases = [f"{label} {result['compile_seconds'][k]:.1f}" for k, label in COMPILE_PHASES.items()
+                  if k in result["compile_seconds"]]
+        lines.append(f"| compile phases (s) | {', '.join(phases) or 'see compile_seconds in the JSON'} |")
     if "profile" in result:
         prof = result["profile"]
         lines.append(f"| profiled epoch: {prof['clock'].upper()} busy / wall (s) | {prof['busy_seconds']:.3f} / "

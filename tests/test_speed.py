@@ -70,6 +70,7 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatc
     else:  # those two for each shape of the toy's ResNet blocks (input channels and resolution vary)
         assert r["graphs_compiled_first_epoch"] > 2
     assert r["recompiles_after_first_epoch"] == 0, proc.stdout
+    assert r["compile_seconds"]["bytecode_tracing"] > 0 and "| compile phases (s) | dynamo tracing" in proc.stdout
     runs = run("train_ppo.py", *flags, "--epochs", "2", "--eval-every", "1", "--output-dir", tmp_path / "run",
                timeout=900)
     assert "--compile warm-up:" in runs.stdout and "recompiled" not in runs.stdout
