@@ -103,7 +103,7 @@ COMPILE_PHASES = {"bytecode_tracing": "dynamo tracing", "aot_trace_joint_graph":
                   "min_cut_rematerialization_partition": "fw/bw partition",
                   "compile_fx.<locals>.fw_compiler_base": "inductor fw",
                   "compile_fx.<locals>.bw_compiler": "inductor bw",
-                  "async_compile.wait": "waiting for Triton"}
+                  "async_compile.wait": "waiting for the kernel compile pool"}
 
 
 def compile_seconds() -> dict:

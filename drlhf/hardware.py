@@ -207,8 +207,11 @@ def compile_module(module: torch.nn.Module, cache_dir: str | None = None, scope:
     REPEATED_BLOCKS compiled on its own, so that blocks of the same class and shapes share one graph and the rest
     of the forward runs eagerly; it returns a view of `module` that shares its parameters and buffers (training
     either trains `module`), while `module` itself stays uncompiled for what copies or evaluates it. A module
-    without such blocks is compiled whole."""
+    without such blocks is compiled whole. CPU thread balancing (balance_cpu_threads) stops here."""
     from drlhf.toys import default_cache_dir
+    # dynamo guards on torch's thread count: a change after compiling would recompile every graph (and inductor's
+    # compile workers look like other processes' load to balance_cpu_threads), so the count stays as it is now
+    _balance["at"] = None
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_inductor_default()):  # not the user's choice
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir or default_cache_dir(), "torchinductor")
     if scope == "blocks" and any(type(m).__name__ in REPEATED_BLOCKS for m in module.modules()):

@@ -55,12 +55,13 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatc
     """--compile: static shapes, so every graph is compiled in epoch 1 (the warm-up, reported) and epochs 2-3 reuse
     them; the fixed-seed evaluation runs eagerly and adds none, and the pi_old recompute runs through the update's
     own graph (no graph of its own; the PPO ratio starts at exactly 1). With minibatches of 4 states the rollout's
-    4 environments run the update's graph too. Slow: minutes of inductor compilation on 2 cores (the second run
-    loads the first one's graphs from the cache)."""
+    4 environments run the update's graph too, so the rollout's own log-probabilities (--old-logprobs rollout)
+    start the ratio at exactly 1 as well. Slow: minutes of inductor compilation on 2 cores (the second run loads
+    the first one's graphs from the cache)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "compiled.json"
     flags = [*TINY, "--minibatch-size", str(minibatch), "--compile", "true", "--compile-scope", scope,
-             "--old-logprobs", "recompute"]
+             "--old-logprobs", "rollout" if minibatch == 4 else "recompute"]
     proc = run("benchmarks/epoch.py", *flags, "--device", "cpu", "--bench-epochs", "3",
                "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
     r = json.loads(out.read_text())
@@ -136,6 +137,25 @@ def test_cpu_threads_leave_an_explicit_setting_alone(monkeypatch):
         hardware._balance["at"] = None
         torch.set_num_threads(before)
 
+
+
+def test_cpu_threads_stay_fixed_once_a_module_is_compiled(monkeypatch, tmp_path):
+    """dynamo guards on torch's thread count, so balancing it after torch.compile would recompile every graph
+    (seen: a cold --compile epoch's compile workers read as another process's load, one thread in epoch 2, and a
+    recompile): compile_module stops the balancing, whatever the load."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        advance = fake_machine(monkeypatch, 2, [0.0, 2.0])
+        hardware.balance_cpu_threads(first=True)      # an idle machine: both cores
+        assert torch.get_num_threads() == 2
+        hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))  # lazy: nothing compiles here
+        advance(3.0)                                  # both cores busy elsewhere
+        hardware.balance_cpu_threads()
+        assert torch.get_num_threads() == 2 and hardware._balance["at"] is None
+    finally:
+        hardware._balance["at"] = None
+        torch.set_num_threads(before)
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
