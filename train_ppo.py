@@ -176,7 +176,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
-    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout's batch differs from the update's pass (--num-envs vs --minibatch-size x --fused-minibatches) it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1; where they agree the rollout runs the update's graph (one graph to compile)"""
+    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout's batch differs from the update's pass (--num-envs vs --minibatch-size x --fused-minibatches) it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1; where they agree the rollout runs the update's graph (nothing of its own to compile; on the CPU the ratio then starts at exactly 1)"""
     compile_scope: Literal["model", "blocks"] = "model"
     """with --compile (speed; not in the thesis): model compiles the U-Net's whole forward as one graph per batch shape; blocks compiles each repeated block (ResNet, transformer) on its own, one graph per block shape (regional compilation: quicker on a CPU, slower to warm up on an H100; docs/performance.md)"""
     cudnn_benchmark: bool = False
@@ -673,11 +673,11 @@ def setup(args: Args, rank: int, world: int, device):
     if args.compile and args.algo == "ppo" and rank == 0:
         B, mb = sizes[0], pass_size(args)
         print(f"[drlhf] --compile: the rollout ({B} environments) runs " + (
-              "through the update's training graph: one graph to compile"
+              "through the update's training graph: nothing of its own to compile"
               if rollout_in_update_graph(nets.policy_net, B, args) else
-              "its own no-grad graph beside the update's: two graphs to compile; " + (
+              "a no-grad graph of its own, compiled beside the update's; " + (
                   f"update passes of {B} states instead of {mb} (--minibatch-size x --fused-minibatches; the same "
-                  "update while --minibatch-size x --grad-accum-steps stays) would make it one" if B != mb else
+                  "update while --minibatch-size x --grad-accum-steps stays) would share the update's" if B != mb else
                   "training mode changes the policy's output (dropout or batch norm)")))
     prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
     gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
