@@ -67,8 +67,8 @@ def keep_freed_memory() -> bool:
     """glibc: serve allocations under 32 MiB from the heap and keep up to 256 MiB of freed heap instead of
     handing it back to the OS. By default a CPU step's activations (MiB each) are mapped fresh and unmapped
     again, and the kernel zero-fills every page on the next touch: a toy U-Net training step at batch 20 had
-    800-5,100 page faults (0-130 with this) and took 70-76 ms against 62-65 ms with this (3 runs each of 80
-    steps). Memory use grows by at most the retained 256 MiB; numbers are unchanged.
+    800-5,100 page faults (0-320 with this; both vary per process) and took 70-76 ms against 62-65 ms with this
+    (3 runs each of 80 steps). Memory use grows by at most the retained 256 MiB; numbers are unchanged.
     Returns False (and does nothing) where the C library is not glibc."""
     import ctypes
     import ctypes.util
