@@ -527,8 +527,8 @@ def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
 
 def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
     """--compile with the rollout's batch equal to the update's pass: the rollout runs the training graph
-    (training mode, gradients on, outputs detached) instead of compiling its own. Eagerly that is the same chain,
-    bit for bit, with nothing left attached to an autograd graph; a batch of another size, an active dropout or
+    (training mode, gradients on, outputs detached) instead of compiling its own. Eagerly that is the same chain
+    up to rounding, with nothing left attached to an autograd graph; a batch of another size, an active dropout or
     a run without --compile keeps the rollout's own no-grad path."""
     from drlhf import hardware
     from drlhf.sampler import rollout

@@ -1,5 +1,6 @@
 """The epoch benchmark (tiny sizes on the CPU), --compile without recompilation, and CPU threads that follow the
 machine's load. Nothing here depends on how long anything takes."""
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -138,7 +139,6 @@ def test_cpu_threads_leave_an_explicit_setting_alone(monkeypatch):
         torch.set_num_threads(before)
 
 
-
 def test_cpu_threads_stay_fixed_once_a_module_is_compiled(monkeypatch, tmp_path):
     """dynamo guards on torch's thread count, so balancing it after torch.compile would recompile every graph
     (seen: a cold --compile epoch's compile workers read as another process's load, one thread in epoch 2, and a
@@ -156,6 +156,7 @@ def test_cpu_threads_stay_fixed_once_a_module_is_compiled(monkeypatch, tmp_path)
     finally:
         hardware._balance["at"] = None
         torch.set_num_threads(before)
+
 
 HEAP_BLOCK = """
 import ctypes, sys, torch
@@ -176,7 +177,7 @@ print(during.hblks - before.hblks, (during.arena - before.arena) >> 20, (after.a
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="glibc >= 2.33 (mallinfo2)")
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33 (mallinfo2)")
 def test_cpu_runs_keep_freed_memory_instead_of_faulting_it_back_in(tmp_path):
     """keep_freed_memory: a 30 MiB block comes from the heap instead of a fresh mapping, and the heap keeps it once
     freed; by default glibc maps it fresh and unmaps it on free, and the kernel zero-fills every page again on the
