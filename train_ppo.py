@@ -670,15 +670,16 @@ def setup(args: Args, rank: int, world: int, device):
     sizes = batch_arithmetic(args, world)
     base, value_net, schedule, reward_fns = load_models(args, rank, world, device)
     nets = build_nets(args, base, value_net, schedule, reward_fns[0], world, device)
-    if args.compile and args.algo == "ppo" and rank == 0:
-        B, mb = sizes[0], pass_size(args)
-        print(f"[drlhf] --compile: the rollout ({B} environments) runs " + (
-              "through the update's training graph: nothing of its own to compile"
-              if rollout_in_update_graph(nets.policy_net, B, args) else
-              "a no-grad graph of its own, compiled beside the update's; " + (
-                  f"update passes of {B} states instead of {mb} (--minibatch-size x --fused-minibatches; the same "
-                  "update while --minibatch-size x --grad-accum-steps stays) would share the update's" if B != mb else
-                  "training mode changes the policy's output (dropout or batch norm)")))
+    if args.compile and args.algo == "ppo" and rank == 0:  # what the rollout compiles (docs/performance.md)
+        B, mb, own = sizes[0], pass_size(args), "a no-grad graph of its own, compiled beside the update's; "
+        if rollout_in_update_graph(nets.policy_net, B, args):
+            how = "through the update's training graph: nothing of its own to compile"
+        elif B != mb:
+            how = own + (f"update passes of {B} states instead of {mb} (--minibatch-size x --fused-minibatches; the "
+                         "same update while --minibatch-size x --grad-accum-steps stays) would share the update's")
+        else:
+            how = own + "training mode changes the policy's output (dropout or batch norm)"
+        print(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
     prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
     gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
             "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
