@@ -132,7 +132,7 @@ class Args:
     update_epochs: PosInt = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
     old_logprobs: Literal["rollout", "recompute"] = "rollout"
-    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact in fp32 on CPU up to the rounding of batch-size-dependent matrix kernels, ~1e-4) or recompute (one extra no-grad pass in the update's own minibatches; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
+    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact in fp32 on CPU up to the rounding of batch-size-dependent matrix kernels, ~1e-4) or recompute (one extra no-grad pass in the update's own minibatches, skipped where the rollout's batch per process is the update's pass, --minibatch-size x --fused-minibatches: its log-probs are then the pass's, bit for bit; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
     minibatch_grouping: Literal["state", "trajectory"] = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---
@@ -242,7 +242,8 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)
     state_fn = lambda fn: evaluate_states(fn, buf.latents, cond, orders[0], pass_size(args), args, device)  # noqa: E731
     logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
-    if args.old_logprobs == "recompute":  # --compile: through the update's own graph (no extra graph to compile)
+    if args.old_logprobs == "recompute" and not rollout_is_recompute(nets.policy_net, B, args):
+        # --compile: through the update's own graph (no extra graph to compile)
         nets.policy_net.train(args.compile)
         logprobs = state_fn(update_graph(lambda x, i, c, a: action_logprob(nets.policy_net, nets.schedule, x, i, c, a),
                                          args.compile))
@@ -384,6 +385,16 @@ def rollout_in_update_graph(net: nn.Module, B: int, args: Args) -> bool:
     mode_dependent = any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, nn.modules.batchnorm._BatchNorm)
                          for m in net.modules())
     return args.compile and args.algo == "ppo" and B == pass_size(args) and not mode_dependent
+
+
+def rollout_is_recompute(net: nn.Module, B: int, args: Args) -> bool:
+    """--old-logprobs recompute: whether the rollout already computed pi_old the way the recompute pass would, so
+    that the pass is skipped. It did where its batch of B environments has the update's pass size and ran the same
+    computation: eagerly, evaluation mode without gradients (as the recompute); with --compile, the update's graph.
+    The same kernels on the same shapes then give each state's log-probability bit for bit (tests/test_ppo.py)."""
+    if args.algo != "ppo" or B != pass_size(args):
+        return False
+    return not args.compile or rollout_in_update_graph(net, B, args)
 
 
 def pass_size(args: Args) -> int:
@@ -670,20 +681,40 @@ def setup(args: Args, rank: int, world: int, device):
     sizes = batch_arithmetic(args, world)
     base, value_net, schedule, reward_fns = load_models(args, rank, world, device)
     nets = build_nets(args, base, value_net, schedule, reward_fns[0], world, device)
-    if args.compile and args.algo == "ppo" and rank == 0:  # what the rollout compiles (docs/performance.md)
-        B, mb, own = sizes[0], pass_size(args), "a no-grad graph of its own, compiled beside the update's; "
-        if rollout_in_update_graph(nets.policy_net, B, args):
+    if rank == 0:
+        for line in rollout_notes(nets.policy_net, sizes[0], args):  # what --compile and the pi_old recompute cost
+            print(line)
+    prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
+    gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
+            "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
+    return base, nets, reward_fns, prompts, prompt_embeds, gens, sizes
+
+
+def rollout_notes(net: nn.Module, B: int, args: Args) -> list[str]:
+    """Start-up lines on what the rollout of B environments per process costs besides itself: with --compile, a
+    graph of its own or none (docs/performance.md); with --old-logprobs recompute, an extra pass or none."""
+    if args.algo != "ppo":
+        return []
+    mb, lines = pass_size(args), []
+    if args.compile:
+        own = "a no-grad graph of its own, compiled beside the update's; "
+        if rollout_in_update_graph(net, B, args):
             how = "through the update's training graph: nothing of its own to compile"
         elif B != mb:
             how = own + (f"update passes of {B} states instead of {mb} (--minibatch-size x --fused-minibatches; the "
                          "same update while --minibatch-size x --grad-accum-steps stays) would share the update's")
         else:
             how = own + "training mode changes the policy's output (dropout or batch norm)"
-        print(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
-    prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
-    gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
-            "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
-    return base, nets, reward_fns, prompts, prompt_embeds, gens, sizes
+        lines.append(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
+    if args.old_logprobs == "recompute":
+        if rollout_is_recompute(net, B, args):
+            how = f"none: the rollout's batch of {B} is the update's pass, so its log-probs are pi_old already"
+        elif B != mb:
+            how = f"one over the epoch's states (update passes of {B} states would make the rollout's log-probs exact)"
+        else:
+            how = "one over the epoch's states"
+        lines.append(f"[drlhf] --old-logprobs recompute: extra no-grad passes: {how}")
+    return lines
 
 
 # ======== main: set up, loop over epochs, finish ===========================================================
