@@ -710,7 +710,8 @@ def rollout_notes(net: nn.Module, B: int, args: Args) -> list[str]:
         if rollout_is_recompute(net, B, args):
             how = f"none: the rollout's batch of {B} is the update's pass, so its log-probs are pi_old already"
         elif B != mb:
-            how = f"one over the epoch's states (update passes of {B} states would make the rollout's log-probs exact)"
+            how = (f"one over the epoch's states (update passes of {B} states, --minibatch-size x --fused-minibatches, "
+                   "would make the rollout's log-probs exact)")
         else:
             how = "one over the epoch's states"
         lines.append(f"[drlhf] --old-logprobs recompute: extra no-grad passes: {how}")

@@ -588,7 +588,7 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     assert train_ppo.rollout_notes(net, 8, args) == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
                                                      "the rollout's batch of 8 is the update's pass, so its log-probs "
                                                      "are pi_old already"]
-    assert "update passes of 4 states would make" in train_ppo.rollout_notes(net, 4, args)[0]
+    assert "(update passes of 4 states, --minibatch-size x" in train_ppo.rollout_notes(net, 4, args)[0]
     # what the pass would compute, in a shuffled order of the update's passes: the rollout's values, bit for bit
     g = torch.Generator().manual_seed(0)
     with hardware.autocast(precision, device):
