@@ -78,7 +78,8 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
     if profile_top:
         state["epoch"] = epochs + (1 if count_flops else 0)
         result.update(profile_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device, profile_top))
-    result.update(states_per_epoch=n_states, minibatches_per_epoch=n_minibatches)
+    result.update(states_per_epoch=n_states, minibatches_per_epoch=n_minibatches,
+                  rollout_notes=train_ppo.rollout_notes(nets.policy_net, B, args))  # its graph; the pi_old recompute
     return result
 
 
