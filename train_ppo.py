@@ -701,8 +701,7 @@ def rollout_notes(net: nn.Module, B: int, args: Args) -> list[str]:
         if rollout_in_update_graph(net, B, args):
             how = "through the update's training graph: nothing of its own to compile"
         elif B != mb:
-            how = own + (f"update passes of {B} states instead of {mb} (--minibatch-size x --fused-minibatches; the "
-                         "same update while --minibatch-size x --grad-accum-steps stays) would share the update's")
+            how = own + f"{passes_of(B, args)} would share the update's"
         else:
             how = own + "training mode changes the policy's output (dropout or batch norm)"
         lines.append(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
@@ -710,12 +709,21 @@ def rollout_notes(net: nn.Module, B: int, args: Args) -> list[str]:
         if rollout_is_recompute(net, B, args):
             how = f"none: the rollout's batch of {B} is the update's pass, so its log-probs are pi_old already"
         elif B != mb:
-            how = (f"one over the epoch's states (update passes of {B} states, --minibatch-size x --fused-minibatches, "
-                   "would make the rollout's log-probs exact)")
+            how = f"one over the epoch's states ({passes_of(B, args)} would make the rollout's log-probs exact)"
         else:
             how = "one over the epoch's states"
         lines.append(f"[drlhf] --old-logprobs recompute: extra no-grad passes: {how}")
     return lines
+
+
+def passes_of(B: int, args: Args) -> str:
+    """The flags that make the update's passes B states (--minibatch-size x --fused-minibatches) with the same
+    update: the same states per optimizer step (--minibatch-size x --grad-accum-steps), only other rounding."""
+    fused, per_step = args.fused_minibatches, args.minibatch_size * args.grad_accum_steps
+    if B % fused == 0 and per_step % (B // fused) == 0 and per_step // (B // fused) % fused == 0:
+        return (f"--minibatch-size {B // fused} --grad-accum-steps {per_step // (B // fused)}, the same update of "
+                f"{per_step} states per optimizer step,")
+    return f"update passes of {B} states (--minibatch-size x --fused-minibatches)"
 
 
 # ======== main: set up, loop over epochs, finish ===========================================================

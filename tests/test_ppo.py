@@ -588,7 +588,11 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     assert train_ppo.rollout_notes(net, 8, args) == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
                                                      "the rollout's batch of 8 is the update's pass, so its log-probs "
                                                      "are pi_old already"]
-    assert "(update passes of 4 states, --minibatch-size x" in train_ppo.rollout_notes(net, 4, args)[0]
+    assert "(--minibatch-size 4 --grad-accum-steps 4, the same update of 16 states per optimizer step, would make" \
+        in train_ppo.rollout_notes(net, 4, args)[0]  # the flags that give passes of 4 states: 4 x 4 = 8 x 2
+    assert train_ppo.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
+    assert train_ppo.passes_of(4, train_ppo.parse_args([*common, *fused])[0]).startswith(
+        "--minibatch-size 2 --grad-accum-steps 4,")  # passes of 2 fused minibatches of 2
     # what the pass would compute, in a shuffled order of the update's passes: the rollout's values, bit for bit
     g = torch.Generator().manual_seed(0)
     with hardware.autocast(precision, device):
