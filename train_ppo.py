@@ -720,7 +720,8 @@ def passes_of(B: int, args: Args) -> str:
     """The flags that make the update's passes B states (--minibatch-size x --fused-minibatches) with the same
     update: the same states per optimizer step (--minibatch-size x --grad-accum-steps), only other rounding."""
     fused, per_step = args.fused_minibatches, args.minibatch_size * args.grad_accum_steps
-    if B % fused == 0 and per_step % (B // fused) == 0 and per_step // (B // fused) % fused == 0:
+    whole = args.minibatch_grouping == "state" or (B // fused) % args.num_steps == 0  # trajectory: whole chains
+    if B % fused == 0 and per_step % (B // fused) == 0 and per_step // (B // fused) % fused == 0 and whole:
         return (f"--minibatch-size {B // fused} --grad-accum-steps {per_step // (B // fused)}, the same update of "
                 f"{per_step} states per optimizer step,")
     return f"update passes of {B} states (--minibatch-size x --fused-minibatches)"

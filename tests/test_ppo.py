@@ -591,6 +591,8 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     assert "(--minibatch-size 4 --grad-accum-steps 4, the same update of 16 states per optimizer step, would make" \
         in train_ppo.rollout_notes(net, 4, args)[0]  # the flags that give passes of 4 states: 4 x 4 = 8 x 2
     assert train_ppo.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
+    chains = train_ppo.parse_args([*common, "--minibatch-size", "8", "--minibatch-grouping", "trajectory"])[0]
+    assert train_ppo.passes_of(2, chains).startswith("update passes of 2")  # not whole 4-step chains: no flags
     assert train_ppo.passes_of(4, train_ppo.parse_args([*common, *fused])[0]).startswith(
         "--minibatch-size 2 --grad-accum-steps 4,")  # passes of 2 fused minibatches of 2
     # what the pass would compute, in a shuffled order of the update's passes: the rollout's values, bit for bit
