@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import train_ppo  # noqa: E402
 from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_reward_model,  # noqa: E402
                                       build_sd15)
-from drlhf import hardware, tracking  # noqa: E402
+from drlhf import hardware, passes, tracking  # noqa: E402
 from drlhf.toys import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
@@ -79,7 +79,7 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
         state["epoch"] = epochs + (1 if count_flops else 0)
         result.update(profile_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device, profile_top))
     result.update(states_per_epoch=n_states, minibatches_per_epoch=n_minibatches,
-                  rollout_notes=train_ppo.rollout_notes(nets.policy_net, B, args))  # its graph; the pi_old recompute
+                  rollout_notes=passes.rollout_notes(nets.policy_net, B, args))  # its graph; the pi_old recompute
     return result
 
 

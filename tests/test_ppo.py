@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train_ppo
 from conftest import TINY
-from drlhf import presets, rewards
+from drlhf import passes, presets, rewards
 
 TABLE = Path(__file__).parent / "fixtures" / "table_6_2.md"
 
@@ -538,18 +538,18 @@ def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
     device = hardware.resolve_device("cpu")
     base, nets, *_ = train_ppo.setup(args, 0, 1, device)  # compiled lazily: nothing compiles unless it runs
     net = nets.policy_net
-    assert train_ppo.rollout_in_update_graph(net, 4, args)
-    assert not train_ppo.rollout_in_update_graph(net, 2, args)  # 2 environments, passes of 4 states
+    assert passes.rollout_in_update_graph(net, 4, args)
+    assert not passes.rollout_in_update_graph(net, 2, args)  # 2 environments, passes of 4 states
     for other in (["--minibatch-size", "4"], ["--minibatch-size", "2", "--grad-accum-steps", "2",  # 2 x 2 fused
                                               "--fused-minibatches", "2", "--compile", "true"]):
         flags, _ = train_ppo.parse_args([*common, *other])
-        assert train_ppo.rollout_in_update_graph(net, 4, flags) == flags.compile
+        assert passes.rollout_in_update_graph(net, 4, flags) == flags.compile
     net.unet = base.unet  # the plain module: the two paths compared eagerly
     x_T = torch.randn(4, *base.sample_shape, generator=torch.Generator().manual_seed(0))
     chains = []
     for shared in (False, True):
         net.train(shared)
-        chains.append(rollout(train_ppo.update_graph(net, shared), nets.schedule, x_T, None,
+        chains.append(rollout(passes.update_graph(net, shared), nets.schedule, x_T, None,
                               generator=torch.Generator().manual_seed(1)))
     # the same up to rounding: in training mode diffusers' ResNet blocks make their shortcut input contiguous
     # (diffusers 0.42), so a 1x1 convolution reads another memory layout (last bits, ~1e-6 per forward here)
@@ -557,7 +557,7 @@ def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
     torch.testing.assert_close(chains[1].logprobs, chains[0].logprobs, rtol=1e-5, atol=0)
     assert not chains[1].latents.requires_grad and not chains[1].logprobs.requires_grad
     dropout = torch.nn.Sequential(net, torch.nn.Dropout(0.1))  # training mode would change what is sampled
-    assert not train_ppo.rollout_in_update_graph(dropout, 4, args)
+    assert not passes.rollout_in_update_graph(dropout, 4, args)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -581,19 +581,19 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
                                (["--minibatch-size", "4"], 8, False), (fused, 8, True),
                                (["--minibatch-size", "8", "--compile", "true"], 8, True),
                                (["--minibatch-size", "8", "--algo", "backprop"], 8, False)):
-        assert train_ppo.rollout_is_recompute(net, B, train_ppo.parse_args([*common, *flags])[0]) == expected, flags
+        assert passes.rollout_is_recompute(net, B, train_ppo.parse_args([*common, *flags])[0]) == expected, flags
     compiled, _ = train_ppo.parse_args([*common, "--minibatch-size", "8", "--compile", "true"])
-    assert train_ppo.rollout_is_recompute(dropout, 8, args)  # eagerly both run in evaluation mode
-    assert not train_ppo.rollout_is_recompute(dropout, 8, compiled)  # its rollout has a no-grad graph of its own
-    assert train_ppo.rollout_notes(net, 8, args) == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
-                                                     "the rollout's batch of 8 is the update's pass, so its log-probs "
-                                                     "are pi_old already"]
+    assert passes.rollout_is_recompute(dropout, 8, args)  # eagerly both run in evaluation mode
+    assert not passes.rollout_is_recompute(dropout, 8, compiled)  # its rollout has a no-grad graph of its own
+    assert passes.rollout_notes(net, 8, args) == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
+                                                  "the rollout's batch of 8 is the update's pass, so its log-probs "
+                                                  "are pi_old already"]
     assert "(--minibatch-size 4 --grad-accum-steps 4, the same update of 16 states per optimizer step, would make" \
-        in train_ppo.rollout_notes(net, 4, args)[0]  # the flags that give passes of 4 states: 4 x 4 = 8 x 2
-    assert train_ppo.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
+        in passes.rollout_notes(net, 4, args)[0]  # the flags that give passes of 4 states: 4 x 4 = 8 x 2
+    assert passes.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
     chains = train_ppo.parse_args([*common, "--minibatch-size", "8", "--minibatch-grouping", "trajectory"])[0]
-    assert train_ppo.passes_of(2, chains).startswith("update passes of 2")  # not whole 4-step chains: no flags
-    assert train_ppo.passes_of(4, train_ppo.parse_args([*common, *fused])[0]).startswith(
+    assert passes.passes_of(2, chains).startswith("update passes of 2")  # not whole 4-step chains: no flags
+    assert passes.passes_of(4, train_ppo.parse_args([*common, *fused])[0]).startswith(
         "--minibatch-size 2 --grad-accum-steps 4,")  # passes of 2 fused minibatches of 2
     # what the pass would compute, in a shuffled order of the update's passes: the rollout's values, bit for bit
     g = torch.Generator().manual_seed(0)
