@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import checkpoint, cli, evaluation, hardware, models, presets, rewards, tracking
 from drlhf.hardware import DeviceFlag, Precision, all_reduce_sum, autocast, sync_device
-from drlhf.passes import pass_size, rollout_in_update_graph, rollout_is_recompute, rollout_notes, update_graph
+from drlhf.passes import (pass_size, rollout_chunk, rollout_in_update_graph, rollout_is_recompute, rollout_notes,
+                          update_graph)
 from drlhf.prompts import prompt_table, sample_conditions
 from drlhf.sampler import (DiffusionSchedule, ReparameterizedChain, Reduction, Sampler, Spacing, VarianceType,
                            action_logprob, rollout)
@@ -133,7 +134,7 @@ class Args:
     update_epochs: PosInt = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
     old_logprobs: Literal["rollout", "recompute"] = "rollout"
-    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact in fp32 on CPU up to the rounding of batch-size-dependent matrix kernels, ~1e-4) or recompute (one extra no-grad pass in the update's own minibatches, skipped where the rollout's batch per process is the update's pass, --minibatch-size x --fused-minibatches: its log-probs are then the pass's, bit for bit; needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start)"""
+    """log pi_old for the PPO ratio and the KL: rollout (recorded while sampling, thesis 5.3; exact in fp32 on CPU up to the rounding of batch-size-dependent matrix kernels, ~1e-4) or recompute (log pi_old from the update's own passes of --minibatch-size x --fused-minibatches states: needed with fp16/bf16 on GPU, where batch-dependent kernels move the starting ratio by up to 0.85, see losses/ratio_dev_at_start; the rollout then evaluates the policy in such passes, split or padded, so its log-probs are the pass's bit for bit and no extra pass is made, unless padding would cost more than one extra no-grad pass over the epoch's states, which is then made)"""
     minibatch_grouping: Literal["state", "trajectory"] = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole trajectories (DDPO)"""
     # --- optimization (Table 6.2, "General Optimization") ---
@@ -177,7 +178,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
-    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout's batch differs from the update's pass (--num-envs vs --minibatch-size x --fused-minibatches) it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU) rather than exactly 1; where they agree the rollout runs the update's graph (nothing of its own to compile; on the CPU the ratio then starts at exactly 1)"""
+    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout runs in the update's passes (its batch per process is --minibatch-size x --fused-minibatches, or with --old-logprobs recompute it is split or padded to such passes) it runs the update's graph (nothing of its own to compile; the ratio starts at exactly 1); otherwise it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU)"""
     compile_scope: Literal["model", "blocks"] = "model"
     """with --compile (speed; not in the thesis): model compiles the U-Net's whole forward as one graph per batch shape; blocks compiles each repeated block (ResNet, transformer) on its own, one graph per block shape (regional compilation: quicker on a CPU, slower to warm up on an H100; docs/performance.md)"""
     cudnn_benchmark: bool = False
@@ -234,10 +235,12 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     T, B = nets.schedule.num_steps, len(x_T)
     t0 = time.perf_counter()
     # 1. ROLLOUT: all environments, one batch per denoising step
+    chunk = rollout_chunk(nets.policy_net, B, args)  # the update's passes where that makes its log-probs pi_old
     shared = rollout_in_update_graph(nets.policy_net, B, args)  # --compile: one graph for both, where shapes agree
     nets.policy_net.train(shared)
     with autocast(args.precision, device):
-        buf = rollout(update_graph(nets.policy_net, shared), nets.schedule, x_T, cond, generator=gens["rollout"])
+        buf = rollout(update_graph(nets.policy_net, shared), nets.schedule, x_T, cond, generator=gens["rollout"],
+                      chunk=chunk)
     sync_device(device)
     t_rollout = time.perf_counter() - t0
     orders = minibatch_orders(args, T, B, gens["shuffle"], device)  # (update_epochs, T*B)

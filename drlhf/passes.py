@@ -1,13 +1,14 @@
 """Which passes a PPO epoch makes over the policy, and through which graph (speed; not in the thesis).
 
-The update evaluates the policy in passes of `pass_size` states. Where the rollout's batch of environments per
-process is that pass, two passes can be saved, each without changing a number:
+The update evaluates the policy in passes of `pass_size` states. Where the rollout evaluates its environments in
+passes of that size too (`rollout_chunk`: its batch is the pass, or with --old-logprobs recompute, it is split into
+passes, the last padded), two things can be saved, each without changing what the update computes:
 
     rollout_in_update_graph   --compile: the rollout runs the update's training graph, so one graph is compiled
     rollout_is_recompute      --old-logprobs recompute: the rollout's log-probabilities are the recompute's, bit
                               for bit, so the pass over the epoch's states is skipped
 
-train_ppo.py's epoch asks both; `rollout_notes` says the answers at start-up (and in benchmarks/epoch.py's JSON),
+train_ppo.py's epoch asks these; `rollout_notes` says the answers at start-up (and in benchmarks/epoch.py's JSON),
 naming the flags that would give the same update in passes of the rollout's batch (docs/performance.md).
 `args` is train_ppo.py's Args throughout.
 """
@@ -33,22 +34,44 @@ def update_graph(fn, on: bool):
     return run if on else fn
 
 
+def mode_dependent(net: nn.Module) -> bool:
+    """Whether training mode changes the network's output (an active dropout or a batch norm)."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for m in net.modules())
+
+
+def rollout_chunk(net: nn.Module, B: int, args) -> int | None:
+    """The batch in which the rollout of B environments per process evaluates the policy at each step: the update's
+    pass (`pass_size`) where its batch already is one, or with --old-logprobs recompute where passes of that size
+    make its log-probabilities pi_old and cost no more than the recompute pass they save: ceil(B / pass) passes per
+    step (the last padded) against B states of rollout plus B of recompute. None: one batch of all B (the rollout
+    and the update then round differently). Pink: 8 environments in passes of 16 states, the same FLOPs as the
+    8-state rollout and the recompute together; PickScore: 8 in passes of 10, 500 state evaluations per epoch
+    instead of 800."""
+    mb = pass_size(args)
+    if args.algo != "ppo":
+        return None
+    if B == mb:
+        return mb
+    fits = -(-B // mb) * mb <= 2 * B
+    return mb if args.old_logprobs == "recompute" and fits and not (args.compile and mode_dependent(net)) else None
+
+
 def rollout_in_update_graph(net: nn.Module, B: int, args) -> bool:
     """--compile: whether the rollout can run the update's compiled training graph (gradients on, outputs detached)
-    instead of compiling a no-grad graph of its own: its batch of B environments must have the update's pass size,
-    and training mode must change no output (no active dropout, no batch norm). One graph fewer to compile, and the
-    rollout's log-probabilities come from the kernels the update's ratio is computed with."""
-    mode_dependent = any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, nn.modules.batchnorm._BatchNorm)
-                         for m in net.modules())
-    return args.compile and args.algo == "ppo" and B == pass_size(args) and not mode_dependent
+    instead of compiling a no-grad graph of its own: it must evaluate the policy in the update's passes
+    (`rollout_chunk`), and training mode must change no output (no active dropout, no batch norm). One graph fewer
+    to compile, and the rollout's log-probabilities come from the kernels the update's ratio is computed with."""
+    return args.compile and rollout_chunk(net, B, args) is not None and not mode_dependent(net)
 
 
 def rollout_is_recompute(net: nn.Module, B: int, args) -> bool:
     """--old-logprobs recompute: whether the rollout already computed pi_old the way the recompute pass would, so
-    that the pass is skipped. It did where its batch of B environments has the update's pass size and ran the same
-    computation: eagerly, evaluation mode without gradients (as the recompute); with --compile, the update's graph.
-    The same kernels on the same shapes then give each state's log-probability bit for bit (tests/test_ppo.py)."""
-    if args.algo != "ppo" or B != pass_size(args):
+    that the pass is skipped. It did where it evaluated the policy in the update's passes (`rollout_chunk`) and ran
+    the same computation: eagerly, evaluation mode without gradients (as the recompute); with --compile, the
+    update's graph. The same kernels on the same shapes then give each state's log-probability bit for bit, whatever
+    the other states of its pass (tests/test_ppo.py)."""
+    if rollout_chunk(net, B, args) is None:
         return False
     return not args.compile or rollout_in_update_graph(net, B, args)
 
@@ -59,18 +82,21 @@ def rollout_notes(net: nn.Module, B: int, args) -> list[str]:
     if args.algo != "ppo":
         return []
     mb, lines = pass_size(args), []
+    split = "" if B == mb else f" in passes of {mb} states" + (f" ({-B % mb} of them padding)" if B % mb else "")
     if args.compile:
         own = "a no-grad graph of its own, compiled beside the update's; "
         if rollout_in_update_graph(net, B, args):
-            how = "through the update's training graph: nothing of its own to compile"
+            how = f"through the update's training graph{split}: nothing of its own to compile"
         elif B != mb:
             how = own + f"{passes_of(B, args)} would share the update's"
         else:
             how = own + "training mode changes the policy's output (dropout or batch norm)"
         lines.append(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
     if args.old_logprobs == "recompute":
-        if rollout_is_recompute(net, B, args):
+        if rollout_is_recompute(net, B, args) and B == mb:
             how = f"none: the rollout's batch of {B} is the update's pass, so its log-probs are pi_old already"
+        elif rollout_is_recompute(net, B, args):
+            how = f"none: the rollout evaluates its {B} environments{split}, so its log-probs are pi_old already"
         elif B != mb:
             how = f"one over the epoch's states ({passes_of(B, args)} would make the rollout's log-probs exact)"
         else:

@@ -277,12 +277,29 @@ def model_distribution(model, schedule: DiffusionSchedule, x_t, idx, cond):
     return schedule.distribution(model(x_t, t, cond), x_t, idx)
 
 
-def policy_step(model, schedule: DiffusionSchedule, x_t, idx, cond, generator=None) -> StepOutput:
-    """Sample an action a ~ pi(.|x_t, t, c) and return it with its log-likelihood."""
-    mean, std = model_distribution(model, schedule, x_t, idx, cond)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-    action = mean + std * noise
-    return StepOutput(mean, std, action, gaussian_logprob(action, mean, std, schedule.cfg.logprob_reduction))
+def policy_step(model, schedule: DiffusionSchedule, x_t, idx, cond, generator=None, chunk: int | None = None
+                ) -> StepOutput:
+    """Sample an action a ~ pi(.|x_t, t, c) and return it with its log-likelihood. With `chunk`, the model and the
+    log-likelihood see batches of exactly `chunk` states, the last one padded with copies of its first state, so
+    that each state gets the numbers any other batch of `chunk` states would give it (batch-size-dependent kernels
+    round differently; drlhf/passes.py). The noise is drawn for the B states alone, as without `chunk`."""
+    B = len(x_t)
+    if chunk is None or chunk == B:
+        mean, std = model_distribution(model, schedule, x_t, idx, cond)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+        action = mean + std * noise
+        return StepOutput(mean, std, action, gaussian_logprob(action, mean, std, schedule.cfg.logprob_reduction))
+    pad = -B % chunk
+    padded = lambda v: v if v is None or not pad else torch.cat([v, v[:1].expand(pad, *v.shape[1:])])  # noqa: E731
+    x_p, idx_p, cond_p = padded(x_t), padded(idx), padded(cond)
+    parts = [model_distribution(model, schedule, x_p[s:s + chunk], idx_p[s:s + chunk],
+                                None if cond_p is None else cond_p[s:s + chunk]) for s in range(0, B + pad, chunk)]
+    mean, std = torch.cat([m for m, _ in parts]), torch.cat([sd for _, sd in parts])  # (B + pad, C, H, W)
+    noise = torch.randn((B, *mean.shape[1:]), generator=generator, device=mean.device, dtype=torch.float32)
+    action = mean + std * torch.cat([noise, noise.new_zeros(pad, *noise.shape[1:])])
+    logprob = torch.cat([gaussian_logprob(action[s:s + chunk], mean[s:s + chunk], std[s:s + chunk],
+                                          schedule.cfg.logprob_reduction) for s in range(0, B + pad, chunk)])
+    return StepOutput(mean[:B], std[:B], action[:B], logprob[:B])
 
 
 def action_logprob(model, schedule: DiffusionSchedule, x_t, idx, cond, action) -> torch.Tensor:
@@ -309,15 +326,16 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, schedule: DiffusionSchedule, x_T: torch.Tensor, cond=None, generator=None,
-            progress=None) -> Rollout:
-    """Run every environment through the whole reverse process in one batch per step."""
+            progress=None, chunk: int | None = None) -> Rollout:
+    """Run every environment through the whole reverse process in one batch per step (with `chunk`: the model in
+    batches of `chunk` states, the last padded; `policy_step`)."""
     T, B = schedule.num_steps, x_T.shape[0]
     latents = [x_T.float()]
     logprobs = []
     steps = range(T) if progress is None else progress(range(T))
     for i in steps:
         idx = torch.full((B,), i, dtype=torch.long, device=x_T.device)
-        out = policy_step(model, schedule, latents[-1], idx, cond, generator)
+        out = policy_step(model, schedule, latents[-1], idx, cond, generator, chunk)
         latents.append(out.action)
         logprobs.append(out.logprob)
     return Rollout(torch.stack(latents), torch.stack(logprobs), schedule.timesteps.clone(),

@@ -562,10 +562,11 @@ def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, monkeypatch, precision):
-    """--old-logprobs recompute where the rollout's batch is the update's pass: recomputing would give the rollout's
-    own log-probabilities bit for bit (the same kernels on the same shapes, whichever states a pass mixes; in fp32
-    on this project's 2-core machine, passes of 4 states moved them by up to 2.4e-4, and of 16 on one thread too),
-    so the epoch skips the pass and trains exactly as it would with it. Other batch sizes, or a compiled rollout
+    """--old-logprobs recompute where the rollout evaluates the policy in the update's passes (its batch is one, or
+    it is split into passes or padded to one): recomputing would give the rollout's own log-probabilities bit for
+    bit (the same kernels on the same shapes, whichever states a pass mixes; in fp32 on this project's 2-core
+    machine, passes of 4 states moved them by up to 2.4e-4, and of 16 on one thread too), so the epoch skips the
+    pass and trains exactly as it would with it. Padding that would cost more than the pass, or a compiled rollout
     with a graph of its own, keep the pass."""
     from drlhf import hardware
     from drlhf.sampler import action_logprob, rollout
@@ -577,19 +578,33 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     net = nets.policy_net
     dropout = torch.nn.Sequential(net, torch.nn.Dropout(0.1))
     fused = ["--minibatch-size", "4", "--fused-minibatches", "2", "--grad-accum-steps", "2"]  # passes of 8 states
-    for flags, B, expected in ((["--minibatch-size", "8"], 8, True), (["--minibatch-size", "8"], 4, False),
-                               (["--minibatch-size", "4"], 8, False), (fused, 8, True),
-                               (["--minibatch-size", "8", "--compile", "true"], 8, True),
-                               (["--minibatch-size", "8", "--algo", "backprop"], 8, False)):
-        assert passes.rollout_is_recompute(net, B, train_ppo.parse_args([*common, *flags])[0]) == expected, flags
+    # (flags, environments per process, rollout in passes of, pass skipped): the rollout's batch is the pass; or
+    # split into passes, or padded to one where that costs no more than the pass (8 > 2 x 3 states does)
+    for flags, B, chunk, expected in ((["--minibatch-size", "8"], 8, 8, True), (["--minibatch-size", "8"], 4, 8, True),
+                                      (["--minibatch-size", "8"], 3, None, False),
+                                      (["--minibatch-size", "4"], 8, 4, True), (fused, 8, 8, True),
+                                      (["--minibatch-size", "8", "--compile", "true"], 8, 8, True),
+                                      (["--minibatch-size", "8", "--compile", "true"], 4, 8, True),
+                                      (["--minibatch-size", "8", "--old-logprobs", "rollout"], 4, None, False),
+                                      (["--minibatch-size", "8", "--algo", "backprop"], 8, None, False)):
+        flags = train_ppo.parse_args([*common, *flags])[0]
+        assert passes.rollout_chunk(net, B, flags) == chunk, (flags, B)
+        assert passes.rollout_is_recompute(net, B, flags) == expected, (flags, B)
     compiled, _ = train_ppo.parse_args([*common, "--minibatch-size", "8", "--compile", "true"])
     assert passes.rollout_is_recompute(dropout, 8, args)  # eagerly both run in evaluation mode
+    assert passes.rollout_is_recompute(dropout, 4, args)
     assert not passes.rollout_is_recompute(dropout, 8, compiled)  # its rollout has a no-grad graph of its own
+    assert passes.rollout_chunk(dropout, 4, compiled) is None  # padding would save no pass
     assert passes.rollout_notes(net, 8, args) == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
                                                   "the rollout's batch of 8 is the update's pass, so its log-probs "
                                                   "are pi_old already"]
-    assert "(--minibatch-size 4 --grad-accum-steps 4, the same update of 16 states per optimizer step, would make" \
-        in passes.rollout_notes(net, 4, args)[0]  # the flags that give passes of 4 states: 4 x 4 = 8 x 2
+    assert passes.rollout_notes(net, 4, compiled) == [
+        "[drlhf] --compile: the rollout (4 environments) runs through the update's training graph in passes of 8 "
+        "states (4 of them padding): nothing of its own to compile",
+        "[drlhf] --old-logprobs recompute: extra no-grad passes: none: the rollout evaluates its 4 environments in "
+        "passes of 8 states (4 of them padding), so its log-probs are pi_old already"]
+    assert "(--minibatch-size 2 --grad-accum-steps 8, the same update of 16 states per optimizer step, would make" \
+        in passes.rollout_notes(net, 2, args)[0]  # the flags that give passes of 2 states: 2 x 8 = 8 x 2
     assert passes.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
     chains = train_ppo.parse_args([*common, "--minibatch-size", "8", "--minibatch-grouping", "trajectory"])[0]
     assert passes.passes_of(2, chains).startswith("update passes of 2")  # not whole 4-step chains: no flags
@@ -602,23 +617,27 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     order = torch.randperm(32, generator=g)
     logprob = lambda x, i, c, a: action_logprob(net, nets.schedule, x, i, c, a)  # noqa: E731
     assert torch.equal(train_ppo.evaluate_states(logprob, buf.latents, None, order, 8, args, device), buf.logprobs)
-    # one epoch with the pass skipped (one state evaluation: the values) and one with it forced: the same training
-    ends = []
-    for skip in (True, False):
-        monkeypatch.setattr(train_ppo, "rollout_is_recompute", lambda *a, skip=skip: skip)
-        calls = []
-        count = lambda *a, f=train_ppo.evaluate_states: calls.append(1) or f(*a)  # noqa: E731
-        monkeypatch.setattr(train_ppo, "evaluate_states", count)
-        base, nets, _, prompts, embeds, gens, sizes = train_ppo.setup(args, 0, 1, device)
-        state = {"epoch": 0, "global_step": 0}
-        train_ppo.set_lrs(nets.opt_pi, nets.opt_vf, args, state)
-        scores, _, stats, _ = train_ppo.train_epoch(nets, base, args, state, gens, prompts, embeds, 8, 0, device)
-        monkeypatch.undo()
-        ends.append((len(calls), scores, stats, {**base.unet.state_dict(), **nets.value_net.state_dict()}))
-    assert (ends[0][0], ends[1][0]) == (1, 2)
-    assert torch.equal(ends[0][1], ends[1][1]) and ends[0][2] == ends[1][2], (ends[0][2], ends[1][2])
-    assert ends[0][3].keys() == ends[1][3].keys()
-    assert all(torch.equal(v, ends[1][3][k]) for k, v in ends[0][3].items())
+    # one epoch with the pass skipped (one state evaluation: the values) and one with it forced: the same training,
+    # with the rollout's batch the pass (8 in passes of 8) and padded to it (12 in passes of 16, 4 of them padding)
+    padded, _ = train_ppo.parse_args([*common, "--num-envs", "12", "--minibatch-size", "16", "--grad-accum-steps", "3"])
+    for run_args, B in ((args, 8), (padded, 12)):
+        ends = []
+        for skip in (True, False):
+            monkeypatch.setattr(train_ppo, "rollout_is_recompute", lambda *a, skip=skip: skip)
+            calls = []
+            count = lambda *a, f=train_ppo.evaluate_states: calls.append(1) or f(*a)  # noqa: E731
+            monkeypatch.setattr(train_ppo, "evaluate_states", count)
+            base, nets, _, prompts, embeds, gens, sizes = train_ppo.setup(run_args, 0, 1, device)
+            state = {"epoch": 0, "global_step": 0}
+            train_ppo.set_lrs(nets.opt_pi, nets.opt_vf, run_args, state)
+            scores, _, stats, _ = train_ppo.train_epoch(nets, base, run_args, state, gens, prompts, embeds, B, 0,
+                                                        device)
+            monkeypatch.undo()
+            ends.append((len(calls), scores, stats, {**base.unet.state_dict(), **nets.value_net.state_dict()}))
+        assert (ends[0][0], ends[1][0]) == (1, 2)
+        assert torch.equal(ends[0][1], ends[1][1]) and ends[0][2] == ends[1][2], (B, ends[0][2], ends[1][2])
+        assert ends[0][3].keys() == ends[1][3].keys()
+        assert all(torch.equal(v, ends[1][3][k]) for k, v in ends[0][3].items()), B
 
 
 def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):

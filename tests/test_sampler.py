@@ -180,3 +180,45 @@ def test_bad_sampler_settings_are_named():
     sched = DiffusionSchedule(make_betas("linear"), space_timesteps(1000, 3), SamplerConfig(num_steps=3))
     with pytest.raises(ValueError, match="learned_range"):
         sched.distribution(torch.zeros(1, 6, 4, 4), torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("conditioning", ["class", "text"])
+def test_rollout_in_passes_gives_each_state_the_numbers_of_any_pass(conditioning):
+    """rollout(..., chunk=K): the model and the log-likelihood see batches of exactly K states (the last padded with
+    copies of its first state), so a state's log-probability is what any pass of K states gives it, here in random
+    passes over all steps' states; the noise is the same draw as without chunks, so the chain differs by rounding
+    only. Padded (6 environments, passes of 8) and split (8 environments, passes of 4), with CFG conditions."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    if conditioning == "class":
+        unet, shape = toys.toy_unet(3, 16, class_cond=True).eval(), (3, 16, 16)
+        policy = models.Denoiser(unet, "class", guidance_scale=3.0, null_cond=torch.tensor([10]))
+        make_cond = lambda B, g: torch.randint(0, 10, (B,), generator=g)  # noqa: E731
+    else:
+        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+        policy, shape = models.Denoiser(unet, "text", guidance_scale=7.5, null_cond=torch.randn(1, 7, 32)), (4, 8, 8)
+        make_cond = lambda B, g: torch.randn(B, 7, 32, generator=g)  # noqa: E731
+    sched = DiffusionSchedule(make_betas("squaredcos_cap_v2"), space_timesteps(1000, 4), SamplerConfig(num_steps=4))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: where CPU kernels round by batch size most (docs/performance.md)
+    try:
+        for B, chunk in ((6, 8), (8, 4)):
+            g = torch.Generator().manual_seed(B)
+            x_T, cond = torch.randn(B, *shape, generator=g), make_cond(B, g)
+            buf = rollout(policy, sched, x_T, cond, generator=torch.Generator().manual_seed(1), chunk=chunk)
+            plain = rollout(policy, sched, x_T, cond, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(buf.latents, plain.latents, rtol=0, atol=1e-4)
+            states, actions = buf.latents[:-1].flatten(0, 1), buf.latents[1:].flatten(0, 1)
+            idx, flat_cond = torch.arange(4).repeat_interleave(B), cond.repeat(4, *([1] * (cond.ndim - 1)))
+            order = torch.randperm(4 * B, generator=g)
+            lp = torch.empty(4 * B)
+            with torch.no_grad():
+                for s in range(0, 4 * B, chunk):
+                    i = order[s:s + chunk]
+                    lp[i] = action_logprob(policy, sched, states[i], idx[i], flat_cond[i], actions[i])
+            assert torch.equal(lp.view(4, B), buf.logprobs), (B, chunk, (lp.view(4, B) - buf.logprobs).abs().max())
+    finally:
+        torch.set_num_threads(threads)

@@ -53,14 +53,15 @@ def test_benchmark_tiny_colorfulness_builds_openai_models(run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope,minibatch", [("model", 5), ("model", 4), ("blocks", 5)])
+@pytest.mark.parametrize("scope,minibatch", [("model", 5), ("model", 4), ("model", 10), ("blocks", 5)])
 def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatch):
     """--compile: static shapes, so every graph is compiled in epoch 1 (the warm-up, reported) and epochs 2-3 reuse
-    them; the fixed-seed evaluation runs eagerly and adds none, and the pi_old recompute runs through the update's
-    own graph (no graph of its own; the PPO ratio starts at exactly 1). With minibatches of 4 states the rollout's
-    4 environments run the update's graph too, so the rollout's own log-probabilities (--old-logprobs rollout)
-    start the ratio at exactly 1 as well. Slow: minutes of inductor compilation on 2 cores (the second run loads
-    the first one's graphs from the cache)."""
+    them; the fixed-seed evaluation runs eagerly and adds none, and the PPO ratio starts at exactly 1. The rollout's
+    4 environments run the update's graph where its passes are 4 states (--old-logprobs rollout: the rollout's own
+    log-probabilities), or 5 with --old-logprobs recompute (the rollout padded to a pass, which makes the recompute
+    unneeded); in passes of 10 padding would cost more than the recompute, so the rollout has a no-grad graph of its
+    own and the recompute runs through the update's graph. Slow: minutes of inductor compilation on 2 cores (the
+    second run loads the first one's graphs from the cache)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "compiled.json"
     flags = [*TINY, "--minibatch-size", str(minibatch), "--compile", "true", "--compile-scope", scope,
@@ -68,9 +69,10 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatc
     proc = run("benchmarks/epoch.py", *flags, "--device", "cpu", "--bench-epochs", "3",
                "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
     r = json.loads(out.read_text())
-    if scope == "model":  # the update's minibatch, and the rollout's no-grad batch where its size differs
-        assert r["graphs_compiled_first_epoch"] == (1 if minibatch == 4 else 2)
-        assert ("through the update's training graph" in proc.stdout) == (minibatch == 4)
+    if scope == "model":  # the update's pass, and the rollout's no-grad batch where it does not run in passes
+        assert r["graphs_compiled_first_epoch"] == (2 if minibatch == 10 else 1)
+        assert ("through the update's training graph" in proc.stdout) == (minibatch != 10)
+        assert ("extra no-grad passes: none" in proc.stdout) == (minibatch == 5)
     else:  # those two for each shape of the toy's ResNet blocks (input channels and resolution vary)
         assert r["graphs_compiled_first_epoch"] > 2
     assert r["recompiles_after_first_epoch"] == 0, proc.stdout
