@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import checkpoint, cli, evaluation, hardware, models, presets, rewards, tracking
 from drlhf.hardware import DeviceFlag, Precision, all_reduce_sum, autocast, sync_device
-from drlhf.passes import (pass_size, rollout_chunk, rollout_in_update_graph, rollout_is_recompute, rollout_notes,
-                          update_graph)
+from drlhf.passes import (mode_dependent, pass_size, rollout_chunk, rollout_in_update_graph, rollout_is_recompute,
+                          rollout_notes, update_graph)
 from drlhf.prompts import prompt_table, sample_conditions
 from drlhf.sampler import (DiffusionSchedule, ReparameterizedChain, Reduction, Sampler, Spacing, VarianceType,
                            action_logprob, rollout)
@@ -237,7 +237,8 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     # 1. ROLLOUT: all environments, one batch per denoising step
     chunk = rollout_chunk(nets.policy_net, B, args)  # the update's passes where that makes its log-probs pi_old
     shared = rollout_in_update_graph(nets.policy_net, B, args)  # --compile: one graph for both, where shapes agree
-    nets.policy_net.train(shared)
+    same_mode = not mode_dependent(nets.policy_net)  # pi_old in the update's training mode where that changes nothing
+    nets.policy_net.train(chunk is not None and same_mode)
     with autocast(args.precision, device):
         buf = rollout(update_graph(nets.policy_net, shared), nets.schedule, x_T, cond, generator=gens["rollout"],
                       chunk=chunk)
@@ -248,7 +249,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     logprobs = buf.logprobs                                          # (T, B) log pi_old(a_t|s_t)
     if args.old_logprobs == "recompute" and not rollout_is_recompute(nets.policy_net, B, args):
         # --compile: through the update's own graph (no extra graph to compile)
-        nets.policy_net.train(args.compile)
+        nets.policy_net.train(args.compile or same_mode)
         logprobs = state_fn(update_graph(lambda x, i, c, a: action_logprob(nets.policy_net, nets.schedule, x, i, c, a),
                                          args.compile))
     # 2. REWARD: terminal score, per-step KL to the base model (Eq. 5.3), values of every state

@@ -35,7 +35,10 @@ def update_graph(fn, on: bool):
 
 
 def mode_dependent(net: nn.Module) -> bool:
-    """Whether training mode changes the network's output (an active dropout or a batch norm)."""
+    """Whether training mode changes the network's output (an active dropout or a batch norm) beyond rounding:
+    where it does not, pi_old is evaluated in training mode, so that the update's first forward repeats it bit for
+    bit (diffusers' ResNet blocks make their shortcut's input contiguous in training mode only, which moves a CPU
+    convolution's last bits: ~1e-6 in the toy U-Net's output, 4e-4 in the ratio of a 4-step rollout)."""
     return any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, nn.modules.batchnorm._BatchNorm)
                for m in net.modules())
 
@@ -68,9 +71,9 @@ def rollout_in_update_graph(net: nn.Module, B: int, args) -> bool:
 def rollout_is_recompute(net: nn.Module, B: int, args) -> bool:
     """--old-logprobs recompute: whether the rollout already computed pi_old the way the recompute pass would, so
     that the pass is skipped. It did where it evaluated the policy in the update's passes (`rollout_chunk`) and ran
-    the same computation: eagerly, evaluation mode without gradients (as the recompute); with --compile, the
-    update's graph. The same kernels on the same shapes then give each state's log-probability bit for bit, whatever
-    the other states of its pass (tests/test_ppo.py)."""
+    the same computation: eagerly, without gradients in the recompute's mode (train_ppo.py: the update's training
+    mode wherever that changes no output); with --compile, the update's graph. The same kernels on the same shapes
+    then give each state's log-probability bit for bit, whatever the other states of its pass (tests/test_ppo.py)."""
     if rollout_chunk(net, B, args) is None:
         return False
     return not args.compile or rollout_in_update_graph(net, B, args)

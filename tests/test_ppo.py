@@ -636,6 +636,8 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
             ends.append((len(calls), scores, stats, {**base.unet.state_dict(), **nets.value_net.state_dict()}))
         assert (ends[0][0], ends[1][0]) == (1, 2)
         assert torch.equal(ends[0][1], ends[1][1]) and ends[0][2] == ends[1][2], (B, ends[0][2], ends[1][2])
+        # pi_old in the update's training mode: its first forward repeats it, so the ratio starts at exactly 1
+        assert ends[0][2]["ratio_dev_at_start"] == 0.0, ends[0][2]
         assert ends[0][3].keys() == ends[1][3].keys()
         assert all(torch.equal(v, ends[1][3][k]) for k, v in ends[0][3].items()), B
 

@@ -21,8 +21,10 @@ def test_benchmark_tiny_pink_writes_phases_flops_and_peak(run, tmp_path):
                "--models-dir", tmp_path / "models", "--json", out, "--profile", "5")
     r = json.loads(out.read_text())
     assert len(r["epochs"]) == 2 and r["images_per_epoch"] == 2 and r["states_per_epoch"] == 8
-    # Pink recomputes pi_old: 2 environments against passes of 4 states, so the pass is made (and logged)
-    assert len(r["rollout_notes"]) == 1 and "extra no-grad passes: one over" in r["rollout_notes"][0]
+    # Pink recomputes pi_old: its 2 environments are padded to the update's passes of 4 states instead (logged)
+    assert r["rollout_notes"] == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: the rollout evaluates "
+                                  "its 2 environments in passes of 4 states (2 of them padding), so its log-probs are "
+                                  "pi_old already"]
     prof = r["profile"]  # one more epoch under torch.profiler: the 5 operators with the most self CPU time
     assert prof["clock"] == "cpu" and prof["wall_seconds"] > 0 and prof["busy_seconds"] > 0
     assert len(prof["top_ops"]) == 5 and all(op["calls"] > 0 for op in prof["top_ops"])
