@@ -234,7 +234,7 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     rewards (B,), the KL (T, B), the update statistics and the phase times (s)."""
     T, B = nets.schedule.num_steps, len(x_T)
     t0 = time.perf_counter()
-    # 1. ROLLOUT: all environments, one batch per denoising step
+    # 1. ROLLOUT: all environments, one batch per denoising step (or the update's passes: drlhf/passes.py)
     chunk = rollout_chunk(nets.policy_net, B, args)  # the update's passes where that makes its log-probs pi_old
     shared = rollout_in_update_graph(nets.policy_net, B, args)  # --compile: one graph for both, where shapes agree
     same_mode = not mode_dependent(nets.policy_net)  # pi_old in the update's training mode where that changes nothing
