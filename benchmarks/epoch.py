@@ -39,7 +39,10 @@ from drlhf.toys import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
 def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int = 0,
-              channels_last: bool = False) -> dict:
+              channels_last: bool = False, rollout_in_one_batch: bool = False) -> dict:
+    if rollout_in_one_batch:  # the rollout as before it ran in the update's passes (an A/B measurement)
+        one_batch = lambda net, B, args: passes.pass_size(args) if B == passes.pass_size(args) else None  # noqa: E731
+        passes.rollout_chunk = train_ppo.rollout_chunk = one_batch
     args, _ = train_ppo.parse_args(argv)
     train_ppo.check_requirements(args)
     rank, world, device = hardware.setup_distributed(args.device)
@@ -229,6 +232,10 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true", help="hold the U-Nets, value function and VAE in the "
                    "channels-last (NHWC) memory format, which convolutions on tensor cores prefer (the issue's list "
                    "of things to measure; not a train_ppo.py flag until it measures faster)")
+    p.add_argument("--rollout-in-one-batch", action="store_true", help="A/B: the rollout evaluates all its "
+                   "environments in one batch per step, as before it ran in the update's passes with --old-logprobs "
+                   "recompute (split or padded, drlhf/passes.py); the recompute pass is then made wherever the batch "
+                   "is not one pass")
     ours, rest = p.parse_known_args(argv)
     if ours.bench_epochs < 1:
         p.error("--bench-epochs must be at least 1")
@@ -238,8 +245,10 @@ def main(argv=None):
     device = hardware.resolve_device(run_args.device)
     models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
     argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
-    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile, ours.channels_last)
-    result.update(argv=rest, size=ours.size, channels_last=ours.channels_last, torch=torch.__version__,
+    result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile, ours.channels_last,
+                       ours.rollout_in_one_batch)
+    result.update(argv=rest, size=ours.size, channels_last=ours.channels_last,
+                  rollout_in_one_batch=ours.rollout_in_one_batch, torch=torch.__version__,
                   python=platform.python_version(),
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   f"CPU ({torch.get_num_threads()} threads)")

@@ -54,6 +54,24 @@ def test_benchmark_tiny_colorfulness_builds_openai_models(run, tmp_path):
                                                                                   "64x64_classifier.pt"}
 
 
+def test_benchmark_rollout_in_one_batch_restores_the_recompute_pass(run, tmp_path):
+    """--old-logprobs recompute with 4 environments and passes of 2 states: the rollout runs in 2 passes per step
+    and makes the recompute unneeded, so an epoch counts fewer FLOPs than with the benchmark's A/B switch
+    --rollout-in-one-batch, which evaluates the 4 at once and makes the recompute pass (as logged)."""
+    flops, notes = [], []
+    for ab in ([], ["--rollout-in-one-batch"]):
+        out = tmp_path / f"ab{len(ab)}.json"
+        run("benchmarks/epoch.py", *TINY, "--minibatch-size", "2", "--old-logprobs", "recompute", "--device", "cpu",
+            "--bench-epochs", "1", "--json", out, *ab)
+        r = json.loads(out.read_text())
+        flops.append(r["flops_per_epoch"])
+        notes.append(r["rollout_notes"][0])
+        assert r["rollout_in_one_batch"] == bool(ab)
+    assert "none: the rollout evaluates its 4 environments in passes of 2 states, so" in notes[0]
+    assert "extra no-grad passes: one over the epoch's states" in notes[1]
+    assert flops[1] > flops[0] > 0  # the pass over all 20 states, on top of the same rollout and update
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scope,minibatch", [("model", 5), ("model", 4), ("model", 10), ("blocks", 5)])
 def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatch):
