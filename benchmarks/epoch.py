@@ -41,7 +41,8 @@ from drlhf.toys import default_cache_dir  # noqa: E402
 def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int = 0,
               channels_last: bool = False, rollout_in_one_batch: bool = False) -> dict:
     if rollout_in_one_batch:  # the rollout as before it ran in the update's passes (an A/B measurement)
-        one_batch = lambda net, B, args: passes.pass_size(args) if B == passes.pass_size(args) else None  # noqa: E731
+        def one_batch(net, B, args):
+            return passes.pass_size(args) if args.algo == "ppo" and B == passes.pass_size(args) else None
         passes.rollout_chunk = train_ppo.rollout_chunk = one_batch
     args, _ = train_ppo.parse_args(argv)
     train_ppo.check_requirements(args)
