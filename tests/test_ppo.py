@@ -579,7 +579,7 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     dropout = torch.nn.Sequential(net, torch.nn.Dropout(0.1))
     fused = ["--minibatch-size", "4", "--fused-minibatches", "2", "--grad-accum-steps", "2"]  # passes of 8 states
     # (flags, environments per process, rollout in passes of, pass skipped): the rollout's batch is the pass; or
-    # split into passes, or padded to one where that costs no more than the pass (8 > 2 x 3 states does)
+    # split into passes, or padded to one where that costs no more than the pass (3 padded to 8 would cost more)
     for flags, B, chunk, expected in ((["--minibatch-size", "8"], 8, 8, True), (["--minibatch-size", "8"], 4, 8, True),
                                       (["--minibatch-size", "8"], 3, None, False),
                                       (["--minibatch-size", "4"], 8, 4, True), (fused, 8, 8, True),
