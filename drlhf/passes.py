@@ -96,9 +96,10 @@ def rollout_notes(net: nn.Module, B: int, args) -> list[str]:
             how = own + "training mode changes the policy's output (dropout or batch norm)"
         lines.append(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
     if args.old_logprobs == "recompute":
-        if rollout_is_recompute(net, B, args) and B == mb:
+        skipped = rollout_is_recompute(net, B, args)
+        if skipped and B == mb:
             how = f"none: the rollout's batch of {B} is the update's pass, so its log-probs are pi_old already"
-        elif rollout_is_recompute(net, B, args):
+        elif skipped:
             how = f"none: the rollout evaluates its {B} environments{split}, so its log-probs are pi_old already"
         elif B != mb:
             how = f"one over the epoch's states ({passes_of(B, args)} would make the rollout's log-probs exact)"

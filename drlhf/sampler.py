@@ -284,21 +284,19 @@ def policy_step(model, schedule: DiffusionSchedule, x_t, idx, cond, generator=No
     that each state gets the numbers any other batch of `chunk` states would give it (batch-size-dependent kernels
     round differently; drlhf/passes.py). The noise is drawn for the B states alone, as without `chunk`."""
     B = len(x_t)
-    if chunk is None or chunk == B:
-        mean, std = model_distribution(model, schedule, x_t, idx, cond)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-        action = mean + std * noise
-        return StepOutput(mean, std, action, gaussian_logprob(action, mean, std, schedule.cfg.logprob_reduction))
+    chunk = chunk or B
     pad = -B % chunk
-    padded = lambda v: v if v is None or not pad else torch.cat([v, v[:1].expand(pad, *v.shape[1:])])  # noqa: E731
+    padded = lambda v, fill=None: v if v is None or not pad else torch.cat(  # noqa: E731
+        [v, v[:1].expand(pad, *v.shape[1:]) if fill is None else v.new_full((pad, *v.shape[1:]), fill)])
     x_p, idx_p, cond_p = padded(x_t), padded(idx), padded(cond)
-    parts = [model_distribution(model, schedule, x_p[s:s + chunk], idx_p[s:s + chunk],
-                                None if cond_p is None else cond_p[s:s + chunk]) for s in range(0, B + pad, chunk)]
-    mean, std = torch.cat([m for m, _ in parts]), torch.cat([sd for _, sd in parts])  # (B + pad, C, H, W)
+    starts = range(0, B + pad, chunk)
+    mean, std = (torch.cat(t) for t in zip(*[
+        model_distribution(model, schedule, x_p[s:s + chunk], idx_p[s:s + chunk],
+                           None if cond_p is None else cond_p[s:s + chunk]) for s in starts]))  # (B + pad, C, H, W)
     noise = torch.randn((B, *mean.shape[1:]), generator=generator, device=mean.device, dtype=torch.float32)
-    action = mean + std * torch.cat([noise, noise.new_zeros(pad, *noise.shape[1:])])
+    action = mean + std * padded(noise, fill=0.0)
     logprob = torch.cat([gaussian_logprob(action[s:s + chunk], mean[s:s + chunk], std[s:s + chunk],
-                                          schedule.cfg.logprob_reduction) for s in range(0, B + pad, chunk)])
+                                          schedule.cfg.logprob_reduction) for s in starts])
     return StepOutput(mean[:B], std[:B], action[:B], logprob[:B])
 
 
