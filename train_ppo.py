@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import checkpoint, cli, evaluation, hardware, models, presets, rewards, tracking
 from drlhf.hardware import DeviceFlag, Precision, all_reduce_sum, autocast, sync_device
-from drlhf.passes import (mode_dependent, pass_size, rollout_chunk, rollout_in_update_graph, rollout_is_recompute,
-                          rollout_notes, update_graph)
+from drlhf.passes import (mode_dependent, pass_size, reference_in_update_graph, rollout_chunk, rollout_in_update_graph,
+                          rollout_is_recompute, rollout_notes, update_graph)
 from drlhf.prompts import prompt_table, sample_conditions
 from drlhf.sampler import (DiffusionSchedule, ReparameterizedChain, Reduction, Sampler, Spacing, VarianceType,
                            action_logprob, rollout)
@@ -178,7 +178,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
-    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout runs in the update's passes (its batch per process is --minibatch-size x --fused-minibatches, or with --old-logprobs recompute it is split or padded to such passes) it runs the update's graph (nothing of its own to compile; the ratio starts at exactly 1); otherwise it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU)"""
+    """torch.compile the policy U-Net's forward (inductor; the first epoch pays the compilation). Checkpoints keep the uncompiled module's key names; where the rollout runs in the update's passes (its batch per process is --minibatch-size x --fused-minibatches, or with --old-logprobs recompute it is split or padded to such passes) it runs the update's graph (nothing of its own to compile; the ratio starts at exactly 1); otherwise it has its own no-grad graph, which rounds differently, so the PPO ratio starts near 1 (~1e-4 on CPU). With --kl-coef > 0 the reference policy's pass runs the update's graph too (full fine-tuning without dropout: pi_base's weights then stay fp32, in fp16/bf16 1.7 GB more for SD v1.5; the first epoch's KL is exactly 0)"""
     compile_scope: Literal["model", "blocks"] = "model"
     """with --compile (speed; not in the thesis): model compiles the U-Net's whole forward as one graph per batch shape; blocks compiles each repeated block (ResNet, transformer) on its own, one graph per block shape (regional compilation: quicker on a CPU, slower to warm up on an H100; docs/performance.md)"""
     cudnn_benchmark: bool = False
@@ -220,7 +220,8 @@ class Nets:
     policy: nn.Module             # the trained denoiser (--algo backprop: the whole chain) through DDP
     policy_net: nn.Module         # the plain denoiser, for rollouts without gradients
     unet: nn.Module               # the base U-Net being trained: what checkpoints save (never compiled)
-    ref_net: nn.Module | None     # the frozen base policy pi_base (only with --kl-coef > 0)
+    ref: nn.Module | None         # pi_base as the KL pass runs it (--compile: through the update's graph)
+    ref_net: nn.Module | None     # the frozen base policy pi_base (with --kl-coef > 0 or --eval-reward)
     value: nn.Module | None       # V(x_t, t, c) through DDP (None with --value-fn none)
     value_net: nn.Module | None
     opt_pi: torch.optim.Optimizer
@@ -257,7 +258,8 @@ def ppo_epoch(nets: Nets, x_T, cond, prompts, groups, args: Args, state: dict, g
     disagreement = getattr(nets.reward_fn, "ensemble", {}).get("disagreement")  # an ensemble's std over heads
     ref_logprobs = None                                              # (T, B) log pi_base(a_t|s_t)
     if nets.ref_net is not None and args.kl_coef > 0:  # (--eval-reward alone builds pi_base for the evaluations)
-        ref_logprobs = state_fn(lambda x, i, c, a: action_logprob(nets.ref_net, nets.schedule, x, i, c, a))
+        ref_logprobs = state_fn(update_graph(lambda x, i, c, a: action_logprob(nets.ref, nets.schedule, x, i, c, a),
+                                             reference_in_update_graph(nets.policy_net, args)))
     beta = state.get("kl_coef", args.kl_coef)                       # --kl-target adapts it every epoch
     rewards_t, kl = compute_rewards(scores, logprobs, ref_logprobs, beta)  # (T, B) each
     values = torch.zeros_like(rewards_t)                                          # (T, B) V(x_t, t, c)
@@ -617,6 +619,9 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
     ref_net = None
     if args.kl_coef > 0 or args.eval_reward:  # the frozen base policy pi_base: the KL penalty; KL of the evaluations
         ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
+    shared_ref = reference_in_update_graph(policy_net, args)
+    if shared_ref:  # --compile: the graph guards on requires_grad (pi_base's weights are never given to an optimizer)
+        ref_net.requires_grad_(True).train()
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
     value_net = value_net.to(device) if value_net is not None else None
@@ -625,12 +630,16 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
             hardware.hold_frozen_in_compute_dtype(frozen, args.precision, device)
     if args.compile:  # only the policy's forward is compiled; base.unet (saved, checkpointed) stays the plain module
         policy_net.unet = hardware.compile_module(base.unet, args.cache_dir, args.compile_scope)
+    ref = ref_net
+    if shared_ref:  # the KL pass through the update's graph: pi_base's weights as the graph's inputs
+        ref = models.Denoiser(hardware.compile_module(ref_net.unet, args.cache_dir, args.compile_scope),
+                              ref_net.conditioning, ref_net.guidance_scale, ref_net.null_cond)
     # thesis 6.8: with --algo backprop the whole sampling chain is the one differentiable forward
     trained = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing) if args.algo == "backprop" else policy_net
     ids = [device] if device.type == "cuda" else None
     adam = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
                 fused=device.type == "cuda" or None)  # GPU: one fused kernel per step instead of foreach ones
-    return Nets(schedule=schedule, reward_fn=reward_fn, policy_net=policy_net, unet=base.unet, ref_net=ref_net,
+    return Nets(schedule=schedule, reward_fn=reward_fn, policy_net=policy_net, unet=base.unet, ref=ref, ref_net=ref_net,
                 policy=DDP(trained, device_ids=ids, broadcast_buffers=False) if world > 1 else trained,
                 value_net=value_net,
                 value=(DDP(value_net, device_ids=ids) if world > 1 else value_net) if value_net else None,

@@ -120,14 +120,15 @@ def compile_seconds() -> dict:
 
 
 def count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device) -> int:
-    """FLOPs of one more epoch, counted eagerly (a compiled forward is swapped for the plain module meanwhile)."""
+    """FLOPs of one more epoch, counted eagerly (compiled forwards are swapped for the plain modules meanwhile)."""
     from torch.utils.flop_counter import FlopCounterMode
     compiled, nets.policy_net.unet = nets.policy_net.unet, nets.unet
+    compiled_ref, nets.ref = nets.ref, nets.ref_net
     try:
         with FlopCounterMode(display=False) as counter:
             train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
     finally:
-        nets.policy_net.unet = compiled
+        nets.policy_net.unet, nets.ref = compiled, compiled_ref
     return counter.get_total_flops()
 
 

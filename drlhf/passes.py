@@ -8,6 +8,9 @@ passes, the last padded), two things can be saved, each without changing what th
     rollout_is_recompute      --old-logprobs recompute: the rollout's log-probabilities are the recompute's, bit
                               for bit, so the pass over the epoch's states is skipped
 
+The reference policy's KL pass is made in the update's passes anyway; with --compile it can run the update's graph
+too (`reference_in_update_graph`), so that it is compiled without a graph of its own.
+
 train_ppo.py's epoch asks these; `rollout_notes` says the answers at start-up (and in benchmarks/epoch.py's JSON),
 naming the flags that would give the same update in passes of the rollout's batch (docs/performance.md).
 `args` is train_ppo.py's Args throughout.
@@ -79,6 +82,17 @@ def rollout_is_recompute(net: nn.Module, B: int, args) -> bool:
     return not args.compile or rollout_in_update_graph(net, B, args)
 
 
+def reference_in_update_graph(net: nn.Module, args) -> bool:
+    """--compile with a KL penalty: whether the reference policy's pass (pi_base, a frozen copy of the policy) runs
+    the update's compiled training graph (gradients on, outputs detached) instead of running eagerly. A compiled
+    graph takes the parameters as inputs, and dynamo guards on their dtype, shape and requires_grad, not on which
+    module holds them: a copy with the same modules (no LoRA adapters on the policy), in the same mode (training
+    mode must change no output) and with parameters like the policy's (fp32, requires_grad; train_ppo.py never
+    gives them to an optimizer) reuses the graph, with no compilation of its own. pi_base and pi_old then come from
+    the same kernels, so the KL of the first epoch is exactly 0."""
+    return args.compile and args.algo == "ppo" and args.kl_coef > 0 and not args.lora_rank and not mode_dependent(net)
+
+
 def rollout_notes(net: nn.Module, B: int, args) -> list[str]:
     """Start-up lines on what the rollout of B environments per process costs besides itself: with --compile, a
     graph of its own or none (docs/performance.md); with --old-logprobs recompute, an extra pass or none."""
@@ -95,6 +109,12 @@ def rollout_notes(net: nn.Module, B: int, args) -> list[str]:
         else:
             how = own + "training mode changes the policy's output (dropout or batch norm)"
         lines.append(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
+        if args.kl_coef > 0:
+            why = "the LoRA policy's graph has adapters pi_base lacks" if args.lora_rank else \
+                "training mode changes the policy's output (dropout or batch norm)"
+            lines.append("[drlhf] --compile: the KL's reference-policy pass runs " + (
+                "through the update's training graph too: nothing of its own to compile (pi_base's weights kept in "
+                "fp32 for it)" if reference_in_update_graph(net, args) else f"eagerly: {why}"))
     if args.old_logprobs == "recompute":
         skipped = rollout_is_recompute(net, B, args)
         if skipped and B == mb:

@@ -66,12 +66,13 @@ if sys.argv[2:] == ["backprop"]:  # thesis 6.8: the reward's gradient through th
     noise = torch.randn((T, *x_T.shape), generator=torch.Generator().manual_seed(4))
     args.algo, args.reward, args.max_grad_norm = "backprop", "target", None
     nets = train_ppo.Nets(schedule, lambda x, c, p: rewards.target_image_reward(x, target), chain, policy_net, unet,
-                          None, None, None, opt_pi, None, scaler)
+                          ref=None, ref_net=None, value=None, value_net=None, opt_pi=opt_pi, opt_vf=None, scaler=scaler)
     train_ppo.backprop_update(nets, x_T[share], noise[:, share], None, None, args, {"epoch": 0, "global_step": 0},
                               torch.device("cpu"))
 else:
     orders = torch.arange(T * B_ALL // world)[None]  # one minibatch holding all of this rank's states
-    nets = train_ppo.Nets(schedule, None, policy, policy_net, unet, None, value_fn, value_net, opt_pi, opt_vf, scaler)
+    nets = train_ppo.Nets(schedule, None, policy, policy_net, unet, ref=None, ref_net=None, value=value_fn,
+                          value_net=value_net, opt_pi=opt_pi, opt_vf=opt_vf, scaler=scaler)
     train_ppo.ppo_update(nets, local, orders, args, {"epoch": 0, "global_step": 0}, torch.device("cpu"))
 if rank == 0:
     out = {f"policy.{k}": v.contiguous() for k, v in unet.state_dict().items()}

@@ -76,7 +76,8 @@ def test_benchmark_rollout_in_one_batch_restores_the_recompute_pass(run, tmp_pat
 @pytest.mark.parametrize("scope,minibatch", [("model", 5), ("model", 4), ("model", 10), ("blocks", 5)])
 def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatch):
     """--compile: static shapes, so every graph is compiled in epoch 1 (the warm-up, reported) and epochs 2-3 reuse
-    them; the fixed-seed evaluation runs eagerly and adds none, and the PPO ratio starts at exactly 1. The rollout's
+    them; the fixed-seed evaluation runs eagerly and adds none, the PPO ratio starts at exactly 1, and the KL
+    penalty's reference-policy pass runs the update's graph (no graph of its own; the KL starts at 0). The rollout's
     4 environments run the update's graph where its passes are 4 states (--old-logprobs rollout: the rollout's own
     log-probabilities), or 5 with --old-logprobs recompute (the rollout padded to a pass, which makes the recompute
     unneeded); in passes of 10 padding would cost more than the recompute, so the rollout has a no-grad graph of its
@@ -85,13 +86,13 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatc
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "compiled.json"
     flags = [*TINY, "--minibatch-size", str(minibatch), "--compile", "true", "--compile-scope", scope,
-             "--old-logprobs", "rollout" if minibatch == 4 else "recompute"]
+             "--old-logprobs", "rollout" if minibatch == 4 else "recompute", "--kl-coef", "0.01"]
     proc = run("benchmarks/epoch.py", *flags, "--device", "cpu", "--bench-epochs", "3",
                "--no-flops", "--json", out, "--models-dir", tmp_path / "models", timeout=900)
     r = json.loads(out.read_text())
     if scope == "model":  # the update's pass, and the rollout's no-grad batch where it does not run in passes
         assert r["graphs_compiled_first_epoch"] == (2 if minibatch == 10 else 1)
-        assert ("through the update's training graph" in proc.stdout) == (minibatch != 10)
+        assert ("environments) runs through the update's training graph" in proc.stdout) == (minibatch != 10)
         assert ("extra no-grad passes: none" in proc.stdout) == (minibatch == 5)
     else:  # those two for each shape of the toy's ResNet blocks (input channels and resolution vary)
         assert r["graphs_compiled_first_epoch"] > 2
@@ -103,6 +104,11 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatc
     ea = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
     assert [e.value for e in ea.Scalars("losses/ratio_dev_at_start")] == [0.0, 0.0]
+    # pi_base through the same graph as pi_old: the same kernels, so the first epoch's KL is exactly 0 (3.3e-8 with an
+    # eager reference pass) while the second's is not
+    assert "reference-policy pass runs through the update's training graph too" in proc.stdout
+    kl = [e.value for e in ea.Scalars("objective/kl")]
+    assert kl[0] == 0.0 and kl[1] > 0, kl
 
 
 def fake_machine(monkeypatch, cores, readings):
@@ -301,6 +307,39 @@ def test_compile_cache_goes_to_the_drlhf_cache_unless_the_user_chose_one(monkeyp
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_the_reference_pass_runs_the_update_graph_where_its_weights_look_like_the_policys(cache_dir):
+    """--compile with a KL penalty: pi_base, a copy of the policy, is evaluated through the policy's compiled
+    training graph (dynamo guards on the parameters' dtype, shape and requires_grad, not on their module), so its
+    weights stay fp32 and require grad, yet no optimizer holds them; the fixed-seed evaluation keeps the plain
+    copy. A LoRA policy (adapters pi_base lacks) or a mode-dependent one leaves the pass eager, and says so.
+    Nothing compiles here (compilation is lazy); the slow compile test checks the graph counts and the KL."""
+    import train_ppo
+    from drlhf import passes
+    common = [*TINY, "--kl-coef", "0.01", "--cache-dir", str(cache_dir), "--device", "cpu"]
+    args, _ = train_ppo.parse_args([*common, "--compile", "true"])
+    _, nets, *_ = train_ppo.setup(args, 0, 1, hardware.resolve_device("cpu"))
+    assert isinstance(nets.ref.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert nets.ref.unet._orig_mod is nets.ref_net.unet and nets.ref_net.unet is not nets.unet
+    assert all(p.requires_grad for p in nets.ref_net.parameters()) and nets.ref_net.training
+    trained = {id(p) for group in nets.opt_pi.param_groups for p in group["params"]}
+    assert trained and not trained & {id(p) for p in nets.ref_net.parameters()}
+    for flags, shared in (([], True), (["--lora-rank", "2"], False), (["--kl-coef", "0"], False),
+                          (["--compile", "false"], False), (["--kl-coef", "0", "--eval-reward", "target"], False)):
+        flags = train_ppo.parse_args([*common, "--compile", "true", *flags])[0]
+        assert passes.reference_in_update_graph(nets.policy_net, flags) == shared, flags
+    dropout = torch.nn.Sequential(nets.policy_net, torch.nn.Dropout(0.1))
+    assert not passes.reference_in_update_graph(dropout, args)
+    assert "[drlhf] --compile: the KL's reference-policy pass runs through the update's training graph too: nothing " \
+        "of its own to compile (pi_base's weights kept in fp32 for it)" in passes.rollout_notes(nets.policy_net, 4, args)
+    lora = train_ppo.parse_args([*common, "--compile", "true", "--lora-rank", "2"])[0]
+    assert "[drlhf] --compile: the KL's reference-policy pass runs eagerly: the LoRA policy's graph has adapters " \
+        "pi_base lacks" in passes.rollout_notes(nets.policy_net, 4, lora)
+    eager, _ = train_ppo.parse_args(common)
+    _, nets, *_ = train_ppo.setup(eager, 0, 1, hardware.resolve_device("cpu"))  # eagerly: the frozen copy itself
+    assert nets.ref is nets.ref_net and not any(p.requires_grad for p in nets.ref_net.parameters())
+    assert not nets.ref_net.training
 
 
 def test_compile_scope_blocks_compiles_a_view_that_shares_the_weights(tmp_path):
