@@ -69,16 +69,20 @@ def bounded(kind, low, high=None):
 
 def run(main, expected: tuple = ()):
     """Run a script's main(): a UserError, a missing or unreadable file, a bad value (and `expected`) is printed
-    as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback."""
+    as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback.
+    The process then ends through drlhf.hardware.exit_process (a torchrun worker skips the interpreter's teardown)."""
+    from drlhf.hardware import exit_process
+    code = 0
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
             FloatingPointError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    exit_process(code)
 
 
 def field_docs(args_cls) -> dict:

@@ -47,6 +47,23 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def exit_process(code: int = 0):
+    """End the process with exit status `code` (drlhf.cli.run calls it after a script's main). A torchrun worker
+    (WORLD_SIZE > 1) ends with os._exit once stdout and stderr are flushed, so that the interpreter's finalization
+    never runs in it: in a gloo process it can abort after all the work is done, when a C++ thread of the process
+    group touches a Python object while the interpreter is being torn down (std::terminate, exit code -6). Seen
+    once in CI, rank 1 of `torchrun train_reward.py` after the model was saved ("terminate called without an active
+    exception"); pytorch/pytorch PR 179291 describes the mechanism for process groups never destroyed. Not
+    reproduced here in 112 runs, so this is a guard, not a proven fix. The scripts close what they write before
+    main returns. Any other process exits the usual way (a plain return for 0)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
 # ---- CPU: subnormal numbers flushed to zero, freed memory kept (both set by resolve_device) ----------------
 def flush_denormals() -> bool:
     """Treat subnormal floats (|x| < 1.2e-38 in fp32) as zero: the FTZ/DAZ bits of x86 CPUs. Arithmetic on

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ppo  # noqa: E402
-from drlhf import models, toys, value  # noqa: E402
+from drlhf import hardware, models, toys, value  # noqa: E402
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, make_betas, rollout, space_timesteps  # noqa: E402
 
 T, B_ALL = 5, 4
@@ -81,3 +81,4 @@ if rank == 0:
     save_file(init, sys.argv[1] + ".init")
 if world > 1:
     dist.destroy_process_group()
+hardware.exit_process(0)  # a torchrun worker skips the interpreter's teardown (drlhf.hardware.exit_process)

@@ -320,3 +320,21 @@ def test_train_ppo_and_sample_eval_report_diversity_beside_the_base(run, tmp_pat
                "--checkpoints", out, "--out", tmp_path / "eval")
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert set(scores["diversity"]) == {"base", "run"} and "diversity (Vendi score" in proc.stdout
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_worker_ends_without_the_interpreters_teardown(tmp_path, world):
+    """drlhf.cli.run ends a torchrun worker (WORLD_SIZE > 1) with os._exit once its output is flushed, so no
+    finalization runs in it (where a gloo process can abort after its work is done); a plain process exits as
+    usual. Both keep the script's exit code and everything it printed."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "script.py"
+    script.write_text("import atexit, sys\nfrom drlhf import cli\natexit.register(lambda: print('teardown'))\n"
+                      "def main():\n    print('work', end='')\n    sys.stderr.write('note')\n"
+                      "    raise ValueError('bad value')\ncli.run(main)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("note") and "error: bad value" in proc.stderr
+    assert proc.stdout == ("work" if world == "2" else "workteardown\n")  # the atexit handler: finalization
