@@ -102,19 +102,19 @@ def rollout_notes(net: nn.Module, B: int, args) -> list[str]:
     split = "" if B == mb else f" in passes of {mb} states" + (f" ({-B % mb} of them padding)" if B % mb else "")
     if args.compile:
         own = "a no-grad graph of its own, compiled beside the update's; "
+        mode_changes = "training mode changes the policy's output (dropout or batch norm)"
         if rollout_in_update_graph(net, B, args):
             how = f"through the update's training graph{split}: nothing of its own to compile"
         elif B != mb:
             how = own + f"{passes_of(B, args)} would share the update's"
         else:
-            how = own + "training mode changes the policy's output (dropout or batch norm)"
+            how = own + mode_changes
         lines.append(f"[drlhf] --compile: the rollout ({B} environments) runs {how}")
         if args.kl_coef > 0:
-            why = "the LoRA policy's graph has adapters pi_base lacks" if args.lora_rank else \
-                "training mode changes the policy's output (dropout or batch norm)"
-            lines.append("[drlhf] --compile: the KL's reference-policy pass runs " + (
-                "through the update's training graph too: nothing of its own to compile (pi_base's weights kept in "
-                "fp32 for it)" if reference_in_update_graph(net, args) else f"eagerly: {why}"))
+            eager = "eagerly: " + ("the LoRA policy's graph has adapters pi_base lacks" if args.lora_rank else mode_changes)
+            how = ("through the update's training graph too: nothing of its own to compile (pi_base's weights kept in "
+                   "fp32 for it)") if reference_in_update_graph(net, args) else eager
+            lines.append(f"[drlhf] --compile: the KL's reference-policy pass runs {how}")
     if args.old_logprobs == "recompute":
         skipped = rollout_is_recompute(net, B, args)
         if skipped and B == mb:
