@@ -616,12 +616,11 @@ def build_nets(args: Args, base, value_net, schedule, reward_fn, world: int, dev
     if args.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     policy_net = models.make_denoiser(base, args.guidance_scale)
+    # --compile: the KL pass through the update's graph, which guards on requires_grad and runs in training mode
+    shared_ref = reference_in_update_graph(policy_net, args)  # (pi_base's weights are never given to an optimizer)
     ref_net = None
     if args.kl_coef > 0 or args.eval_reward:  # the frozen base policy pi_base: the KL penalty; KL of the evaluations
-        ref_net = copy.deepcopy(policy_net).requires_grad_(False).eval()
-    shared_ref = reference_in_update_graph(policy_net, args)
-    if shared_ref:  # --compile: the graph guards on requires_grad (pi_base's weights are never given to an optimizer)
-        ref_net.requires_grad_(True).train()
+        ref_net = copy.deepcopy(policy_net).requires_grad_(shared_ref).train(shared_ref)
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
     value_net = value_net.to(device) if value_net is not None else None
