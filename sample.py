@@ -34,8 +34,10 @@ import torch
 
 from drlhf.cli import NonNegFloat, PosInt
 from drlhf import cli, evaluation, models, presets, rewards
-from drlhf.checkpoint import atomic_write, load_policy_unet, save_safetensors, write_text
-from drlhf.hardware import DeviceFlag, Precision, autocast, resolve_device
+from drlhf.checkpoint import load_policy_unet
+from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
+from drlhf.files import atomic_write, make_dir, save_safetensors, write_text
+from drlhf.speed import default_threads, setup_cpu
 from drlhf.prompts import class_list, prompt_list, prompt_table
 from drlhf.sampler import DiffusionSchedule, Sampler, Spacing, VarianceType, rollout
 from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
@@ -97,6 +99,9 @@ class Args:
     """fp32, fp16 or bf16 autocast for sampling"""
     device: DeviceFlag = "auto"
     """auto, cpu or cuda"""
+    threads: PosInt | None = None
+    """CPU threads, fixed for the run (None = $OMP_NUM_THREADS, or the usable cores / local processes); the numbers
+    depend on it (docs/performance.md)"""
     cache_dir: str | None = None
     """cache of the offline toy models (default $DRLHF_CACHE or ~/.cache/drlhf)"""
     toy_train_steps: PosInt = TOY_TRAIN_STEPS
@@ -175,7 +180,8 @@ def resolve_args(argv=None) -> tuple[Args, Path]:
         if clash:
             raise SystemExit(f"{out} was started with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(stored[k]) for k in clash)}); "
                              "finish it with those or choose another --out")
-        args = Args(**{**stored, **{k: getattr(args, k) for k in ("device", "precision", "cache_dir", "out")}})
+        kept = ("device", "precision", "cache_dir", "out") + (("threads",) if "threads" in given else ())
+        args = Args(**{**stored, **{k: getattr(args, k) for k in kept}})  # an interrupted dataset keeps its threads
     return args, out
 
 
@@ -198,6 +204,7 @@ def main(argv=None):
     if args.k < 2:
         raise SystemExit(f"--k {args.k}: a task needs at least 2 images to compare")
     device = resolve_device(args.device)
+    args = dataclasses.replace(args, threads=setup_cpu(device, args.threads or default_threads()))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     conditions = task_conditions(args, base)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
@@ -208,9 +215,9 @@ def main(argv=None):
         distinct = sorted({c["prompt"] for c in conditions})
         prompt_embeds = dict(zip(distinct, base.encode_prompts(distinct)))
 
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    make_dir(out / "images", "--out")
     if base.is_latent:
-        (out / "latents").mkdir(exist_ok=True)
+        make_dir(out / "latents", "--out")
     if not meta_file.exists():
         res = base.sample_shape[1] * (8 if base.is_latent else 1)
         meta = dict(tool=f"drlhf sample.py {VERSION}", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -312,6 +319,9 @@ class EvalArgs:
     """fp32, fp16 or bf16 autocast"""
     device: DeviceFlag = "auto"
     """auto, cpu or cuda"""
+    threads: PosInt | None = None
+    """CPU threads, fixed for the run (None = $OMP_NUM_THREADS, or the usable cores / local processes); the numbers
+    depend on it (docs/performance.md)"""
     cache_dir: str | None = None
     """cache of the offline toy models"""
     toy_train_steps: PosInt = TOY_TRAIN_STEPS
@@ -323,6 +333,8 @@ def eval_main(argv=None):
     parser = cli.build_parser(EvalArgs)
     args = EvalArgs(**vars(parser.parse_args(argv)))
     device = resolve_device(args.device)
+    setup_cpu(device, args.threads or default_threads())
+    out = make_dir(Path(args.out), "--out")  # before any work: a folder that cannot be written is one sentence
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                            args.spacing, args.eta, args.variance_type, args.guidance_scale)
@@ -367,8 +379,6 @@ def eval_main(argv=None):
         samples = torch.cat(outs)
         images.append(base.decode(samples).cpu())
         variety[name] = diversity(samples, groups)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cols = min(n, 8)
     # rows = models, columns = seeds (the same seeds in every row)
     pictures.save_png(pictures.image_grid(torch.cat([im[:cols] for im in images]), nrow=cols), out / "comparison.png")

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
-from drlhf import cli, hardware, models, pictures, presets, tracking
-from drlhf.hardware import DeviceFlag, Precision, autocast
+from drlhf import cli, distributed, models, pictures, presets, speed, tracking
+from drlhf.distributed import DeviceFlag, Precision, autocast
 from drlhf.labels import dataset_fingerprint, dataset_meta, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
 from drlhf.toys import TOY_TRAIN_STEPS
@@ -90,6 +90,9 @@ class Args:
     """cache of the offline toy models"""
     toy_train_steps: PosInt = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
+    threads: PosInt | None = None
+    """CPU threads, fixed for the run (None = $OMP_NUM_THREADS, or the usable cores / local processes); the numbers
+    depend on it (docs/performance.md)"""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -408,7 +411,8 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
 
 def main(argv=None):
     args, _ = cli.parse_args(Args, presets.for_script("train_reward"), argv)
-    rank, world, device = hardware.setup_distributed(args.device)
+    rank, world, device = distributed.setup_distributed(args.device)
+    args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads or speed.default_threads()))
     torch.manual_seed(args.seed)
     pretrained, base = load_base(args, device)
     data = load_tasks(args, base, device)
@@ -416,9 +420,9 @@ def main(argv=None):
     if len(train) == 0:
         raise ValueError("no training tasks: check --val-fraction or the export's split")
     if args.batch_tasks % world:
-        raise SystemExit(f"--batch-tasks ({args.batch_tasks}) must be divisible by the number of processes ({world})")
+        raise cli.UserError(f"--batch-tasks ({args.batch_tasks}) must be divisible by the number of processes ({world})")
     if world > 1 and len(train) < args.batch_tasks:
-        raise SystemExit(f"{len(train)} training tasks are fewer than --batch-tasks ({args.batch_tasks}) over {world} "
+        raise cli.UserError(f"{len(train)} training tasks are fewer than --batch-tasks ({args.batch_tasks}) over {world} "
                          "processes")
     model = build_model(args, base, device)
     if args.ensemble > 1:  # bootstrap: each head draws len(train) training tasks with replacement (counts per task)
@@ -445,7 +449,6 @@ def main(argv=None):
     keeper = Keeper(args.keep if len(val) else "last", args.patience, args.epochs)
     for epoch in bar:
         losses = train_epoch(net, model, data, train, args, opt, scaler, g, rank, world, device)
-        hardware.balance_cpu_threads()  # CPU: torch threads = the cores other processes leave free
         stop = False
         if rank == 0:  # VALIDATION: loss and pairwise accuracy on the held-out tasks, every epoch
             logs = dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), **validate(model, data, val, args, device))
@@ -453,7 +456,7 @@ def main(argv=None):
                 if k != "epoch":
                     writer.add_scalar(("losses/" if k == "train_loss" else "eval/") + k, v, epoch)
             stop = keeper.update(model, logs, bar)
-        if hardware.broadcast_object(stop):  # early stopping: every rank leaves together
+        if distributed.broadcast_object(stop):  # early stopping: every rank leaves together
             break
     if rank == 0:  # the kept epoch's model, standardized over the training images (Eq. 5.2), and its folder
         keeper.restore(model)
@@ -467,7 +470,7 @@ def main(argv=None):
         save(model, out, writer, args, pretrained, base, data, train, val, rt, device, (time.perf_counter() - t0) / 60,
              keeper)
         writer.close()
-    hardware.cleanup_distributed()
+    distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -34,22 +34,23 @@ sys.path.insert(0, str(ROOT))
 import train_ppo  # noqa: E402
 from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_reward_model,  # noqa: E402
                                       build_sd15)
-from drlhf import hardware, passes, tracking  # noqa: E402
-from drlhf.toys import default_cache_dir  # noqa: E402
+from drlhf import distributed, plan, speed, tracking  # noqa: E402
+from drlhf.files import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
 def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int = 0,
               channels_last: bool = False, rollout_in_one_batch: bool = False) -> dict:
-    if rollout_in_one_batch:  # the rollout as before it ran in the update's passes (an A/B measurement)
-        def one_batch(net, B, args):
-            return passes.pass_size(args) if args.algo == "ppo" and B == passes.pass_size(args) else None
-        passes.rollout_chunk = train_ppo.rollout_chunk = one_batch
     args, _ = train_ppo.parse_args(argv)
     train_ppo.check_requirements(args)
-    rank, world, device = hardware.setup_distributed(args.device)
-    base, nets, _, prompts, prompt_embeds, gens, (B, n_states, n_minibatches) = train_ppo.setup(args, rank, world, device)
+    rank, world, device = distributed.setup_distributed(args.device)
+    args.threads = speed.setup_cpu(device, args.threads or speed.default_threads())
+    base, nets, epoch_plan, _, prompts, prompt_embeds, gens, (B, n_states, n_minibatches) = train_ppo.setup(
+        args, rank, world, device)
+    if rollout_in_one_batch:  # the rollout as before it ran in the update's passes (an A/B measurement)
+        epoch_plan = plan.EpochPlan(args, B, nets, one_batch_rollout=True)
+    kl_ctl = train_ppo.KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     if channels_last:  # a measurement before any train_ppo.py flag: every network's 4-D weights in NHWC order
-        for module in (nets.unet, nets.ref_net, nets.value_net, base.vae):
+        for module in (base.unet, nets.ref_net, nets.value_net, base.vae):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     state = {"epoch": 0, "global_step": 0}
@@ -59,10 +60,11 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
     compile_log, rows = tracking.CompileLog(), []
     for epoch in range(epochs):
         state["epoch"] = epoch
-        hardware.sync_device(device)
+        distributed.sync_device(device)
         t0 = time.perf_counter()
-        _, _, _, times = train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
-        hardware.sync_device(device)
+        _, _, _, times = train_ppo.train_epoch(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds,
+                                               B, rank, device)
+        distributed.sync_device(device)
         seconds = time.perf_counter() - t0
         rows.append(dict(seconds=seconds, rollout=times.get("rollout"), scoring=times.get("scoring"),
                          update=seconds - times.get("rollout", 0.0) - times.get("scoring", 0.0),
@@ -74,16 +76,18 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
         result.update(compile_seconds=compile_seconds())
     if count_flops:
         state["epoch"] = epochs
-        flops = count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+        flops = count_epoch_flops(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank,
+                                  device)
         peak = matmul_peak_tflops(args, device)
         steady = result["steady_seconds_per_epoch"] or result["first_epoch_seconds"]
         result.update(flops_per_epoch=flops, achieved_tflops=flops / steady / 1e12, matmul_peak_tflops=peak,
                       fraction_of_peak=flops / steady / 1e12 / peak)
     if profile_top:
         state["epoch"] = epochs + (1 if count_flops else 0)
-        result.update(profile_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device, profile_top))
+        result.update(profile_epoch(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank,
+                                    device, profile_top))
     result.update(states_per_epoch=n_states, minibatches_per_epoch=n_minibatches,
-                  rollout_notes=passes.rollout_notes(nets.policy_net, B, args))  # its graph; the pi_old recompute
+                  rollout_notes=epoch_plan.notes())  # its graph; the pi_old recompute
     return result
 
 
@@ -97,9 +101,9 @@ def summarize(rows: list[dict], n_images: int, args, device) -> dict:
                 steady_phases={k: mean(k) for k in ("rollout", "scoring", "update")},
                 graphs_compiled_first_epoch=rows[0]["graphs_compiled"],
                 recompiles_after_first_epoch=sum(r["graphs_compiled"] for r in steady),
-                peak_gpu_allocated_gb=hardware.peak_gpu_gb(device),
+                peak_gpu_allocated_gb=speed.peak_gpu_gb(device),
                 peak_gpu_reserved_gb=torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None,
-                peak_rss_gb=hardware.peak_rss_gb())
+                peak_rss_gb=speed.peak_rss_gb())
 
 
 # torch.compile's warm-up phases worth reading first (dynamo's timer names -> what they are)
@@ -119,30 +123,32 @@ def compile_seconds() -> dict:
     return {name: float(v) for name, v in zip(names, values)}
 
 
-def count_epoch_flops(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device) -> int:
+def count_epoch_flops(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank, device) -> int:
     """FLOPs of one more epoch, counted eagerly (compiled forwards are swapped for the plain modules meanwhile)."""
     from torch.utils.flop_counter import FlopCounterMode
-    compiled, nets.policy_net.unet = nets.policy_net.unet, nets.unet
-    compiled_ref, nets.ref = nets.ref, nets.ref_net
+    compiled, nets.policy_net.unet = nets.policy_net.unet, base.unet
+    compiled_ref, epoch_plan.reference = epoch_plan.reference, nets.ref_net
     try:
         with FlopCounterMode(display=False) as counter:
-            train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+            train_ppo.train_epoch(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank,
+                                  device)
     finally:
-        nets.policy_net.unet, nets.ref = compiled, compiled_ref
+        nets.policy_net.unet, epoch_plan.reference = compiled, compiled_ref
     return counter.get_total_flops()
 
 
-def profile_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device, top: int) -> dict:
+def profile_epoch(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank, device,
+                  top: int) -> dict:
     """One more epoch under torch.profiler: the `top` operators by self time (their GPU kernels' time on a GPU,
     CPU time otherwise) and how much of the epoch's wall time that time fills. On a GPU, a busy share well below 1
     means the GPU waits for the CPU (Python, kernel launches, syncs); the profiler's own overhead lowers it too."""
     from torch.profiler import ProfilerActivity, profile
     on_gpu = device.type == "cuda"
-    hardware.sync_device(device)
+    distributed.sync_device(device)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
-        train_ppo.train_epoch(nets, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
-        hardware.sync_device(device)
+        train_ppo.train_epoch(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank, device)
+        distributed.sync_device(device)
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     self_s = (lambda e: (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e6)  # microseconds
@@ -158,13 +164,13 @@ def matmul_peak_tflops(args, device) -> float:
     n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
-    with hardware.autocast(args.precision, device):
+    with distributed.autocast(args.precision, device):
         for _ in range(3):
-            hardware.sync_device(device)
+            distributed.sync_device(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 a @ b
-            hardware.sync_device(device)
+            distributed.sync_device(device)
             best = min(best, (time.perf_counter() - t0) / reps)
     return 2 * n ** 3 / best / 1e12
 
@@ -236,7 +242,7 @@ def main(argv=None):
                    "of things to measure; not a train_ppo.py flag until it measures faster)")
     p.add_argument("--rollout-in-one-batch", action="store_true", help="A/B: the rollout evaluates all its "
                    "environments in one batch per step, as before it ran in the update's passes with --old-logprobs "
-                   "recompute (split or padded, drlhf/passes.py); the recompute pass is then made wherever the batch "
+                   "recompute (split or padded, drlhf/plan.py); the recompute pass is then made wherever the batch "
                    "is not one pass")
     ours, rest = p.parse_known_args(argv)
     if ours.bench_epochs < 1:
@@ -244,7 +250,7 @@ def main(argv=None):
     if ours.profile < 0:
         p.error("--profile N: N operators, 0 or more")
     run_args = train_ppo.parse_args(rest)[0]
-    device = hardware.resolve_device(run_args.device)
+    device = distributed.resolve_device(run_args.device)
     models_dir = Path(ours.models_dir or Path(default_cache_dir()) / "bench-models")
     argv_run = rest + model_flags(rest, models_dir, ours.size, device) + ["--checkpoint-every", "0"]
     result = benchmark(argv_run, ours.bench_epochs, not ours.no_flops, ours.profile, ours.channels_last,

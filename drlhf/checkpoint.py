@@ -12,20 +12,19 @@
         value.safetensors               the value function (absent with --value-fn none)
         state.pt                        optimizers, GradScaler, counters, RNG of every rank, args (weights_only)
 
-Everything is written to a temporary sibling and renamed, so an interrupted write leaves the old file or
-nothing, never half a file.
+Every file is written through drlhf/files.py (a temporary sibling, then renamed): an interrupted write leaves
+the old file or nothing. A folder that holds a run is never written into by a new run (`claim_run_folder`); a
+resumed run keeps its experiment (`resume_args`), and one resumed from an earlier checkpoint is a branch in a
+folder of its own, its parent recorded in the lineage.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
 import json
 import os
 import random
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,68 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from drlhf import models
 from drlhf.cli import UserError
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[Path], object], folder: bool = False):
-    """write(tmp) creates the file (or fills the folder, folder=True) `.NAME.tmp` next to path; tmp is then
-    renamed to path, replacing what was there. An interrupted write leaves no file of that name half-written,
-    and its leftover tmp is replaced by the next write of the same path. One writer per path at a time."""
-    path = Path(path)
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)  # left by an interrupted write
-        if folder:
-            tmp.mkdir()
-        write(tmp)
-        if folder and path.exists():  # a folder cannot replace a folder in one rename: the old one steps aside first
-            _remove(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _remove(old)
-    except Exception as e:  # noqa: BLE001 - a full or read-only disk is the user's to fix, anything else a bug
-        reason = _disk_problem(e)
-        if reason is None:
-            raise
-        raise WriteError(f"could not write {path}: {reason}; nothing was half-written (the previous version, if any, "
-                         "is intact). Free space or choose another output folder (--output-dir / --out)") from None
-    finally:
-        _remove(tmp)
-
-
-class WriteError(UserError):
-    """A file could not be written for a reason outside the program (disk full, read-only, no permission)."""
-
-
-def _disk_problem(e: Exception) -> str | None:
-    """Why a write failed, when the disk (not the program) is the cause; None otherwise. safetensors and
-    torch.save report a full disk in their own exception types, so their messages are read too."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-        return os.strerror(e.errno).lower()
-    text = str(e)
-    if "No space left on device" in text or "os error 28" in text or "unexpected pos" in text:
-        return "no space left on device"
-    return None
-
-
-def _remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def write_text(path: Path, text: str):
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def save_safetensors(tensors: dict, path: Path):
-    """A state dict as safetensors (contiguous CPU copies), atomically."""
-    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp))
+from drlhf.files import atomic_write, make_dir, remove, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,7 +96,7 @@ def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, value_net, opt_p
         torch.save({"opt_pi": opt_pi.state_dict(), "opt_vf": opt_vf.state_dict() if opt_vf else None,
                     "scaler": scaler.state_dict(), "state": state, "rng": rngs, "args": args}, d / "state.pt")
     for stale in path.parent.glob(".epoch_*.tmp"):  # left by a run killed while it wrote a checkpoint
-        _remove(stale)
+        remove(stale)
     atomic_write(path, write, folder=True)
     write_text(path.parent / "latest", path.name)
 
@@ -185,19 +125,87 @@ def load_state(ckpt: Path) -> dict:
                               f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
 
 
+# flags a resumed run may change: they continue the experiment (more epochs, the learning-rate schedule, logging,
+# checkpoints, where it runs and how fast); every other flag defines what is optimized or measured and must stay
+CONTINUATION_FLAGS = {"epochs", "policy_lr", "policy_lr_early", "policy_lr_early_epochs", "vf_lr", "policy_warmup_steps",
+                      "vf_warmup_steps", "eval_every", "checkpoint_every", "output_dir", "resume", "replace_run",
+                      "cache_dir", "device", "threads", "compile", "compile_scope", "cudnn_benchmark",
+                      "gradient_checkpointing", "fused_minibatches"}
+
+
 def resume_args(args, given: set, args_cls):
-    """--resume: (the saved args overridden only by the flags given now, the checkpoint folder, its state).
-    The run continues in the run folder that holds the checkpoint (a copied run folder continues in the copy,
-    never in the folder it was copied from), or in --output-dir when given."""
+    """--resume: (the saved args overridden only by the continuation flags given now, the checkpoint folder, its
+    state). A flag that would change the experiment is refused with the list of differences. The run continues in
+    the run folder that holds the checkpoint when it is that run's latest; an earlier checkpoint starts a branch,
+    RUN-branch-epoch_N (or --output-dir), so that nothing of the original run changes."""
     ckpt = find_checkpoint(args.resume)
     saved = load_state(ckpt)
-    merged = args_cls(**{**saved["args"], **{k: getattr(args, k) for k in given if k != "resume"}, "resume": args.resume})
+    old = saved["args"]
+    changed = {k: (old.get(k), getattr(args, k)) for k in sorted(given) if old.get(k) != getattr(args, k)}
+    identity = {k: v for k, v in changed.items() if k not in CONTINUATION_FLAGS and k in old}
+    if identity:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {new} (the run has {was})" for k, (was, new) in identity.items())
+        raise CheckpointError(f"--resume {args.resume}: {diffs} would change the experiment the checkpoint belongs "
+                              "to; drop these flags to continue it, or start a new run with another --output-dir")
+    epoch = saved["state"]["epoch"]
+    total = args.epochs if "epochs" in given else old["epochs"]
+    if total <= epoch:
+        raise CheckpointError(f"--resume {args.resume}: the checkpoint has trained {epoch} epochs and --epochs is "
+                              f"{total}: nothing to continue; pass --epochs larger than {epoch}")
+    merged = args_cls(**{**old, **{k: getattr(args, k) for k in given if k != "resume"}, "resume": args.resume})
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     if "output_dir" not in given:
-        if ckpt.parent.name != "checkpoints":
+        if run_dir is None:
             raise CheckpointError(f"--resume {args.resume}: this checkpoint folder is not inside a run folder "
                                   "(RUN/checkpoints/epoch_N); pass --output-dir for the continued run")
-        merged = dataclasses.replace(merged, output_dir=str(ckpt.parent.parent))
+        out = run_dir if latest_checkpoint(run_dir) == ckpt else _free_name(Path(f"{run_dir}-branch-{ckpt.name}"))
+        merged = dataclasses.replace(merged, output_dir=str(out))
+    branch = run_dir is None or Path(merged.output_dir).resolve() != run_dir.resolve()
+    saved["resumed"] = dict(checkpoint=str(ckpt), epoch=epoch, branch=branch,
+                            changed={k: list(v) for k, v in changed.items() if k not in ("resume", "output_dir")})
     return merged, ckpt, saved
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path-2, path-3... : the first name that is not taken."""
+    n, free = 1, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}-{n}")
+    return free
+
+
+RUN_FILES = ("args.json", "checkpoints", "summary.json", "final_policy", "tb")  # what makes a folder a run
+
+
+def claim_run_folder(args, rank: int) -> Path:
+    """The run folder of train_ppo.py (--output-dir, default runs/<exp>), made ready for this run. A folder that
+    holds a run is refused unless this run continues it (--resume of its latest checkpoint) or --replace-run
+    moves the old run aside to DIR.old-N first (never mixed). A folder that cannot be created is one sentence."""
+    out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
+    continuing = bool(args.resume) and (out / "checkpoints").is_dir() and \
+        latest_checkpoint(out).resolve() == find_checkpoint(args.resume).resolve()
+    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    if holds_run and not continuing and not args.replace_run:
+        how = f"continue it with --resume {out}" if (out / "checkpoints" / "latest").exists() else "keep it"
+        raise UserError(f"--output-dir {out} already holds a run: {how}, choose another --output-dir, or pass "
+                        "--replace-run to move the old run aside and start over")
+    if holds_run and continuing and args.replace_run:
+        raise UserError(f"--replace-run with --resume {args.resume}: the run to move aside is the one being "
+                        "resumed; drop --replace-run to continue it")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has seen the folder as it was
+    if rank == 0:
+        if holds_run and not continuing:
+            n = 1
+            while (aside := out.with_name(f"{out.name}.old-{n}")).exists():
+                n += 1
+            os.replace(out, aside)
+            print(f"[drlhf] --replace-run: the run that was in {out} is now in {aside}")
+        make_dir(out, "--output-dir")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 def load_weights(module: nn.Module, path: Path, adapters_only: bool = False):
@@ -223,7 +231,12 @@ def restore_checkpoint(ckpt: Path, saved: dict, unet, value_net, opt_pi, opt_vf,
         opt_vf.load_state_dict(saved["opt_vf"])
     scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"][rank], generators)
-    return dict(saved["state"])
+    state, resumed = dict(saved["state"]), saved.get("resumed")
+    if resumed:  # the lineage records every resume's changed flags, and a branch's parent checkpoint
+        state["resumes"] = [*state.get("resumes", []), dict(from_epoch=resumed["epoch"], changed=resumed["changed"])]
+        if resumed["branch"]:
+            state["branched_from"] = dict(checkpoint=resumed["checkpoint"], epoch=resumed["epoch"])
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,7 +245,6 @@ def restore_checkpoint(ckpt: Path, saved: dict, unet, value_net, opt_pi, opt_vf,
 def load_policy_unet(spec: str, base, device) -> nn.Module:
     """A policy U-Net on `base` (drlhf.models.BaseModel) from a run folder (its latest checkpoint), a checkpoint
     folder or a diffusers folder (final_policy). LoRA checkpoints get their adapters re-injected and merged."""
-    from drlhf import models
     path = latest_checkpoint(Path(spec))
     if (path / "policy.safetensors").exists():
         unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
@@ -252,9 +264,6 @@ def load_policy_unet(spec: str, base, device) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 # Lineage: the rounds of iterated RLHF behind a policy (sample -> label -> train_reward -> train_ppo, again)
 # ---------------------------------------------------------------------------------------------------------
-LINEAGE_FILE = "drlhf_lineage.json"
-
-
 def start_lineage(base) -> dict:
     """The lineage a run continues: the loaded policy's own (a final_policy folder of an earlier run), or a new one
     rooted at this base model. The root's fingerprint lets a reward model trained on the root base model score any
@@ -263,14 +272,14 @@ def start_lineage(base) -> dict:
         return copy.deepcopy(base.lineage)
     root = {"base_model": base.source, "path": base.path}
     if hasattr(base.unet, "config"):  # diffusers U-Nets: the identity reward models built on it carry
-        from drlhf.reward_model import base_fingerprint
-        root["fingerprint"] = base_fingerprint(base.unet)
+        root["fingerprint"] = models.base_fingerprint(base.unet)
     return {"root": root, "rounds": []}
 
 
-def record_round(lineage: dict, run_dir: Path, args: dict) -> dict:
+def record_round(lineage: dict, run_dir: Path, args: dict, state: dict) -> dict:
     """The lineage of the policy this run wrote: the lineage it continued plus this run as the next round (which
-    policy it started from, which reward and reward model, on which labeled datasets)."""
+    policy it started from, which reward and reward model, on which labeled datasets; a branch names the checkpoint
+    it started from, and every resume the flags it changed)."""
     datasets, rm_config = None, Path(args.get("reward_model") or "") / "config.json"
     if args.get("reward_model") and rm_config.exists():
         config = json.loads(rm_config.read_text())
@@ -278,8 +287,12 @@ def record_round(lineage: dict, run_dir: Path, args: dict) -> dict:
     entry = {"round": len(lineage["rounds"]) + 1, "run": str(run_dir), "policy_from": args["pretrained"],
              "reward": args["reward"], "reward_model": args.get("reward_model"),
              "reward_model_datasets": datasets, "epochs": args["epochs"], "seed": args["seed"]}
+    if state.get("branched_from"):
+        entry["branched_from"] = state["branched_from"]
+    if state.get("resumes"):
+        entry["resumes"] = state["resumes"]
     return dict(lineage, rounds=lineage["rounds"] + [entry])
 
 
 def write_lineage(policy_dir: Path, lineage: dict):
-    write_text(Path(policy_dir) / LINEAGE_FILE, json.dumps(lineage, indent=1))
+    write_json(Path(policy_dir) / models.LINEAGE_FILE, lineage)

@@ -20,9 +20,16 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated
 
+from drlhf.distributed import exit_process
+from drlhf.files import WriteError
+
 
 class UserError(Exception):
     """Bad input: the message names the flag or file and what to do."""
+
+
+class ModelLoadError(UserError):
+    """A model could not be loaded; the message says which flag or file to fix."""
 
 
 @dataclass(frozen=True)
@@ -70,15 +77,14 @@ def bounded(kind, low, high=None):
 def run(main, expected: tuple = ()):
     """Run a script's main(): a UserError, a missing or unreadable file, a bad value (and `expected`) is printed
     as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback.
-    The process then ends through drlhf.hardware.exit_process (a torchrun worker skips the interpreter's teardown)."""
-    from drlhf.hardware import exit_process
+    The process then ends through drlhf.distributed.exit_process (a torchrun worker skips the interpreter's teardown)."""
     code = 0
     try:
         main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+    except (UserError, WriteError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
             FloatingPointError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1

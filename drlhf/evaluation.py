@@ -14,6 +14,11 @@ import torch
 import torch.nn as nn
 
 from drlhf import pictures
+from drlhf.distributed import autocast
+from drlhf.guided_diffusion import timestep_embedding
+from drlhf.prompts import sample_conditions
+from drlhf.reward_model import run_encoder
+from drlhf.sampler import action_logprob, rollout
 
 
 def gain_in_base_std(base: torch.Tensor, scores: torch.Tensor) -> float:
@@ -91,13 +96,11 @@ class Diversity:
             x = samples[s:s + self.chunk].to(next(unet.parameters()).device, next(unet.parameters()).dtype)
             t = torch.zeros(len(x), dtype=torch.long, device=x.device)
             if not hasattr(unet, "config"):  # OpenAI's U-Net (drlhf.guided_diffusion): input and middle blocks
-                from drlhf.guided_diffusion import timestep_embedding
                 emb, h = unet.time_embed(timestep_embedding(t, unet.model_channels)), x
                 for block in unet.input_blocks:
                     h = block(h, emb)
                 h = unet.middle_block(h, emb)
             else:
-                from drlhf.reward_model import run_encoder
                 ehs = None if self.null_text is None else self.null_text.expand(len(x), -1, -1).to(x.dtype)
                 h = run_encoder(unet, x, unet.time_embedding(unet.time_proj(t).to(x.dtype)), ehs)
             out.append(h.flatten(1).float().cpu())
@@ -118,7 +121,6 @@ class Diversity:
 def kl_from_reference(ref: nn.Module, schedule, buf) -> float:
     """KL(pi_theta || pi_base) of a rollout's trajectories: the k3 estimate of each step's KL (as in the PPO
     reward), summed over the steps, averaged over the samples. One reference pass per step at the rollout's batch."""
-    from drlhf.sampler import action_logprob
     T, n = buf.logprobs.shape
     ref_lp = torch.stack([action_logprob(ref, schedule, buf.latents[i], torch.full((n,), i, device=buf.latents.device),
                                          buf.cond, buf.latents[i + 1]) for i in range(T)])
@@ -135,7 +137,6 @@ class FixedSeedEval:
 
     def __init__(self, policy, schedule, base, reward_fns: list, n: int, seed: int, precision: str, device,
                  class_labels: str | None = None, prompts=None, prompt_embeds=None, ref=None):
-        from drlhf.prompts import sample_conditions
         self.policy, self.schedule, self.base, self.reward_fns = policy, schedule, base, reward_fns
         self.ref, self.kl = ref, float("nan")  # ref: the frozen base policy, for the samples' KL from it
         self.last = None  # (epoch, evaluation) of the last log(), which finish() reuses for that epoch
@@ -159,8 +160,6 @@ class FixedSeedEval:
     def __call__(self):
         """Fixed-seed samples -> decoded images, the scores of each reward function (each (N,) on the CPU) and
         the samples themselves (N, C, H, W)."""
-        from drlhf.hardware import autocast
-        from drlhf.sampler import rollout
         g = torch.Generator(self.device).manual_seed(self.seed + 12345)  # the same seeds every time
         x_T = torch.randn((self.n, *self.base.sample_shape), generator=g, device=self.device)
         with autocast(self.precision, self.device):

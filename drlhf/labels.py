@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from drlhf.checkpoint import write_text
+from drlhf.files import write_text
 from drlhf.cli import UserError
 from drlhf.ordering import TaskSorter  # noqa: F401 - part of this module's interface
 

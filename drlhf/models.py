@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from drlhf.checkpoint import LINEAGE_FILE, atomic_write, save_safetensors
-from drlhf.cli import UserError
-from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, default_cache_dir, toy_guided_classifier, toy_model_dir
+from drlhf.cli import ModelLoadError  # noqa: F401 - part of this module's interface (raised here)
+from drlhf.files import atomic_write, default_cache_dir, save_safetensors
+from drlhf.guided_diffusion import GuidedClassifier, GuidedUNet
+from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, toy_guided_classifier, toy_model_dir
 
-
-class ModelLoadError(UserError):
-    """A model could not be loaded; the message says which flag or file to fix."""
+LINEAGE_FILE = "drlhf_lineage.json"  # a fine-tuned policy's lineage (drlhf.checkpoint), beside its weights
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,7 +94,6 @@ def download_once(url: str, path: Path):
 def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel":
     """OpenAI's class-conditional ImageNet U-Net from a .pt file (or its URL, fetched into the cache), read with
     torch.load(weights_only=True): no pickled code runs. A sidecar FILE.json may give other constructor kwargs."""
-    from drlhf.guided_diffusion import GuidedUNet
     src = spec.split(":", 1)[1]
     if src == "64x64":
         src = str(Path(cache_dir or default_cache_dir()) / "guided-diffusion" / "64x64_diffusion.pt")
@@ -138,7 +137,6 @@ def load_guided_classifier(spec: str, cache_dir=None):
     """OpenAI's noisy-image classifier (64x64_classifier.pt) from guided-diffusion:PATH, read with
     torch.load(weights_only=True); a sidecar FILE.json may give other constructor kwargs. toy:digits-rgb is the
     offline stand-in (the same architecture trained here on the colour digits)."""
-    from drlhf.guided_diffusion import GuidedClassifier
     if spec.startswith("toy:"):
         if spec != "toy:digits-rgb":
             raise ModelLoadError(f"--classifier {spec}: the only offline classifier is toy:digits-rgb")
@@ -353,3 +351,12 @@ def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
         if base.extra:
             (Path(d) / "drlhf_toy.json").write_text(json.dumps(base.extra, indent=1))
     atomic_write(Path(out_dir), write, folder=True)
+
+
+def base_fingerprint(unet: nn.Module) -> str:
+    """Identity of a base U-Net: its config and the values of its input convolution and first encoder block."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+                                  sort_keys=True, default=str).encode())
+    for p in list(unet.conv_in.parameters()) + list(unet.down_blocks[0].parameters())[:4]:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drlhf.checkpoint import atomic_write
+from drlhf.files import atomic_write
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:

@@ -26,8 +26,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from drlhf.checkpoint import save_safetensors, write_text
+from drlhf import models
 from drlhf.cli import UserError
+from drlhf.files import save_safetensors, write_text
+from drlhf.models import base_fingerprint
 
 TRAINABLE = ("head", "mid", "encoder")  # new head only (thesis) / + mid block / + the whole encoder
 
@@ -59,15 +61,6 @@ class CrossAttentionPool(nn.Module):
                               drop[:, None].expand(-1, c.shape[1]), ~drop[:, None]], 1)
         pooled, _ = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=False)
         return self.out(self.norm(pooled[:, 0] + q[:, 0]))[:, 0]
-
-
-def base_fingerprint(unet: nn.Module) -> str:
-    """Identity of a base U-Net: its config and the values of its input convolution and first encoder block."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-                                  sort_keys=True, default=str).encode())
-    for p in list(unet.conv_in.parameters()) + list(unet.down_blocks[0].parameters())[:4]:
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def run_encoder(unet: nn.Module, x, emb, ehs=None):
@@ -286,7 +279,6 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
                                    f"which is not the base model loaded now ({base.source}) nor the one it was "
                                    "fine-tuned from; train a reward model on this base model or pass the matching "
                                    "--pretrained")
-        from drlhf import models  # iterated RLHF: the reward model's encoder is the root base model's, as trained
         print(f"[drlhf] --reward-model {path}: trained on {root['base_model']}, which {base.source} was fine-tuned "
               "from; its encoder is rebuilt from there", flush=True)
         kept = root.get("path") and Path(root["path"]).is_dir()  # the very folder; else the source named again
@@ -298,7 +290,6 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
 
 
 def _load_classifier_reward_model(path: Path, config: dict, base, device, classifier=None, cache_dir=None):
-    from drlhf import models
     spec = classifier or config["classifier"]
     try:
         clf = models.load_guided_classifier(spec, cache_dir)

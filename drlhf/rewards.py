@@ -7,6 +7,10 @@
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from drlhf.cli import UserError
+from drlhf.files import atomic_write, default_cache_dir
+from drlhf.models import download_once
+from drlhf.reward_model import load_reward_model
 
 TARGET_PNG = Path(__file__).parent / "assets" / "target_4.png"
 
@@ -121,8 +128,6 @@ def fetch(spec: str, cache_dir=None, flag: str = "--aesthetic-mlp") -> Path:
             raise FileNotFoundError(f"{flag} {spec}: no such file")
         return path
     from urllib.parse import unquote
-    from drlhf.models import download_once
-    from drlhf.toys import default_cache_dir
     path = Path(cache_dir or default_cache_dir()) / "downloads" / unquote(spec.rsplit("/", 1)[1])
     try:
         download_once(spec, path)
@@ -219,7 +224,6 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
     if spec == "rm":
         if not reward_model:
             raise ValueError(f"{flag} rm needs --reward-model DIR, a folder written by train_reward.py")
-        from drlhf.reward_model import load_reward_model
         rm, config = load_reward_model(reward_model, base, device, cache_dir=cache_dir)
         rm.eval().requires_grad_(False)  # frozen; --algo backprop sends gradients through it, never into it
         ensemble = {}
@@ -248,9 +252,6 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
 def import_function(spec: str, flag: str):
     """module:function -> the function. The module must be importable: a file MODULE.py in the working directory
     or in a folder on PYTHONPATH (PYTHONPATH=/path/to/folder python train_ppo.py --reward MODULE:FUNCTION)."""
-    import importlib
-    import os
-    import sys
     mod, _, name = spec.partition(":")
     if os.getcwd() not in sys.path:  # `python path/to/script.py` puts the script's folder first, not the working one
         sys.path.append(os.getcwd())
@@ -274,7 +275,6 @@ def checked(fn, spec: str, flag: str, model=None, user_code: bool = False):
         except Exception as e:  # noqa: BLE001
             if not user_code or isinstance(e, UserError):
                 raise
-            import traceback
             where = traceback.extract_tb(e.__traceback__)[-1]
             raise RewardFunctionError(f"{flag} {spec} raised {type(e).__name__}: {e} (at {where.filename}:"
                                       f"{where.lineno})") from e
@@ -303,7 +303,6 @@ def from_flags(spec: str, base, device, flags, flag: str = "--reward"):
 
 
 if __name__ == "__main__":  # regenerate the committed target image: python -m drlhf.rewards
-    from drlhf.checkpoint import atomic_write
     image = make_target_four()
     atomic_write(TARGET_PNG, lambda tmp: image.save(tmp, format="PNG"))
     print("wrote", TARGET_PNG)

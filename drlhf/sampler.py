@@ -277,27 +277,12 @@ def model_distribution(model, schedule: DiffusionSchedule, x_t, idx, cond):
     return schedule.distribution(model(x_t, t, cond), x_t, idx)
 
 
-def policy_step(model, schedule: DiffusionSchedule, x_t, idx, cond, generator=None, chunk: int | None = None
-                ) -> StepOutput:
-    """Sample an action a ~ pi(.|x_t, t, c) and return it with its log-likelihood. With `chunk`, the model and the
-    log-likelihood see batches of exactly `chunk` states, the last one padded with copies of its first state, so
-    that each state gets the numbers any other batch of `chunk` states would give it (batch-size-dependent kernels
-    round differently; drlhf/passes.py). The noise is drawn for the B states alone, as without `chunk`."""
-    B = len(x_t)
-    chunk = chunk or B
-    pad = -B % chunk
-    padded = lambda v, fill=None: v if v is None or not pad else torch.cat(  # noqa: E731
-        [v, v[:1].expand(pad, *v.shape[1:]) if fill is None else v.new_full((pad, *v.shape[1:]), fill)])
-    x_p, idx_p, cond_p = padded(x_t), padded(idx), padded(cond)
-    starts = range(0, B + pad, chunk)
-    mean, std = (torch.cat(t) for t in zip(*[
-        model_distribution(model, schedule, x_p[s:s + chunk], idx_p[s:s + chunk],
-                           None if cond_p is None else cond_p[s:s + chunk]) for s in starts]))  # (B + pad, C, H, W)
-    noise = torch.randn((B, *mean.shape[1:]), generator=generator, device=mean.device, dtype=torch.float32)
-    action = mean + std * padded(noise, fill=0.0)
-    logprob = torch.cat([gaussian_logprob(action[s:s + chunk], mean[s:s + chunk], std[s:s + chunk],
-                                          schedule.cfg.logprob_reduction) for s in starts])
-    return StepOutput(mean[:B], std[:B], action[:B], logprob[:B])
+def policy_step(model, schedule: DiffusionSchedule, x_t, idx, cond, generator=None) -> StepOutput:
+    """Sample an action a ~ pi(.|x_t, t, c) and return it with its log-likelihood."""
+    mean, std = model_distribution(model, schedule, x_t, idx, cond)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    action = mean + std * noise
+    return StepOutput(mean, std, action, gaussian_logprob(action, mean, std, schedule.cfg.logprob_reduction))
 
 
 def action_logprob(model, schedule: DiffusionSchedule, x_t, idx, cond, action) -> torch.Tensor:
@@ -324,16 +309,16 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(model, schedule: DiffusionSchedule, x_T: torch.Tensor, cond=None, generator=None,
-            progress=None, chunk: int | None = None) -> Rollout:
-    """Run every environment through the whole reverse process in one batch per step (with `chunk`: the model in
-    batches of `chunk` states, the last padded; `policy_step`)."""
+            progress=None, step=policy_step) -> Rollout:
+    """Run every environment through the whole reverse process in one batch per step. `step` is `policy_step` or
+    any function of the same signature and result (drlhf/plan.py evaluates the model in the update's passes)."""
     T, B = schedule.num_steps, x_T.shape[0]
     latents = [x_T.float()]
     logprobs = []
     steps = range(T) if progress is None else progress(range(T))
     for i in steps:
         idx = torch.full((B,), i, dtype=torch.long, device=x_T.device)
-        out = policy_step(model, schedule, latents[-1], idx, cond, generator, chunk)
+        out = step(model, schedule, latents[-1], idx, cond, generator)
         latents.append(out.action)
         logprobs.append(out.logprob)
     return Rollout(torch.stack(latents), torch.stack(logprobs), schedule.timesteps.clone(),

@@ -13,9 +13,7 @@ a progress bar naming the model and "first use, cached"; an existing cache is ne
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from drlhf.checkpoint import atomic_write
+from drlhf.cli import ModelLoadError
+
+from drlhf.files import atomic_write, cache_lock, default_cache_dir
+from drlhf.guided_diffusion import GuidedClassifier
 
 TOY_MODELS = {
     "digit4": dict(digits=[4], rgb=False, resolution=16, class_cond=False),
@@ -41,25 +42,6 @@ TOY_SAMPLING_STEPS = 10
 # OpenAI's classifier architecture at toy size, for the 16x16 colour digits (10 classes)
 TOY_CLASSIFIER = dict(image_size=16, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=1,
                       attention_resolutions=[4], channel_mult=[1, 2, 2], num_head_channels=32)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DRLHF_CACHE", Path.home() / ".cache" / "drlhf"))
-
-
-@contextlib.contextmanager
-def cache_lock(path: Path):
-    """Processes that need the same cache entry (two runs started together, parallel test workers) take turns:
-    the first trains it, the others wait and then load it. An flock, released even when its holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock, at worst the entry is trained twice (writes are atomic)
-        yield
-        return
-    with open(path.parent / f".{path.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def toy_digits(digits, resolution: int, rgb: bool, seed: int = 0):
@@ -100,7 +82,6 @@ def train_toy(net: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor]
     """The one training loop of the toys: AdamW on loss_fn(g), where g is the loop's seeded generator that
     draws every minibatch, noise and timestep. Returns the last loss."""
     from tqdm.auto import tqdm
-    from drlhf.hardware import balance_cpu_threads
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
@@ -109,7 +90,6 @@ def train_toy(net: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        balance_cpu_threads()
     return loss
 
 
@@ -150,7 +130,6 @@ def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed
 
 def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRAIN_STEPS) -> Path:
     """The cached toy model folder, trained on first use."""
-    from drlhf.models import ModelLoadError
     if name not in TOY_MODELS:
         raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
                              + ", ".join(f"toy:{k}" for k in TOY_MODELS))
@@ -164,38 +143,9 @@ def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRA
 # ---------------------------------------------------------------------------------------------------------
 # Toy classifiers: value-function initialization and reward-model backbone
 # ---------------------------------------------------------------------------------------------------------
-def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None, steps: int = 400, seed: int = 0):
-    """Appendix B's CNN trained as a noisy-digit classifier on all ten digits (thesis 6.4: the value function
-    was initialized from an MNIST classifier). Cached as safetensors; returns the state dict."""
-    path = Path(cache_dir or default_cache_dir()) / f"critic-classifier-c{in_channels}-r{resolution}-s{steps}.safetensors"
-    with cache_lock(path):
-        if not path.exists():
-            _pretrain_critic_classifier(path, in_channels, resolution, steps, seed)
-    return load_file(path)
-
-
-def _pretrain_critic_classifier(path: Path, in_channels: int, resolution: int, steps: int, seed: int):
-    from drlhf.value import CriticCNN
-    torch.manual_seed(seed)
-    x, y = toy_digits(list(range(10)), resolution, in_channels == 3, seed)
-    net = CriticCNN(in_channels, resolution, out_dim=10)
-    sched = cosine_noise_schedule()
-
-    def loss_fn(g):
-        i = torch.randint(len(x), (128,), generator=g)
-        t = torch.randint(0, 1000, (128,), generator=g) * (torch.rand(128, generator=g) < 0.75)  # a quarter clean
-        xt = sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t)
-        return F.cross_entropy(net(xt, t), y[i])
-
-    train_toy(net, loss_fn, steps, 3e-3, seed, "pre-training the value network as a digit classifier (cached)")
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
-
-
 def toy_guided_classifier(cache_dir=None, steps: int = 300, seed: int = 0):
     """OpenAI's noisy-image classifier architecture trained on noisy toy:digits-rgb images (cosine schedule, as
     the toy base model), cached; the offline stand-in of 64x64_classifier.pt for value functions and reward models."""
-    from drlhf.guided_diffusion import GuidedClassifier
     clf = GuidedClassifier(**{**TOY_CLASSIFIER, "attention_resolutions": (4,), "channel_mult": (1, 2, 2)})
     path = Path(cache_dir or default_cache_dir()) / f"toy-classifier-digits-rgb-s{steps}.safetensors"
     with cache_lock(path):

@@ -5,18 +5,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
-from drlhf import checkpoint, hardware
-from drlhf.checkpoint import write_text
+import time
+
+import torch
+
+from drlhf import checkpoint, distributed, speed
+from drlhf.files import make_dir, write_text
 
 
 def open_run(out: Path, args, purge_step: int | None = None, args_json: bool = True):
     """The output folder and its TensorBoard writer, with the resolved flags as a text table (and args.json).
     purge_step: a resumed run drops the events logged after its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     writer = SummaryWriter(out / "tb", purge_step=purge_step)
     flags = dataclasses.asdict(args)
     writer.add_text("args", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
@@ -45,24 +50,35 @@ def start_run(out: Path, args, base, schedule, evaluator, state: dict, sizes: tu
     return writer
 
 
-def pool_rewards(scores, kl, kl_coef: float, n: int):
-    """[mean reward, mean squared reward, mean KL penalty, mean |reward| + penalty, mean KL] over all processes' n
-    samples, the KL summed over the steps of each (every rank calls it)."""
-    import torch
-    return hardware.all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * kl_coef,
-                                                (scores.abs() + kl.sum(0) * kl_coef).sum(),
-                                                kl.sum()]).double()).cpu() / n
+def pool_rewards(scores, kl, kl_coef: float, n: int) -> dict:
+    """Means over all processes' n samples (every rank calls it), the KL summed over the steps of each sample:
+    reward, reward_sq (the mean squared reward), kl_penalty (beta x KL), magnitude (|reward| + penalty), kl."""
+    sums = distributed.all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * kl_coef,
+                                                   (scores.abs() + kl.sum(0) * kl_coef).sum(), kl.sum()]).double())
+    return dict(zip(("reward", "reward_sq", "kl_penalty", "magnitude", "kl"), (sums.cpu() / n).tolist()))
+
+
+class PhaseTimer:
+    """Seconds of an epoch's phases: `lap(name)` records the time since the last lap (GPU work waited for)."""
+
+    def __init__(self, device):
+        self.device, self.times, self.t = device, {}, time.perf_counter()
+
+    def lap(self, name: str):
+        distributed.sync_device(self.device)
+        now = time.perf_counter()
+        self.times[name], self.t = now - self.t, now
 
 
 def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats: dict, state: dict, opt_pi, opt_vf,
                   times: dict, seconds: float, n_images: int, device) -> dict:
     """One epoch of train_ppo.py: pooled rewards (objective/), the update's statistics (losses/), learning rates,
     speed and memory (charts/), and the progress bar. pooled = pool_rewards(...). Returns the logged values."""
-    r_mean = pooled[0].item()
+    r_mean = pooled["reward"]
     bmu, bsd = state["base_rewards"].mean().item(), state["base_rewards"].std().item() + 1e-12
     global_step = state["global_step"]
     lrs = {"policy": opt_pi.param_groups[0]["lr"]} | ({"vf": opt_vf.param_groups[0]["lr"]} if opt_vf else {})
-    logs = {"objective/reward_mean": r_mean, "objective/reward_std": math.sqrt(max(pooled[1].item() - r_mean ** 2, 0.0)),
+    logs = {"objective/reward_mean": r_mean, "objective/reward_std": math.sqrt(max(pooled["reward_sq"] - r_mean ** 2, 0.0)),
             "objective/reward_mean_std_units": (r_mean - bmu) / bsd, "charts/images_per_s": n_images / seconds,
             "charts/global_step": global_step,
             "charts/seconds_update": seconds - times.get("rollout", 0.0) - times.get("scoring", 0.0)}
@@ -71,11 +87,11 @@ def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats:
         logs.update({"losses/loss": stats["loss"], "losses/grad_norm": stats["grad_norm"]})
     else:
         logs.update({
-            "objective/kl": kl.sum(0).mean().item(), "objective/kl_penalty": pooled[2].item(),
+            "objective/kl": kl.sum(0).mean().item(), "objective/kl_penalty": pooled["kl_penalty"],
             "objective/kl_coef": stats["kl_coef"],  # beta of this epoch (--kl-target moves it)
             **({"objective/ensemble_disagreement": stats["ensemble_disagreement"]}
                if stats.get("ensemble_disagreement") is not None else {}),
-            "objective/kl_share": pooled[2].item() / max(pooled[3].item(), 1e-12),
+            "objective/kl_share": pooled["kl_penalty"] / max(pooled["magnitude"], 1e-12),
             "losses/policy_loss": stats["pg_loss"], "losses/value_loss": stats["v_loss"],
             "losses/log_value_loss": math.log10(max(stats["v_loss"], 1e-12)), "losses/approx_kl": stats["approx_kl"],
             "losses/clipfrac": stats["clipfrac"], "losses/ratio": stats["ratio"],
@@ -83,9 +99,9 @@ def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats:
             "losses/explained_variance": stats["explained_variance"],
             "charts/seconds_rollout": times["rollout"],
             "charts/seconds_scoring": times["scoring"]})  # rewards, values, pi_base and a recomputed pi_old
-    logs["charts/peak_rss_gb"] = hardware.peak_rss_gb()
+    logs["charts/peak_rss_gb"] = speed.peak_rss_gb()
     if device.type == "cuda":
-        logs["charts/peak_memory_gb"] = hardware.peak_gpu_gb(device)
+        logs["charts/peak_memory_gb"] = speed.peak_gpu_gb(device)
     for k, v in logs.items():
         writer.add_scalar(k, v, epoch)
     writer.add_histogram("objective/rewards", scores.cpu(), epoch)
@@ -98,7 +114,7 @@ def write_summary(out: Path, scores: dict, epochs: int, epoch_times: list, n_ima
     """summary.json: the fixed-seed scores (drlhf.evaluation), epochs, seconds per epoch, images/s, peak memory."""
     seconds = sum(epoch_times) / len(epoch_times) if epoch_times else None
     summary = dict(scores, epochs=epochs, seconds_per_epoch=seconds, images_per_second=n_images / seconds if seconds else None,
-                   peak_gpu_memory_gb=hardware.peak_gpu_gb(device), peak_rss_gb=hardware.peak_rss_gb())
+                   peak_gpu_memory_gb=speed.peak_gpu_gb(device), peak_rss_gb=speed.peak_rss_gb())
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
@@ -108,12 +124,11 @@ class CompileLog:
     compiles one graph per shape (the warm-up); a graph in a later epoch is a recompilation."""
 
     def __init__(self):
-        self.seen, self.warm = hardware.compiled_graphs(), False
+        self.seen, self.warm = speed.compiled_graphs(), False
 
     def epoch(self, writer, epoch: int, seconds: float) -> int:
         """Count the graphs compiled since the last call; with a writer (rank 0) also log and report them."""
-        import os
-        now = hardware.compiled_graphs()
+        now = speed.compiled_graphs()
         new, self.seen = now - self.seen, now
         if writer is not None:
             writer.add_scalar("charts/graphs_compiled", new, epoch)

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from drlhf.files import atomic_write, cache_lock, default_cache_dir
+from drlhf.models import load_guided_classifier
+from drlhf.reward_model import RewardModel, load_reward_model
+from drlhf.toys import cosine_noise_schedule, toy_digits, train_toy
 
 
 def timestep_features(t: torch.Tensor, dim: int = 16, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -77,6 +84,34 @@ class ClassifierValue(nn.Module):
         return self.head(self.classifier(x, t))[:, 0]
 
 
+# ---- appendix B's value network pre-trained as a noisy-digit classifier (thesis 6.4), cached ----------------
+def pretrain_critic_classifier(in_channels: int, resolution: int, cache_dir=None, steps: int = 400, seed: int = 0):
+    """Appendix B's CNN trained as a noisy-digit classifier on all ten digits (thesis 6.4: the value function
+    was initialized from an MNIST classifier). Cached as safetensors; returns the state dict."""
+    path = Path(cache_dir or default_cache_dir()) / f"critic-classifier-c{in_channels}-r{resolution}-s{steps}.safetensors"
+    with cache_lock(path):
+        if not path.exists():
+            _pretrain_critic_classifier(path, in_channels, resolution, steps, seed)
+    return load_file(path)
+
+
+def _pretrain_critic_classifier(path: Path, in_channels: int, resolution: int, steps: int, seed: int):
+    torch.manual_seed(seed)
+    x, y = toy_digits(list(range(10)), resolution, in_channels == 3, seed)
+    net = CriticCNN(in_channels, resolution, out_dim=10)
+    sched = cosine_noise_schedule()
+
+    def loss_fn(g):
+        i = torch.randint(len(x), (128,), generator=g)
+        t = torch.randint(0, 1000, (128,), generator=g) * (torch.rand(128, generator=g) < 0.75)  # a quarter clean
+        xt = sched.add_noise(x[i], torch.randn(x[i].shape, generator=g), t)
+        return F.cross_entropy(net(xt, t), y[i])
+
+    train_toy(net, loss_fn, steps, 3e-3, seed, "pre-training the value network as a digit classifier (cached)")
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
 def make_value_fn(kind: str, init: str, base, reward_model: str | None = None, classifier: str | None = None,
                   cache_dir=None) -> nn.Module | None:
     """train_ppo.py's --value-fn and --value-init -> V(x_t, t, c) for a base model (drlhf.models.BaseModel), on
@@ -87,18 +122,14 @@ def make_value_fn(kind: str, init: str, base, reward_model: str | None = None, c
     if kind == "cnn":
         net = CriticCNN(c, h)
         if init == "classifier":  # appendix B: start from a digit classifier, new scalar output
-            from drlhf.toys import pretrain_critic_classifier
             state = pretrain_critic_classifier(c, h, cache_dir)
             net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc2.")}, strict=False)
         return net
     if "reward" in (kind, init):  # thesis 6.9: the value function starts as a copy of the reward model
-        from drlhf.reward_model import load_reward_model
         return load_reward_model(reward_model, base, cache_dir=cache_dir)[0].first_head()  # an ensemble's first head
     if kind == "classifier":  # thesis 6.5: the ImageNet classifier + a linear layer to one scalar
-        from drlhf.models import load_guided_classifier
         return ClassifierValue(load_guided_classifier(classifier, cache_dir))
     if kind == "unet":  # the reward-model architecture on the base U-Net, with a new head
-        from drlhf.reward_model import RewardModel
         null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
         return RewardModel(base.unet, base.conditioning, null_text, base.num_classes)
     if init != "random":  # kind == "encoder"

@@ -14,7 +14,7 @@ TINY = ["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5", "--mini
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: a second torch thread would wait for a busy core
     import torch
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and drlhf.hardware's thread balancing leaves it so
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and drlhf.speed.default_threads follows it
     torch.set_num_threads(1)
 
 

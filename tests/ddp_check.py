@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ppo  # noqa: E402
-from drlhf import hardware, models, toys, value  # noqa: E402
+from drlhf import distributed, models, toys, value  # noqa: E402
+from drlhf.plan import EpochPlan  # noqa: E402
 from drlhf.sampler import DiffusionSchedule, SamplerConfig, make_betas, rollout, space_timesteps  # noqa: E402
 
 T, B_ALL = 5, 4
@@ -65,15 +66,16 @@ if sys.argv[2:] == ["backprop"]:  # thesis 6.8: the reward's gradient through th
     chain = DDP(chain, broadcast_buffers=False) if world > 1 else chain
     noise = torch.randn((T, *x_T.shape), generator=torch.Generator().manual_seed(4))
     args.algo, args.reward, args.max_grad_norm = "backprop", "target", None
-    nets = train_ppo.Nets(schedule, lambda x, c, p: rewards.target_image_reward(x, target), chain, policy_net, unet,
-                          ref=None, ref_net=None, value=None, value_net=None, opt_pi=opt_pi, opt_vf=None, scaler=scaler)
+    nets = train_ppo.Nets(schedule, lambda x, c, p: rewards.target_image_reward(x, target), chain, policy_net,
+                          ref_net=None, value=None, value_net=None, opt_pi=opt_pi, opt_vf=None, scaler=scaler)
     train_ppo.backprop_update(nets, x_T[share], noise[:, share], None, None, args, {"epoch": 0, "global_step": 0},
                               torch.device("cpu"))
 else:
     orders = torch.arange(T * B_ALL // world)[None]  # one minibatch holding all of this rank's states
-    nets = train_ppo.Nets(schedule, None, policy, policy_net, unet, ref=None, ref_net=None, value=value_fn,
-                          value_net=value_net, opt_pi=opt_pi, opt_vf=opt_vf, scaler=scaler)
-    train_ppo.ppo_update(nets, local, orders, args, {"epoch": 0, "global_step": 0}, torch.device("cpu"))
+    nets = train_ppo.Nets(schedule, None, policy, policy_net, ref_net=None, value=value_fn, value_net=value_net,
+                          opt_pi=opt_pi, opt_vf=opt_vf, scaler=scaler)
+    plan = EpochPlan(args, B_ALL // world, nets)
+    train_ppo.ppo_update(nets, plan, local, orders, args, {"epoch": 0, "global_step": 0})
 if rank == 0:
     out = {f"policy.{k}": v.contiguous() for k, v in unet.state_dict().items()}
     out.update({f"value.{k}": v.contiguous() for k, v in value_net.state_dict().items()})
@@ -81,4 +83,4 @@ if rank == 0:
     save_file(init, sys.argv[1] + ".init")
 if world > 1:
     dist.destroy_process_group()
-hardware.exit_process(0)  # a torchrun worker skips the interpreter's teardown (drlhf.hardware.exit_process)
+distributed.exit_process(0)  # a torchrun worker skips the interpreter's teardown (drlhf.distributed.exit_process)

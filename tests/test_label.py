@@ -394,7 +394,10 @@ def test_app_in_tmux_keeps_every_key_visible_and_ends_with_the_next_step(tmp_pat
         end = screen()
         subprocess.run(["tmux", "send-keys", "-t", session, "q"])
         time.sleep(1.5)
-        after = screen()  # the pane keeps what the labeler printed on quitting
+        # the pane keeps what the labeler printed on quitting; -J joins the lines tmux wrapped at the pane's width
+        # (a long temporary path in the goodbye line must not split "--annotator tmux")
+        after = subprocess.run(["tmux", "capture-pane", "-t", session, "-p", "-J"], capture_output=True,
+                               text=True).stdout
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
     rows = middle.splitlines()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train_ppo
 from conftest import TINY
-from drlhf import passes, presets, rewards
+from drlhf import plan, presets, rewards
 
 TABLE = Path(__file__).parent / "fixtures" / "table_6_2.md"
 
@@ -483,11 +483,11 @@ def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
     each optimizer step sees, and the epoch's statistics, equal those of the minibatches one at a time. (pi_old is
     recomputed in each run's own passes, as --old-logprobs recompute does: summed over a state's dimensions, a
     log-probability moves by ~1e-3 with the batch size a kernel sees, and the ratio would carry that.)"""
-    from drlhf import hardware
+    from drlhf import distributed
     from drlhf.sampler import action_logprob, rollout
     common = ["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5", "--minibatch-size", "5",
               "--grad-accum-steps", "2", "--cache-dir", str(cache_dir), "--device", "cpu"]
-    device = hardware.resolve_device("cpu")
+    device = distributed.resolve_device("cpu")
     args, _ = train_ppo.parse_args(common)
     base, nets, *_ = train_ppo.setup(args, 0, 1, device)
     T, B = args.num_steps, args.num_envs
@@ -500,7 +500,7 @@ def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
     steps = []  # the gradients of each optimizer step, which then does not move the weights (all runs start alike)
 
     def record_step(nets, args, state):
-        steps.append({k: p.grad.clone() for k, p in [*nets.unet.named_parameters(), *nets.value_net.named_parameters()]
+        steps.append({k: p.grad.clone() for k, p in [*base.unet.named_parameters(), *nets.value_net.named_parameters()]
                       if p.grad is not None})
         nets.opt_pi.zero_grad(set_to_none=True)
         nets.opt_vf.zero_grad(set_to_none=True)
@@ -509,8 +509,9 @@ def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
     stats = {}
     for k in (1, 2):
         fused, _ = train_ppo.parse_args([*common, "--fused-minibatches", str(k)])
-        data["logprobs"] = train_ppo.evaluate_states(logprob, buf.latents, None, orders[0], 5 * k, fused, device)
-        stats[k] = train_ppo.ppo_update(nets, data, orders, fused, {"epoch": 0, "global_step": 0}, device)
+        fused_plan = plan.EpochPlan(fused, B, nets)  # the update's passes: 5 x k states
+        data["logprobs"] = fused_plan.evaluate(logprob, buf, orders[0])
+        stats[k] = train_ppo.ppo_update(nets, fused_plan, data, orders, fused, {"epoch": 0, "global_step": 0})
         assert stats[k]["ratio_dev_at_start"] == 0.0
     assert len(steps) == 4  # 20 states = 4 minibatches of 5 = 2 optimizer steps, once one at a time, once fused
     for one, two in zip(steps[:2], steps[2:]):
@@ -530,34 +531,34 @@ def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
     (training mode, gradients on, outputs detached) instead of compiling its own. Eagerly that is the same chain
     up to rounding, with nothing left attached to an autograd graph; a batch of another size, an active dropout or
     a run without --compile keeps the rollout's own no-grad path."""
-    from drlhf import hardware
+    from drlhf import distributed
     from drlhf.sampler import rollout
     common = ["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5", "--cache-dir", str(cache_dir),
               "--device", "cpu"]
     args, _ = train_ppo.parse_args([*common, "--minibatch-size", "4", "--compile", "true"])
-    device = hardware.resolve_device("cpu")
+    device = distributed.resolve_device("cpu")
     base, nets, *_ = train_ppo.setup(args, 0, 1, device)  # compiled lazily: nothing compiles unless it runs
     net = nets.policy_net
-    assert passes.rollout_in_update_graph(net, 4, args)
-    assert not passes.rollout_in_update_graph(net, 2, args)  # 2 environments, passes of 4 states
+    assert plan.EpochPlan(args, 4, nets).rollout_in_update_graph
+    assert not plan.EpochPlan(args, 2, nets).rollout_in_update_graph  # 2 environments, passes of 4 states
     for other in (["--minibatch-size", "4"], ["--minibatch-size", "2", "--grad-accum-steps", "2",  # 2 x 2 fused
                                               "--fused-minibatches", "2", "--compile", "true"]):
         flags, _ = train_ppo.parse_args([*common, *other])
-        assert passes.rollout_in_update_graph(net, 4, flags) == flags.compile
+        assert plan.EpochPlan(flags, 4, nets).rollout_in_update_graph == flags.compile
     net.unet = base.unet  # the plain module: the two paths compared eagerly
     x_T = torch.randn(4, *base.sample_shape, generator=torch.Generator().manual_seed(0))
     chains = []
     for shared in (False, True):
         net.train(shared)
-        chains.append(rollout(passes.update_graph(net, shared), nets.schedule, x_T, None,
+        chains.append(rollout(plan.in_update_graph(net, shared), nets.schedule, x_T, None,
                               generator=torch.Generator().manual_seed(1)))
     # the same up to rounding: in training mode diffusers' ResNet blocks make their shortcut input contiguous
     # (diffusers 0.42), so a 1x1 convolution reads another memory layout (last bits, ~1e-6 per forward here)
     torch.testing.assert_close(chains[1].latents, chains[0].latents, rtol=0, atol=1e-4)
     torch.testing.assert_close(chains[1].logprobs, chains[0].logprobs, rtol=1e-5, atol=0)
     assert not chains[1].latents.requires_grad and not chains[1].logprobs.requires_grad
-    dropout = torch.nn.Sequential(net, torch.nn.Dropout(0.1))  # training mode would change what is sampled
-    assert not passes.rollout_in_update_graph(dropout, 4, args)
+    nets.policy_net = torch.nn.Sequential(net, torch.nn.Dropout(0.1))  # training mode would change what is sampled
+    assert not plan.EpochPlan(args, 4, nets).rollout_in_update_graph
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -568,15 +569,19 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
     machine, passes of 4 states moved them by up to 2.4e-4, and of 16 on one thread too), so the epoch skips the
     pass and trains exactly as it would with it. Padding that would cost more than the pass, or a compiled rollout
     with a graph of its own, keep the pass."""
-    from drlhf import hardware
+    from drlhf import distributed
     from drlhf.sampler import action_logprob, rollout
     common = ["--toy-train-steps", "8", "--num-envs", "8", "--num-steps", "4", "--old-logprobs", "recompute",
               "--precision", precision, "--cache-dir", str(cache_dir), "--device", "cpu"]
     args, _ = train_ppo.parse_args([*common, "--minibatch-size", "8", "--grad-accum-steps", "2"])
-    device = hardware.resolve_device("cpu")
+    device = distributed.resolve_device("cpu")
     base, nets, *_ = train_ppo.setup(args, 0, 1, device)
     net = nets.policy_net
     dropout = torch.nn.Sequential(net, torch.nn.Dropout(0.1))
+
+    def decided(flags, B, policy=net):  # the plan of B environments per process for a policy network
+        nets.policy_net = policy
+        return plan.EpochPlan(flags, B, nets)
     fused = ["--minibatch-size", "4", "--fused-minibatches", "2", "--grad-accum-steps", "2"]  # passes of 8 states
     # (flags, environments per process, rollout in passes of, pass skipped): the rollout's batch is the pass; or
     # split into passes, or padded to one where that costs no more than the pass (3 padded to 8 would cost more)
@@ -588,50 +593,53 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
                                       (["--minibatch-size", "8", "--old-logprobs", "rollout"], 4, None, False),
                                       (["--minibatch-size", "8", "--algo", "backprop"], 8, None, False)):
         flags = train_ppo.parse_args([*common, *flags])[0]
-        assert passes.rollout_chunk(net, B, flags) == chunk, (flags, B)
-        assert passes.rollout_is_recompute(net, B, flags) == expected, (flags, B)
+        assert decided(flags, B).rollout_chunk == chunk, (flags, B)
+        assert decided(flags, B).rollout_gives_pi_old == expected, (flags, B)
+        assert decided(flags, B).recompute == (flags.old_logprobs == "recompute" and not expected), (flags, B)
     compiled, _ = train_ppo.parse_args([*common, "--minibatch-size", "8", "--compile", "true"])
-    assert passes.rollout_is_recompute(dropout, 8, args)  # eagerly both run in evaluation mode
-    assert passes.rollout_is_recompute(dropout, 4, args)
-    assert not passes.rollout_is_recompute(dropout, 8, compiled)  # its rollout has a no-grad graph of its own
-    assert passes.rollout_chunk(dropout, 4, compiled) is None  # padding would save no pass
-    assert passes.rollout_notes(net, 8, args) == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
+    assert decided(args, 8, dropout).rollout_gives_pi_old  # eagerly both run in evaluation mode
+    assert decided(args, 4, dropout).rollout_gives_pi_old
+    assert not decided(compiled, 8, dropout).rollout_gives_pi_old  # its rollout has a no-grad graph of its own
+    assert decided(compiled, 4, dropout).rollout_chunk is None  # padding would save no pass
+    assert decided(args, 8).notes() == ["[drlhf] --old-logprobs recompute: extra no-grad passes: none: "
                                                   "the rollout's batch of 8 is the update's pass, so its log-probs "
                                                   "are pi_old already"]
-    assert passes.rollout_notes(net, 4, compiled) == [
+    assert decided(compiled, 4).notes() == [
         "[drlhf] --compile: the rollout (4 environments) runs through the update's training graph in passes of 8 "
         "states (4 of them padding): nothing of its own to compile",
         "[drlhf] --old-logprobs recompute: extra no-grad passes: none: the rollout evaluates its 4 environments in "
         "passes of 8 states (4 of them padding), so its log-probs are pi_old already"]
     assert "(--minibatch-size 2 --grad-accum-steps 8, the same update of 16 states per optimizer step, would make" \
-        in passes.rollout_notes(net, 2, args)[0]  # the flags that give passes of 2 states: 2 x 8 = 8 x 2
-    assert passes.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
+        in decided(args, 2).notes()[0]  # the flags that give passes of 2 states: 2 x 8 = 8 x 2
+    assert plan.passes_of(6, args) == "update passes of 6 states (--minibatch-size x --fused-minibatches)"
     chains = train_ppo.parse_args([*common, "--minibatch-size", "8", "--minibatch-grouping", "trajectory"])[0]
-    assert passes.passes_of(2, chains).startswith("update passes of 2")  # not whole 4-step chains: no flags
-    assert passes.passes_of(4, train_ppo.parse_args([*common, *fused])[0]).startswith(
+    assert plan.passes_of(2, chains).startswith("update passes of 2")  # not whole 4-step chains: no flags
+    assert plan.passes_of(4, train_ppo.parse_args([*common, *fused])[0]).startswith(
         "--minibatch-size 2 --grad-accum-steps 4,")  # passes of 2 fused minibatches of 2
     # what the pass would compute, in a shuffled order of the update's passes: the rollout's values, bit for bit
     g = torch.Generator().manual_seed(0)
-    with hardware.autocast(precision, device):
+    with distributed.autocast(precision, device):
         buf = rollout(net.eval(), nets.schedule, torch.randn(8, *base.sample_shape, generator=g), None, generator=g)
     order = torch.randperm(32, generator=g)
     logprob = lambda x, i, c, a: action_logprob(net, nets.schedule, x, i, c, a)  # noqa: E731
-    assert torch.equal(train_ppo.evaluate_states(logprob, buf.latents, None, order, 8, args, device), buf.logprobs)
+    assert torch.equal(decided(args, 8).evaluate(logprob, buf, order), buf.logprobs)
     # one epoch with the pass skipped (one state evaluation: the values) and one with it forced: the same training,
     # with the rollout's batch the pass (8 in passes of 8) and padded to it (12 in passes of 16, 4 of them padding)
     padded, _ = train_ppo.parse_args([*common, "--num-envs", "12", "--minibatch-size", "16", "--grad-accum-steps", "3"])
     for run_args, B in ((args, 8), (padded, 12)):
         ends = []
         for skip in (True, False):
-            monkeypatch.setattr(train_ppo, "rollout_is_recompute", lambda *a, skip=skip: skip)
+            base, nets, epoch_plan, _, prompts, embeds, gens, sizes = train_ppo.setup(run_args, 0, 1, device)
+            assert epoch_plan.rollout_gives_pi_old and not epoch_plan.recompute  # the plan skips the pass
+            epoch_plan.recompute = not skip  # forced: the pass made anyway
             calls = []
-            count = lambda *a, f=train_ppo.evaluate_states: calls.append(1) or f(*a)  # noqa: E731
-            monkeypatch.setattr(train_ppo, "evaluate_states", count)
-            base, nets, _, prompts, embeds, gens, sizes = train_ppo.setup(run_args, 0, 1, device)
+            count = lambda *a, f=epoch_plan.evaluate: calls.append(1) or f(*a)  # noqa: E731
+            monkeypatch.setattr(epoch_plan, "evaluate", count)
             state = {"epoch": 0, "global_step": 0}
             train_ppo.set_lrs(nets.opt_pi, nets.opt_vf, run_args, state)
-            scores, _, stats, _ = train_ppo.train_epoch(nets, base, run_args, state, gens, prompts, embeds, B, 0,
-                                                        device)
+            kl_ctl = train_ppo.KLController(run_args.kl_coef)
+            scores, _, stats, _ = train_ppo.train_epoch(nets, epoch_plan, kl_ctl, base, run_args, state, gens, prompts,
+                                                        embeds, B, 0, device)
             monkeypatch.undo()
             ends.append((len(calls), scores, stats, {**base.unet.state_dict(), **nets.value_net.state_dict()}))
         assert (ends[0][0], ends[1][0]) == (1, 2)
@@ -646,12 +654,12 @@ def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):
     """The update reads its statistics once per optimizer step; a non-finite loss in any minibatch of the step
     still stops training before that step, with the policy and value weights untouched."""
     import copy
-    from drlhf import hardware
+    from drlhf import distributed
     args, _ = train_ppo.parse_args(["--toy-train-steps", "8", "--num-envs", "4", "--num-steps", "5",
                                     "--minibatch-size", "5", "--grad-accum-steps", "2", "--norm-adv", "false",
                                     "--cache-dir", str(cache_dir), "--device", "cpu"])
-    device = hardware.resolve_device("cpu")
-    base, nets, *_ = train_ppo.setup(args, 0, 1, device)
+    device = distributed.resolve_device("cpu")
+    base, nets, epoch_plan, *_ = train_ppo.setup(args, 0, 1, device)
     T, B = args.num_steps, args.num_envs
     latents = torch.randn(T + 1, B, *base.sample_shape)
     advantages = torch.ones(T, B)
@@ -662,12 +670,12 @@ def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):
     state = {"epoch": 3, "global_step": 0}
     orders = torch.arange(T * B)[None]  # in order: state 7 is in minibatch 2 (states 5-9), the first step's last
     with pytest.raises(FloatingPointError, match="epoch 3: non-finite PPO loss"):
-        train_ppo.ppo_update(nets, buf, orders, args, state, device)
+        train_ppo.ppo_update(nets, epoch_plan, buf, orders, args, state)
     assert state["global_step"] == 0
     for saved, module in zip(before, (base.unet, nets.value_net)):
         assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
     advantages.view(-1)[7] = 1.0  # finite (and the stopped update's gradients cleared): the same update steps twice
     nets.opt_pi.zero_grad(set_to_none=True)
     nets.opt_vf.zero_grad(set_to_none=True)
-    train_ppo.ppo_update(nets, buf, orders, args, state, device)
+    train_ppo.ppo_update(nets, epoch_plan, buf, orders, args, state)
     assert state["global_step"] == 2

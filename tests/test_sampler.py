@@ -184,11 +184,13 @@ def test_bad_sampler_settings_are_named():
 
 @pytest.mark.parametrize("conditioning", ["class", "text"])
 def test_rollout_in_passes_gives_each_state_the_numbers_of_any_pass(conditioning):
-    """rollout(..., chunk=K): the model and the log-likelihood see batches of exactly K states (the last padded with
+    """rollout(..., step=chunked_policy_step(K)) (drlhf/plan.py): the model and the log-likelihood see batches of exactly K states (the last padded with
     copies of its first state), so a state's log-probability is what any pass of K states gives it, here in random
     passes over all steps' states; the noise is the same draw as without chunks, so the chain differs by rounding
     only. Padded (6 environments, passes of 8) and split (8 environments, passes of 4), with CFG conditions."""
     from diffusers import UNet2DConditionModel
+
+    from drlhf.plan import chunked_policy_step
     torch.manual_seed(0)
     if conditioning == "class":
         unet, shape = toys.toy_unet(3, 16, class_cond=True).eval(), (3, 16, 16)
@@ -208,7 +210,8 @@ def test_rollout_in_passes_gives_each_state_the_numbers_of_any_pass(conditioning
         for B, chunk in ((6, 8), (8, 4)):
             g = torch.Generator().manual_seed(B)
             x_T, cond = torch.randn(B, *shape, generator=g), make_cond(B, g)
-            buf = rollout(policy, sched, x_T, cond, generator=torch.Generator().manual_seed(1), chunk=chunk)
+            buf = rollout(policy, sched, x_T, cond, generator=torch.Generator().manual_seed(1),
+                          step=chunked_policy_step(chunk))
             plain = rollout(policy, sched, x_T, cond, generator=torch.Generator().manual_seed(1))
             torch.testing.assert_close(buf.latents, plain.latents, rtol=0, atol=1e-4)
             states, actions = buf.latents[:-1].flatten(0, 1), buf.latents[1:].flatten(0, 1)

@@ -1,5 +1,5 @@
-"""The epoch benchmark (tiny sizes on the CPU), --compile without recompilation, and CPU threads that follow the
-machine's load. Nothing here depends on how long anything takes."""
+"""The epoch benchmark (tiny sizes on the CPU), --compile without recompilation, and CPU threads fixed for a run
+whatever the machine's load. Nothing here depends on how long anything takes."""
 import ctypes
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from drlhf import hardware
+from drlhf import distributed, speed
 
 
 def test_benchmark_tiny_pink_writes_phases_flops_and_peak(run, tmp_path):
@@ -111,93 +111,88 @@ def test_compile_compiles_in_the_first_epoch_only(run, tmp_path, scope, minibatc
     assert kl[0] == 0.0 and kl[1] > 0, kl
 
 
-def fake_machine(monkeypatch, cores, readings):
-    """hardware's view of /proc/stat: `readings` = the other processes' busy cores over each following window."""
+def fake_machine(monkeypatch, cores, others):
+    """speed's view of /proc/stat: other processes keep `others` cores busy."""
     clock = {"t": 0.0, "busy": 0.0}
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(hardware.time, "perf_counter", lambda: clock["t"])
-    monkeypatch.setattr(hardware.time, "sleep", lambda s: advance(s))
-    monkeypatch.setattr(hardware.time, "process_time", lambda: 0.0)
-    monkeypatch.setattr(hardware, "_cpu_seconds", lambda: (clock["busy"], 0.0, cores))
-    it = iter(readings)
-
-    def advance(seconds):
-        clock["busy"] += next(it) * seconds
-        clock["t"] += seconds
-    return advance
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(speed.time, "sleep", lambda s: clock.update(t=clock["t"] + s, busy=clock["busy"] + others * s))
+    monkeypatch.setattr(speed.time, "process_time", lambda: 0.0)
+    monkeypatch.setattr(speed, "_cpu_seconds", lambda: (clock["busy"], 0.0, cores))
 
 
-def test_cpu_threads_follow_the_load_both_ways(monkeypatch):
+def test_the_thread_count_comes_from_the_cores_never_from_the_load(monkeypatch):
+    """The default thread count: $OMP_NUM_THREADS where set, else the usable cores divided among torchrun's local
+    processes; the machine's load changes nothing."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert speed.default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert speed.default_threads() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert speed.default_threads() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    fake_machine(monkeypatch, cores, others=cores)  # every core busy elsewhere
+    assert speed.default_threads() == cores
+
+
+def test_a_busy_machine_at_start_is_one_line_and_the_threads_stay(monkeypatch, capsys):
+    """setup_cpu sets the threads it is given, whatever the load; where other processes keep cores busy, one line
+    names the flag that sets the count."""
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        advance = fake_machine(monkeypatch, 2, [1.0, 0.0, 0.0, 0.05, 0.5, 2.0])
-        hardware.balance_cpu_threads(first=True)      # one busy process beside us: one thread
-        assert torch.get_num_threads() == 1
-        advance(1.0)
-        hardware.balance_cpu_threads()                # within the window: nothing changes
-        assert torch.get_num_threads() == 1
-        advance(3.0)                                  # the other process ended: both cores again
-        hardware.balance_cpu_threads()
-        assert torch.get_num_threads() == 2
-        for load, threads in ((0.05, 2), (0.5, 1), (2.0, 1)):  # daemons' noise; half a core; all (>= 1 thread)
-            advance(3.0)
-            hardware.balance_cpu_threads()
-            assert torch.get_num_threads() == threads, load
+        fake_machine(monkeypatch, 2, others=1.0)
+        assert speed.setup_cpu(torch.device("cpu"), 2) == 2 and torch.get_num_threads() == 2
+        err = capsys.readouterr().err
+        assert "other processes keep 1.0 of 2 cores busy" in err and "--threads 1" in err and len(err.splitlines()) == 1
+        fake_machine(monkeypatch, 2, others=0.05)  # daemons' noise: nothing to say
+        assert speed.setup_cpu(torch.device("cpu"), 2) == 2 and capsys.readouterr().err == ""
+        fake_machine(monkeypatch, 2, others=1.0)  # one thread beside one busy process: nothing to say either
+        assert speed.setup_cpu(torch.device("cpu"), 1) == 1 and capsys.readouterr().err == ""
     finally:
-        hardware._balance["at"] = None
         torch.set_num_threads(before)
 
 
-def test_cpu_threads_leave_an_explicit_setting_alone(monkeypatch):
-    before = torch.get_num_threads()
+def test_a_run_repeats_while_another_process_loads_the_machine(run, tmp_path):
+    """The same command and seed twice with the default thread count (no OMP_NUM_THREADS: the usable cores), once
+    beside a process that keeps a core busy: the same summary.json (timings aside) and the same weights; the
+    thread count is in args.json and a resume keeps it."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {
+        "DRLHF_CACHE": str(run.cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "train_ppo.py", *TINY, "--epochs", "2", "--eval-samples", "8"]
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([*cmd, "--output-dir", tmp_path / "idle"], cwd=root, env=env, check=True, capture_output=True)
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        torch.set_num_threads(2)
-        advance = fake_machine(monkeypatch, 2, [1.0, 1.0])
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        hardware.balance_cpu_threads(first=True)
-        assert torch.get_num_threads() == 2
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        hardware.balance_cpu_threads(first=True)
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)                      # the caller chose: balancing stops
-        advance(3.0)
-        hardware.balance_cpu_threads()
-        assert torch.get_num_threads() == 2 and hardware._balance["at"] is None
+        busy = subprocess.run([*cmd, "--output-dir", tmp_path / "busy"], cwd=root, env=env, check=True,
+                              capture_output=True, text=True)
     finally:
-        hardware._balance["at"] = None
-        torch.set_num_threads(before)
-
-
-def test_cpu_threads_stay_fixed_once_a_module_is_compiled(monkeypatch, tmp_path):
-    """dynamo guards on torch's thread count, so balancing it after torch.compile would recompile every graph
-    (seen: a cold --compile epoch's compile workers read as another process's load, one thread in epoch 2, and a
-    recompile): compile_module stops the balancing, whatever the load."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        advance = fake_machine(monkeypatch, 2, [0.0, 2.0])
-        hardware.balance_cpu_threads(first=True)      # an idle machine: both cores
-        assert torch.get_num_threads() == 2
-        hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))  # lazy: nothing compiles here
-        advance(3.0)                                  # both cores busy elsewhere
-        hardware.balance_cpu_threads()
-        assert torch.get_num_threads() == 2 and hardware._balance["at"] is None
-    finally:
-        hardware._balance["at"] = None
-        torch.set_num_threads(before)
+        burner.kill()
+    timing = ("seconds_per_epoch", "images_per_second", "peak_rss_gb", "peak_gpu_memory_gb", "lineage")
+    summaries = [{k: v for k, v in json.loads((tmp_path / d / "summary.json").read_text()).items() if k not in timing}
+                 for d in ("idle", "busy")]
+    assert summaries[0] == summaries[1], busy.stderr[-2000:]
+    from safetensors.torch import load_file
+    weights = [load_file(tmp_path / d / "checkpoints" / "epoch_00002" / "policy.safetensors") for d in ("idle", "busy")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    threads = json.loads((tmp_path / "idle" / "args.json").read_text())["threads"]
+    assert threads == len(os.sched_getaffinity(0))
+    run("train_ppo.py", "--resume", tmp_path / "idle", "--epochs", "3")  # (the test runs' OMP_NUM_THREADS=1)
+    assert json.loads((tmp_path / "idle" / "args.json").read_text())["threads"] == threads
 
 
 HEAP_BLOCK = """
 import ctypes, sys, torch
-from drlhf import hardware
+from drlhf import speed
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "keep":
-    assert hardware.keep_freed_memory()
+    assert speed.keep_freed_memory()
 before = libc.mallinfo2()
 block = torch.empty(30 << 20, dtype=torch.uint8).fill_(1)  # one activation-sized block, written
 during = libc.mallinfo2()
@@ -226,17 +221,16 @@ def test_cpu_runs_keep_freed_memory_instead_of_faulting_it_back_in(tmp_path):
 
 
 def test_cpu_runs_flush_subnormal_numbers_to_zero():
-    """Subnormal floats take a slow path on x86 CPUs: every CPU device flushes them to zero."""
+    """Subnormal floats take a slow path on x86 CPUs: every CPU run flushes them to zero at set-up."""
     threads = torch.get_num_threads()
     try:
         torch.set_flush_denormal(False)  # (an earlier test in this process may have set up a CPU device)
         tiny = torch.full((8,), 1e-39)   # subnormal in fp32
         assert (tiny * 1.0 != 0).all()
-        assert hardware.resolve_device("cpu").type == "cpu"
+        speed.setup_cpu(torch.device("cpu"), threads)
         assert (tiny * 1.0 == 0).all() and (torch.full((8,), 1e-37) * 1.0 != 0).all()  # normal numbers stay
     finally:
         torch.set_flush_denormal(False)
-        hardware._balance["at"] = None
         torch.set_num_threads(threads)
 
 
@@ -266,13 +260,13 @@ def test_frozen_layers_in_the_compute_dtype_give_the_same_outputs_under_autocast
     x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.randn(3, 5, 32)
 
     def outputs():
-        with hardware.autocast("bf16", torch.device("cpu")):
+        with distributed.autocast("bf16", torch.device("cpu")):
             return [m(x, t, encoder_hidden_states=text).sample for m in (unet, frozen)]
     before = outputs()
-    assert hardware.hold_frozen_in_compute_dtype(unet, "fp32", torch.device("cuda")) == 0  # fp32: nothing to do
-    assert hardware.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cpu")) == 0   # CPU: left alone
-    n_policy = hardware.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cuda"))
-    n_frozen = hardware.hold_frozen_in_compute_dtype(frozen, "bf16", torch.device("cuda"))
+    assert speed.hold_frozen_in_compute_dtype(unet, "fp32", torch.device("cuda")) == 0  # fp32: nothing to do
+    assert speed.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cpu")) == 0   # CPU: left alone
+    n_policy = speed.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cuda"))
+    n_frozen = speed.hold_frozen_in_compute_dtype(frozen, "bf16", torch.device("cuda"))
     assert 0 < n_policy < n_frozen  # the policy's adapters (and norms, embeddings) stay fp32
     assert all(p.dtype == torch.float32 for n, p in unet.named_parameters() if p.requires_grad or "norm" in n)
     assert unet.conv_in.weight.dtype == torch.bfloat16
@@ -289,7 +283,7 @@ def test_lora_merge_of_a_policy_held_in_half_precision_keeps_the_adapters():
     layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     layer.lora_B["default"].weight.data.normal_(0, 1e-4)
     delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight  # scale alpha / r = 1
-    hardware.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cuda"))
+    speed.hold_frozen_in_compute_dtype(unet, "bf16", torch.device("cuda"))
     merged = models.merge_lora(unet)
     w = merged.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
     assert w.dtype == torch.float32
@@ -302,10 +296,10 @@ def test_compile_cache_goes_to_the_drlhf_cache_unless_the_user_chose_one(monkeyp
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     cache_dir()  # what an import that touches inductor does: the variable now holds torch's default
-    hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
+    speed.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torchinductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    hardware.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
+    speed.compile_module(torch.nn.Linear(2, 2), str(tmp_path))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
@@ -316,29 +310,29 @@ def test_the_reference_pass_runs_the_update_graph_where_its_weights_look_like_th
     copy. A LoRA policy (adapters pi_base lacks) or a mode-dependent one leaves the pass eager, and says so.
     Nothing compiles here (compilation is lazy); the slow compile test checks the graph counts and the KL."""
     import train_ppo
-    from drlhf import passes
+    from drlhf import plan
     common = [*TINY, "--kl-coef", "0.01", "--cache-dir", str(cache_dir), "--device", "cpu"]
     args, _ = train_ppo.parse_args([*common, "--compile", "true"])
-    _, nets, *_ = train_ppo.setup(args, 0, 1, hardware.resolve_device("cpu"))
-    assert isinstance(nets.ref.unet, torch._dynamo.eval_frame.OptimizedModule)
-    assert nets.ref.unet._orig_mod is nets.ref_net.unet and nets.ref_net.unet is not nets.unet
+    base, nets, epoch_plan, *_ = train_ppo.setup(args, 0, 1, distributed.resolve_device("cpu"))
+    assert isinstance(epoch_plan.reference.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert epoch_plan.reference.unet._orig_mod is nets.ref_net.unet and nets.ref_net.unet is not base.unet
     assert all(p.requires_grad for p in nets.ref_net.parameters()) and nets.ref_net.training
     trained = {id(p) for group in nets.opt_pi.param_groups for p in group["params"]}
     assert trained and not trained & {id(p) for p in nets.ref_net.parameters()}
     for flags, shared in (([], True), (["--lora-rank", "2"], False), (["--kl-coef", "0"], False),
                           (["--compile", "false"], False), (["--kl-coef", "0", "--eval-reward", "target"], False)):
         flags = train_ppo.parse_args([*common, "--compile", "true", *flags])[0]
-        assert passes.reference_in_update_graph(nets.policy_net, flags) == shared, flags
+        assert plan.reference_in_update_graph(flags, nets.policy_net) == shared, flags
     dropout = torch.nn.Sequential(nets.policy_net, torch.nn.Dropout(0.1))
-    assert not passes.reference_in_update_graph(dropout, args)
+    assert not plan.reference_in_update_graph(args, dropout)
     assert "[drlhf] --compile: the KL's reference-policy pass runs through the update's training graph too: nothing " \
-        "of its own to compile (pi_base's weights kept in fp32 for it)" in passes.rollout_notes(nets.policy_net, 4, args)
+        "of its own to compile (pi_base's weights kept in fp32 for it)" in epoch_plan.notes()
     lora = train_ppo.parse_args([*common, "--compile", "true", "--lora-rank", "2"])[0]
     assert "[drlhf] --compile: the KL's reference-policy pass runs eagerly: the LoRA policy's graph has adapters " \
-        "pi_base lacks" in passes.rollout_notes(nets.policy_net, 4, lora)
+        "pi_base lacks" in plan.EpochPlan(lora, 4, nets).notes()
     eager, _ = train_ppo.parse_args(common)
-    _, nets, *_ = train_ppo.setup(eager, 0, 1, hardware.resolve_device("cpu"))  # eagerly: the frozen copy itself
-    assert nets.ref is nets.ref_net and not any(p.requires_grad for p in nets.ref_net.parameters())
+    _, nets, epoch_plan, *_ = train_ppo.setup(eager, 0, 1, distributed.resolve_device("cpu"))  # eagerly: the copy
+    assert epoch_plan.reference is nets.ref_net and not any(p.requires_grad for p in nets.ref_net.parameters())
     assert not nets.ref_net.training
 
 
@@ -349,7 +343,7 @@ def test_compile_scope_blocks_compiles_a_view_that_shares_the_weights(tmp_path):
     import copy
     from drlhf import toys
     unet = toys.toy_unet(1, 16, class_cond=True)
-    view = hardware.compile_module(unet, str(tmp_path), scope="blocks")
+    view = speed.compile_module(unet, str(tmp_path), scope="blocks")
     compiled = [type(m).__name__ for m in view.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled and set(compiled) == {"ResnetBlock2D"} and len(compiled) == sum(
         type(m).__name__ == "ResnetBlock2D" for m in unet.modules())  # the toy has no transformer blocks
@@ -359,4 +353,4 @@ def test_compile_scope_blocks_compiles_a_view_that_shares_the_weights(tmp_path):
     assert [id(b) for b in view.buffers()] == [id(b) for b in unet.buffers()]
     assert view.state_dict().keys() == unet.state_dict().keys()
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # no repeated block: the whole module is compiled
-    assert isinstance(hardware.compile_module(plain, str(tmp_path), scope="blocks"), torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(speed.compile_module(plain, str(tmp_path), scope="blocks"), torch._dynamo.eval_frame.OptimizedModule)

@@ -1,0 +1,142 @@
+"""Writing files: every writer of the project goes through here (a leaf module: it imports nothing from drlhf).
+
+    atomic_write(path, lambda tmp: ...)        # the file (or folder, folder=True) appears whole or not at all
+    write_text(path, text); write_json(path, obj); save_safetensors(tensors, path)
+    make_dir(path, "--out")                    # a folder a script writes into, or one sentence naming the flag
+    default_cache_dir(); cache_lock(path)      # where toy models and downloads are cached, one writer at a time
+
+Everything is written to a temporary sibling and renamed, so an interrupted write leaves the old file or
+nothing, never half a file. Files get the permissions the user's umask gives any new file (0644 by default).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from safetensors.torch import save_file
+
+
+class WriteError(OSError):
+    """A file or folder could not be written for a reason outside the program (disk full, read-only, no
+    permission). drlhf.cli.run prints it as one line, like every other user error."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _disk_problem(e: Exception) -> str | None:
+    """Why a write failed, when the disk (not the program) is the cause; None otherwise. safetensors and
+    torch.save report a full disk in their own exception types, so their messages are read too."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return os.strerror(e.errno).lower()
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text or "unexpected pos" in text:
+        return "no space left on device"
+    return None
+
+
+def make_dir(path: Path, flag: str = "--output-dir / --out") -> Path:
+    """Create the folder `path` (and its parents) for a script's output; a folder that cannot be created (a
+    read-only mount, no permission, a file in the way) is one WriteError naming `flag`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise WriteError(f"cannot create the folder {path}: a file of that name is in the way; choose another "
+                         f"{flag}") from None
+    except OSError as e:
+        reason = _disk_problem(e) or os.strerror(e.errno or 0).lower()
+        raise WriteError(f"cannot create the folder {path}: {reason}; choose a writable {flag}") from None
+    return path
+
+
+def _new_file_mode() -> int:
+    """The mode a plain new file gets under the current umask (0644 with the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _chmod_tree(path: Path, mode: int):
+    """Give every file under `path` (or `path` itself) `mode`: safetensors and tempfile write 0600."""
+    for p in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+        os.chmod(p, mode)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], folder: bool = False):
+    """write(tmp) creates the file (or fills the folder, folder=True) `.NAME.tmp` next to path; tmp is then
+    renamed to path, replacing what was there. An interrupted write leaves no file of that name half-written,
+    and its leftover tmp is replaced by the next write of the same path. One writer per path at a time."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    try:
+        make_dir(path.parent)
+        remove(tmp)  # left by an interrupted write
+        if folder:
+            tmp.mkdir()
+        write(tmp)
+        _chmod_tree(tmp, _new_file_mode())
+        if folder and path.exists():  # a folder cannot replace a folder in one rename: the old one steps aside first
+            remove(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        remove(old)
+    except WriteError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a full or read-only disk is the user's to fix, anything else a bug
+        reason = _disk_problem(e)
+        if reason is None:
+            raise
+        raise WriteError(f"could not write {path}: {reason}; nothing was half-written (the previous version, if any, "
+                         "is intact). Free space or choose another output folder (--output-dir / --out)") from None
+    finally:
+        remove(tmp)
+
+
+def remove(path: Path):
+    """Delete a file, link or folder tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_text(path: Path, text: str):
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def save_safetensors(tensors: dict, path: Path):
+    """A state dict as safetensors (contiguous CPU copies), atomically."""
+    atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache of toy models, downloads and compiled kernels
+# ---------------------------------------------------------------------------------------------------------
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DRLHF_CACHE", Path.home() / ".cache" / "drlhf"))
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Processes that need the same cache entry (two runs started together, parallel test workers) take turns:
+    the first trains it, the others wait and then load it. An flock, released even when its holder dies."""
+    make_dir(Path(path).parent, "--cache-dir (or $DRLHF_CACHE)")
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, at worst the entry is trained twice (writes are atomic)
+        yield
+        return
+    with open(Path(path).parent / f".{Path(path).name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
