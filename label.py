@@ -56,8 +56,10 @@ def load_scorer(spec: str):
         return builtin[name]
     if ":" not in spec:
         raise LabelError(f"--auto {spec}: give builtin:NAME or module:function")
-    from drlhf.rewards import import_function  # the module must be importable (working directory or PYTHONPATH)
-    return import_function(spec, "--auto")
+    from drlhf.rewards import checked, import_function  # importable: the working directory or PYTHONPATH
+    fn = import_function(spec, "--auto")
+    score = checked(lambda images, cond, prompts: fn(images, prompts), spec, "--auto", user_code=True)  # errors name it
+    return lambda images, prompts=None: score(images, None, prompts)
 
 
 def keys_line(keys: dict, width: int) -> str:
@@ -366,7 +368,7 @@ def make_app(store, project, annotator, tasks, dataset: Path, renderer="auto", k
 def open_project(args, create_default=True):
     dataset = Path(args.dataset)
     tasks = load_tasks(dataset, check_images=args.command != "export")
-    store = Store(Path(args.db) if args.db else dataset / "labels.sqlite")
+    store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", read_only=args.command == "export")
     project = store.project(args.project, missing_ok=True)
     created = project is None
     if created:
@@ -462,7 +464,7 @@ def main(argv=None):
     elif args.command == "list":
         dataset = Path(args.dataset)
         tasks = load_tasks(dataset, check_images=False)
-        store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", quiet=True)
+        store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", quiet=True, read_only=True)
         for name in store.projects():
             project = store.project(name)
             print(f"{name}: K = {project['k']}, dataset {project['dataset']}")
@@ -474,6 +476,9 @@ def main(argv=None):
                                                                if state.conflicts else ""))
     elif args.command == "label":
         keys, scorer = parse_keys(args.keys), load_scorer(args.auto) if args.auto else None  # before any write
+        if not args.auto and not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise LabelError("label.py label shows its app in a terminal, and stdin or stdout is not one; run it in a "
+                             "terminal (over SSH: in tmux), or rank without a human with --auto module:function")
         dataset, tasks, store, project = open_project(args)
         annotator = args.annotator or ("auto" if args.auto else os.environ.get("USER", "annotator"))
         args.lock = session_lock(store, project["name"], annotator)  # held until the process ends

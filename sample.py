@@ -178,7 +178,7 @@ def resolve_args(argv=None) -> tuple[Args, Path]:
         stored = json.loads((out / "dataset.json").read_text())["args"]
         clash = [k for k in FIXED if k in given and getattr(args, k) != stored[k]]
         if clash:
-            raise SystemExit(f"{out} was started with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(stored[k]) for k in clash)}); "
+            raise cli.UserError(f"{out} was started with other settings ({', '.join('--' + k.replace('_', '-') + '=' + str(stored[k]) for k in clash)}); "
                              "finish it with those or choose another --out")
         kept = ("device", "precision", "cache_dir", "out") + (("threads",) if "threads" in given else ())
         args = Args(**{**stored, **{k: getattr(args, k) for k in kept}})  # an interrupted dataset keeps its threads
@@ -202,7 +202,7 @@ def main(argv=None):
     args, out = resolve_args(argv)
     meta_file = out / "dataset.json"
     if args.k < 2:
-        raise SystemExit(f"--k {args.k}: a task needs at least 2 images to compare")
+        raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare")
     device = resolve_device(args.device)
     args = dataclasses.replace(args, threads=setup_cpu(device, args.threads or default_threads()))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
@@ -221,7 +221,9 @@ def main(argv=None):
     if not meta_file.exists():
         res = base.sample_shape[1] * (8 if base.is_latent else 1)
         meta = dict(tool=f"drlhf sample.py {VERSION}", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    base_model=args.pretrained, base_model_path=base.path, conditioning=base.conditioning,
+                    base_model=args.pretrained, base_model_path=base.path,
+                    base_fingerprint=models.base_fingerprint(base.unet) if hasattr(base.unet, "config") else None,
+                    sample_shape=list(base.sample_shape), conditioning=base.conditioning,
                     latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
                     sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
                     instructions="instructions.md", args=dataclasses.asdict(args),

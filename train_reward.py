@@ -339,7 +339,7 @@ def build_model(args: Args, base: models.BaseModel, device):
     OpenAI's noisy-image classifier + a linear layer (thesis 6.7)."""
     if args.backbone == "classifier":
         if not args.classifier:
-            raise SystemExit("--backbone classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
+            raise cli.UserError("--backbone classifier needs --classifier guided-diffusion:/path/to/64x64_classifier.pt "
                              f"(OpenAI's, {models.GUIDED_URL.replace('64x64_diffusion', '64x64_classifier')}) or "
                              "toy:digits-rgb offline")
         clf = models.load_guided_classifier(args.classifier, args.cache_dir)
@@ -349,21 +349,45 @@ def build_model(args: Args, base: models.BaseModel, device):
                        args.trainable, args.ensemble).to(device)
 
 
-def load_base(args: Args, device):
-    """The base model whose U-Net the reward model reuses: --pretrained, or the datasets' base model. A dataset
-    sampled from a fine-tuned policy (iterated RLHF) counts as its root base model (the policy folder's lineage),
-    so that every round's reward model is built on the same U-Net and scores every round's policy."""
-    datasets, roots = dataset_list(args), []
+def load_base(args: Args, given: set, device):
+    """The base model whose U-Net the reward model reuses: --pretrained, or the datasets' base model (a toy with the
+    datasets' --toy-train-steps unless given). A dataset sampled from a fine-tuned policy (iterated RLHF) counts as
+    its root base model (the policy folder's lineage), so that every round's reward model is built on the same
+    U-Net and scores every round's policy. The model is checked against what each dataset recorded of its base."""
+    datasets, roots, metas = dataset_list(args), [], []
     for dataset in datasets:
         if not (dataset / "tasks.jsonl").exists():
             raise FileNotFoundError(f"--dataset {dataset}: no tasks.jsonl; create it with sample.py")
-        meta = dataset_meta(dataset)
-        roots.append(meta.get("lineage", {}).get("root", {}).get("base_model", meta.get("base_model")))
+        metas.append(dataset_meta(dataset))
+        roots.append(metas[-1].get("lineage", {}).get("root", {}).get("base_model", metas[-1].get("base_model")))
     if not args.pretrained and (None in roots or len(set(roots)) > 1):
         named = ", ".join(f"{d} ({r or 'no dataset.json naming it'})" for d, r in zip(datasets, roots))
         raise ValueError(f"--pretrained is needed: the datasets do not name one base model: {named}")
     pretrained = args.pretrained or roots[0]
-    return pretrained, models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    steps = args.toy_train_steps
+    if "toy_train_steps" not in given and pretrained.startswith("toy:"):  # the toy the datasets were sampled from
+        steps = metas[0].get("args", {}).get("toy_train_steps", steps) if not metas[0].get("lineage") else steps
+    base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=steps)
+    for dataset, meta in zip(datasets, metas):
+        check_dataset_base(dataset, meta, base)
+    return pretrained, base
+
+
+def check_dataset_base(dataset: Path, meta: dict, base: models.BaseModel):
+    """Refuse a base model other than the one the dataset was sampled from (or its lineage's root), naming both."""
+    root = meta.get("lineage", {}).get("root")
+    want_fp = root.get("fingerprint") if root else meta.get("base_fingerprint")
+    have_fp = models.base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
+    want_shape = meta.get("sample_shape") if not root else None
+    differs = (want_fp and have_fp and want_fp != have_fp) or (want_shape and list(base.sample_shape) != want_shape) or \
+        (meta.get("conditioning") and meta["conditioning"] != base.conditioning)
+    if differs:
+        was = (f"{root['base_model'] if root else meta.get('base_model')} (path {root['path'] if root else meta.get('base_model_path')}, "
+               f"fingerprint {want_fp}, {meta.get('conditioning')}, samples {want_shape or '?'})")
+        now = (f"{base.source} (path {base.path}, fingerprint {have_fp}, {base.conditioning}, samples "
+               f"{list(base.sample_shape)})")
+        raise cli.UserError(f"--dataset {dataset} was sampled from the base model {was}, not the one loaded now, {now}; "
+                            "pass the dataset's --pretrained and --toy-train-steps, or train on datasets of one base model")
 
 
 def datasets_record(args: Args, data: dict) -> list[dict]:
@@ -400,7 +424,7 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
     writer.add_histogram("rewards/train_standardized", ((rt - rt.mean()) / rt.std()).flatten(), args.epochs)
     kept = keeper.kept()
     pictures.learning_curves_png(kept["history"], kept["kept_epoch"], out / "learning_curves.png")
-    config = dict(base_model=pretrained, dataset=str(args.dataset), datasets=datasets_record(args, data),
+    config = dict(base_model=pretrained, base_model_path=base.path, dataset=str(args.dataset), datasets=datasets_record(args, data),
                   guidance_weight=args.guidance,
                   input_shape=list(base.sample_shape), cond_drop=args.cond_drop, args=dataclasses.asdict(args),
                   minutes=minutes, **{k: v for k, v in kept.items() if not k.startswith("val_")}, **result)
@@ -410,11 +434,11 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
 
 
 def main(argv=None):
-    args, _ = cli.parse_args(Args, presets.for_script("train_reward"), argv)
+    args, given = cli.parse_args(Args, presets.for_script("train_reward"), argv)
     rank, world, device = distributed.setup_distributed(args.device)
     args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads or speed.default_threads()))
     torch.manual_seed(args.seed)
-    pretrained, base = load_base(args, device)
+    pretrained, base = load_base(args, given, device)
     data = load_tasks(args, base, device)
     train, val = np.flatnonzero(data["split"] == "train"), np.flatnonzero(data["split"] == "val")
     if len(train) == 0:

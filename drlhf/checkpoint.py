@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from drlhf import models
 from drlhf.cli import UserError
-from drlhf.files import atomic_write, make_dir, remove, write_json, write_text
+from drlhf.files import atomic_write, check_writable, remove, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +181,8 @@ RUN_FILES = ("args.json", "checkpoints", "summary.json", "final_policy", "tb")  
 def claim_run_folder(args, rank: int) -> Path:
     """The run folder of train_ppo.py (--output-dir, default runs/<exp>), made ready for this run. A folder that
     holds a run is refused unless this run continues it (--resume of its latest checkpoint) or --replace-run
-    moves the old run aside to DIR.old-N first (never mixed). A folder that cannot be created is one sentence."""
+    moves the old run aside to DIR.old-N first (never mixed). A folder that cannot be created or written into is
+    one sentence; nothing is created here (a run that fails before its first result leaves no folder)."""
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
     continuing = bool(args.resume) and (out / "checkpoints").is_dir() and \
         latest_checkpoint(out).resolve() == find_checkpoint(args.resume).resolve()
@@ -202,7 +203,7 @@ def claim_run_folder(args, rank: int) -> Path:
                 n += 1
             os.replace(out, aside)
             print(f"[drlhf] --replace-run: the run that was in {out} is now in {aside}")
-        make_dir(out, "--output-dir")
+        check_writable(out, "--output-dir")
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -256,7 +257,10 @@ def load_policy_unet(spec: str, base, device) -> nn.Module:
             return models.merge_lora(unet).to(device).eval()
         unet.load_state_dict(weights)
         return unet.to(device).eval()
-    if path.is_dir():
+    if path.is_dir() and any((path / name).exists() for name in RUN_FILES) and not (path / "model_index.json").exists():
+        raise CheckpointError(f"--checkpoints {spec}: a run folder without checkpoints or final_policy yet (its run "
+                              "has not saved one); pass a checkpoint folder, or resume the run until it saves")
+    if path.is_dir() and ((path / "model_index.json").exists() or (path / "config.json").exists()):
         return models.load_base_model(str(path), device).unet.eval()
     raise FileNotFoundError(f"--checkpoints {spec}: not a run folder, checkpoint folder or diffusers folder")
 

@@ -14,6 +14,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import sys
 import types
 import typing
@@ -74,6 +75,16 @@ def bounded(kind, low, high=None):
     return parse
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported once under torchrun: by rank 0 (every rank parses the same command line;
+    the others exit with the same code silently)."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", "0")) > 0:
+            sys.exit(2)
+        super().error(message)
+
+
 def run(main, expected: tuple = ()):
     """Run a script's main(): a UserError, a missing or unreadable file, a bad value (and `expected`) is printed
     as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback.
@@ -86,7 +97,9 @@ def run(main, expected: tuple = ()):
         code = 130
     except (UserError, WriteError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
             FloatingPointError, *expected) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))  # torchrun: one whole line per rank, never two ranks' glued together
+        sys.stderr.write(f"{f'[rank {rank}] ' if rank else ''}error: {e}\n")
+        sys.stderr.flush()
         code = 1
     exit_process(code)
 
@@ -141,7 +154,7 @@ def build_parser(args_cls, suppress_defaults: bool = False, presets: dict | None
     """One --flag per field, help from the field's docstring, choices from its type, defaults shown."""
     doc = field_docs(args_cls)
     hints = _hints(args_cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
+    parser = Parser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=argparse.SUPPRESS if suppress_defaults else None)
     for f in dataclasses.fields(args_cls):

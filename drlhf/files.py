@@ -41,9 +41,10 @@ def _disk_problem(e: Exception) -> str | None:
 
 
 def make_dir(path: Path, flag: str = "--output-dir / --out") -> Path:
-    """Create the folder `path` (and its parents) for a script's output; a folder that cannot be created (a
-    read-only mount, no permission, a file in the way) is one WriteError naming `flag`."""
+    """Create the folder `path` (and its parents) for a script's output; a folder that cannot be created or
+    written into (a read-only mount, no permission, a file in the way) is one WriteError naming `flag`."""
     path = Path(path)
+    check_writable(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -53,6 +54,19 @@ def make_dir(path: Path, flag: str = "--output-dir / --out") -> Path:
         reason = _disk_problem(e) or os.strerror(e.errno or 0).lower()
         raise WriteError(f"cannot create the folder {path}: {reason}; choose a writable {flag}") from None
     return path
+
+
+def check_writable(path: Path, flag: str = "--output-dir / --out"):
+    """Raise a WriteError naming `flag` unless the folder `path` exists and can be written into, or can be created
+    (its nearest existing ancestor is a writable folder). Creates nothing."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise WriteError(f"cannot create the folder {path}: {existing} is a file; choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system or no permission"
+        raise WriteError(f"cannot {'write into' if existing == path else 'create'} the folder {path}: {reason} "
+                         f"({existing}); choose a writable {flag}")
 
 
 def _new_file_mode() -> int:

@@ -109,11 +109,15 @@ def filesystem_type(path: Path) -> str:
 class Store:
     """The event log. Every append is one committed transaction (synchronous=FULL) before it returns."""
 
-    def __init__(self, db: Path, quiet: bool = False):
+    def __init__(self, db: Path, quiet: bool = False, read_only: bool = False):
+        """read_only (export, list): a database on a read-only mount is read as it is, without locks or writes."""
         self.path = Path(db)
         folder = self.path.parent
         if not folder.exists():
             raise LabelError(f"--db {db}: folder {folder} does not exist")
+        if read_only and self.path.is_file() and not os.access(folder, os.W_OK):
+            self.con = sqlite3.connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True)
+            return
         if not os.access(folder, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise LabelError(f"--db {db}: {folder} is read-only; labels could not be saved. Pass --db with a "
                              "writable path (the dataset itself is only read)")

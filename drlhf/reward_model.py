@@ -275,10 +275,13 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
     if config.get("fingerprint") != base_fingerprint(base.unet):
         root = base.lineage.get("root", {})  # a policy fine-tuned by an earlier round: the base model it came from
         if not root.get("fingerprint") or root["fingerprint"] != config.get("fingerprint"):
-            raise RewardModelError(f"--reward-model {path} was trained on base model {config.get('base_model')!r}, "
-                                   f"which is not the base model loaded now ({base.source}) nor the one it was "
-                                   "fine-tuned from; train a reward model on this base model or pass the matching "
-                                   "--pretrained")
+            trained_on = (f"{config.get('base_model')} (path {config.get('base_model_path', '?')}, fingerprint "
+                          f"{config.get('fingerprint')})")
+            loaded = f"{base.source} (path {base.path}, fingerprint {base_fingerprint(base.unet)})"
+            raise RewardModelError(f"--reward-model {path} was trained on base model {trained_on}, which is not the "
+                                   f"base model loaded now, {loaded}, nor the one it was fine-tuned from; train a "
+                                   "reward model on this base model or pass the matching --pretrained (and "
+                                   "--toy-train-steps)")
         print(f"[drlhf] --reward-model {path}: trained on {root['base_model']}, which {base.source} was fine-tuned "
               "from; its encoder is rebuilt from there", flush=True)
         kept = root.get("path") and Path(root["path"]).is_dir()  # the very folder; else the source named again

@@ -226,6 +226,9 @@ def build(spec: str, base, device="cpu", reward_model=None, target_image=None,
             raise ValueError(f"{flag} rm needs --reward-model DIR, a folder written by train_reward.py")
         rm, config = load_reward_model(reward_model, base, device, cache_dir=cache_dir)
         rm.eval().requires_grad_(False)  # frozen; --algo backprop sends gradients through it, never into it
+        if rm.ensemble == 1 and (ensemble_penalty > 0 or ensemble_reduce != "penalty"):
+            raise RewardFunctionError(f"--reward-model {reward_model} has one head: --ensemble-penalty / "
+                                      "--ensemble-reduce need an ensemble (train_reward.py --ensemble N)")
         ensemble = {}
 
         def fn(samples, cond, prompts=None):

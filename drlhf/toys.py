@@ -128,11 +128,19 @@ def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed
                                      (Path(d) / "drlhf_toy.json").write_text(json.dumps(info, indent=1))), folder=True)
 
 
+# toy:digit4 at its default steps ships with the project (4.4 MB), built by `python -m drlhf.toys digit4` (on one CPU
+# thread, seed 0): the offline default then needs no training on first use. tests/test_sampler.py retrains it with
+# this module's code and checks that the result is a model of the same quality.
+SHIPPED = {"digit4": Path(__file__).parent / "assets" / "toy-digit4"}
+
+
 def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRAIN_STEPS) -> Path:
-    """The cached toy model folder, trained on first use."""
+    """The toy model's folder: the shipped one, or the cached one, trained on first use."""
     if name not in TOY_MODELS:
         raise ModelLoadError(f"unknown toy model 'toy:{name}'; choose one of "
                              + ", ".join(f"toy:{k}" for k in TOY_MODELS))
+    if steps == TOY_TRAIN_STEPS and name in SHIPPED and (SHIPPED[name] / "model_index.json").exists():
+        return SHIPPED[name]
     path = Path(cache_dir or default_cache_dir()) / f"toy-{name}-s{steps}-b64"
     with cache_lock(path):
         if not (path / "model_index.json").exists():
@@ -169,3 +177,11 @@ def _train_toy_guided_classifier(path: Path, clf: nn.Module, steps: int, seed: i
     train_toy(clf, loss_fn, steps, 1e-3, seed, "training the toy noisy-image classifier (first use, cached)")
     state = {k: v.contiguous() for k, v in clf.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+if __name__ == "__main__":  # rebuild a shipped toy model: python -m drlhf.toys digit4
+    import sys
+    torch.set_num_threads(1)  # the shipped weights are one thread's arithmetic
+    for toy in sys.argv[1:] or list(SHIPPED):
+        train_toy_model(toy, SHIPPED[toy])
+        print("wrote", SHIPPED[toy])

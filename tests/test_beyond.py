@@ -17,17 +17,23 @@ def scalars(run_dir, tag):
 
 
 def test_kl_controller_moves_beta_towards_the_target_both_ways():
-    args = train_ppo.Args(kl_coef=0.1, kl_target=6.0, kl_horizon=1000.0)
-    assert train_ppo.adapt_kl_coef(0.1, 12.0, args, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.1))   # too far: up
-    assert train_ppo.adapt_kl_coef(0.1, 3.0, args, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.1))    # too close: down
-    assert train_ppo.adapt_kl_coef(0.1, 6.6, args, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.1))    # proportional
-    assert train_ppo.adapt_kl_coef(0.1, 6.0, args, 100) == pytest.approx(0.1)                      # on target
-    beta = 0.1  # closed loop: a KL that falls as beta rises settles near the target from either side
-    for start in (0.01, 1.0):
-        beta = start
+    def step(beta, kl):
+        ctl = train_ppo.KLController(beta, target=6.0, horizon=1000.0)
+        ctl.update(kl, 100)
+        return ctl.beta
+    assert step(0.1, 12.0) == pytest.approx(0.1 * (1 + 0.2 * 0.1))   # too far: up
+    assert step(0.1, 3.0) == pytest.approx(0.1 * (1 - 0.2 * 0.1))    # too close: down
+    assert step(0.1, 6.6) == pytest.approx(0.1 * (1 + 0.1 * 0.1))    # proportional
+    assert step(0.1, 6.0) == pytest.approx(0.1)                      # on target
+    for start in (0.01, 1.0):  # closed loop: a KL that falls as beta rises settles near the target from either side
+        ctl = train_ppo.KLController(start, target=6.0, horizon=1000.0)
         for _ in range(300):
-            beta = train_ppo.adapt_kl_coef(beta, 0.6 / beta, args, 100)  # KL = 0.6 / beta -> target at beta = 0.1
-        assert beta == pytest.approx(0.1, rel=0.05), start
+            ctl.update(0.6 / ctl.beta, 100)  # KL = 0.6 / beta -> target at beta = 0.1
+        assert ctl.beta == pytest.approx(0.1, rel=0.05), start
+        assert ctl.state() == {"kl_coef": ctl.beta}  # an adaptive beta is resumable state
+    fixed = train_ppo.KLController(0.02)  # Table 6.2's fixed beta: nothing moves it, nothing to save
+    fixed.update(100.0, 100)
+    assert fixed.beta == 0.02 and fixed.state() == {}
 
 
 def test_group_advantages_have_zero_mean_per_prompt_and_carry_the_kl_to_go():

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import ROOT, TINY
-from drlhf import checkpoint, cli
+from drlhf import cli, files
 
 
 def digest(folder):
@@ -93,9 +93,9 @@ def test_malformed_files_are_named(run, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_a_full_or_read_only_disk_is_one_sentence_and_leaves_the_old_file(tmp_path):
+def test_a_full_or_read_only_disk_is_one_sentence_and_leaves_the_old_file(tmp_path, capsys, monkeypatch):
     target = tmp_path / "checkpoints" / "epoch_00002"
-    checkpoint.atomic_write(target, lambda d: (d / "policy.safetensors").write_text("old"), folder=True)
+    files.atomic_write(target, lambda d: (d / "policy.safetensors").write_text("old"), folder=True)
 
     def full(d):
         (d / "policy.safetensors").write_text("half")
@@ -105,17 +105,27 @@ def test_a_full_or_read_only_disk_is_one_sentence_and_leaves_the_old_file(tmp_pa
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1574437888 vs 1574437840")
 
     for write in (full, full_safetensors):
-        with pytest.raises(checkpoint.WriteError, match="no space left on device.*--output-dir"):
-            checkpoint.atomic_write(target, write, folder=True)
+        with pytest.raises(files.WriteError, match="no space left on device.*--output-dir"):
+            files.atomic_write(target, write, folder=True)
         assert (target / "policy.safetensors").read_text() == "old"
         assert sorted(p.name for p in target.parent.iterdir()) == ["epoch_00002"]  # no temporary folder left
     with pytest.raises(ZeroDivisionError):  # a bug is not dressed up as a disk problem
-        checkpoint.atomic_write(target, lambda d: 1 / 0, folder=True)
+        files.atomic_write(target, lambda d: 1 / 0, folder=True)
     # a leftover of a killed write is replaced by the next write of the same path
     (tmp_path / ".summary.json.tmp").write_text("{")
-    checkpoint.write_text(tmp_path / "summary.json", "{}")
+    files.write_text(tmp_path / "summary.json", "{}")
     assert not (tmp_path / ".summary.json.tmp").exists() and (tmp_path / "summary.json").read_text() == "{}"
-    assert issubclass(checkpoint.WriteError, cli.UserError)
+    def read_only():
+        files.make_dir(tmp_path / "ro" / "out", "--out")
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)  # a read-only mount (even for root)
+    with pytest.raises(SystemExit) as stop:  # drlhf.cli.run: one line and exit code 1, no traceback
+        cli.run(read_only)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.startswith("error: cannot create the folder") and "--out" in err, err
+    assert not (tmp_path / "ro" / "out").exists()
+    assert len(err.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

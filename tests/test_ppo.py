@@ -172,7 +172,7 @@ def test_preset_batch_arithmetic(exp, world, expect):
     args, _ = train_ppo.parse_args(["--exp", exp])
     assert train_ppo.batch_arithmetic(args, world) == expect
     assert (expect[2] // args.grad_accum_steps) == {"pink": 4, "pickscore": 10, "macaw": 32, "macaw-norl": 1}[exp]
-    with pytest.raises(SystemExit, match="--num-envs"):
+    with pytest.raises(train_ppo.cli.UserError, match="--num-envs"):  # printed as "error: ...", exit code 1
         train_ppo.batch_arithmetic(args, 3)
 
 
