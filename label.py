@@ -32,34 +32,15 @@ from textual.screen import ModalScreen
 from textual.widgets import Header, Markdown, Static
 
 from drlhf import cli
-from drlhf.labels import (LabelError, Store, auto_label, dataset_fingerprint, dataset_meta, effective_events, export,
-                          ink_score, load_tasks, placement, replay, session_lock, stroke_score)
+from drlhf.judges import auto_label, ink_score, load_scorer, stroke_score  # noqa: F401 - label:ink_score, label:stroke_score
+from drlhf.labels import (LabelError, Store, dataset_fingerprint, dataset_meta, effective_events, export, load_tasks,
+                          placement, replay, session_lock)
 from drlhf.ordering import ordering_text
 
 DEFAULT_KEYS = dict(left="a", right="d", tie="t", bad="b", skip="n", undo="u")
 FIXED_KEYS = ("1", "2", "i", "question_mark", "?", "q")  # zoom, instructions, help, quit
 PROMPT_CHARS = 200  # longer prompts are cut on screen (the dataset keeps them whole)
 RENDERERS = ("auto", "tgp", "sixel", "halfcell", "unicode")
-
-
-def load_scorer(spec: str):
-    """--auto SPEC -> a scoring function of images (B, C, H, W) in [-1, 1] and prompts, higher preferred; the
-    built-in ones also serve as gold functions elsewhere (--eval-reward label:ink_score)."""
-    builtin = {"ink": ink_score, "stroke": stroke_score}
-    if spec.startswith("builtin:"):
-        name = spec[8:]
-        if name == "colorfulness":
-            from drlhf.rewards import colorfulness_reward
-            return lambda images, prompts=None: colorfulness_reward(images)
-        if name not in builtin:
-            raise LabelError(f"--auto {spec}: built-in scorers are builtin:ink, builtin:stroke, builtin:colorfulness")
-        return builtin[name]
-    if ":" not in spec:
-        raise LabelError(f"--auto {spec}: give builtin:NAME or module:function")
-    from drlhf.rewards import checked, import_function  # importable: the working directory or PYTHONPATH
-    fn = import_function(spec, "--auto")
-    score = checked(lambda images, cond, prompts: fn(images, prompts), spec, "--auto", user_code=True)  # errors name it
-    return lambda images, prompts=None: score(images, None, prompts)
 
 
 def keys_line(keys: dict, width: int) -> str:
@@ -476,7 +457,7 @@ def main(argv=None):
                                                                if state.conflicts else ""))
     elif args.command == "label":
         keys, scorer = parse_keys(args.keys), load_scorer(args.auto) if args.auto else None  # before any write
-        if not args.auto and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        if not args.auto and not all(not s.closed and s.isatty() for s in (sys.stdin, sys.stdout)):
             raise LabelError("label.py label shows its app in a terminal, and stdin or stdout is not one; run it in a "
                              "terminal (over SSH: in tmux), or rank without a human with --auto module:function")
         dataset, tasks, store, project = open_project(args)

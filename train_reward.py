@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import cli, distributed, models, pictures, presets, speed, tracking
@@ -75,7 +76,8 @@ class Args:
     heads: PosInt = 4
     """attention heads of the pooling head"""
     ensemble: PosInt = 1
-    """beyond the thesis (its 8.1): N heads on one shared encoder, run once per image; each head has its own random init and trains on its own bootstrap resample of the training tasks; one folder, each head's validation accuracy in config.json; train_ppo.py scores with mean - --ensemble-penalty x std over the heads (with --trainable mid or encoder those parts are shared by the heads and trained by all)"""
+    """thesis 8.1: N heads on one shared encoder, each with its own init and bootstrap resample of the training
+    tasks; train_ppo.py --ensemble-penalty scores mean - k x std over them (docs/design.md)"""
     keep: Literal["best", "last"] = "best"
     """which epoch's model is saved: best (lowest validation loss, Eq. 5.1 on the validation tasks) or last; without a validation split the last epoch is kept"""
     patience: NonNegInt = 0
@@ -91,8 +93,7 @@ class Args:
     toy_train_steps: PosInt = TOY_TRAIN_STEPS
     """training steps of an offline toy base model on first use"""
     threads: PosInt | None = None
-    """CPU threads, fixed for the run (None = $OMP_NUM_THREADS, or the usable cores / local processes); the numbers
-    depend on it (docs/performance.md)"""
+    """CPU threads, fixed for the run (None: $OMP_NUM_THREADS, else the usable cores; docs/performance.md)"""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,9 +365,9 @@ def load_base(args: Args, given: set, device):
         named = ", ".join(f"{d} ({r or 'no dataset.json naming it'})" for d, r in zip(datasets, roots))
         raise ValueError(f"--pretrained is needed: the datasets do not name one base model: {named}")
     pretrained = args.pretrained or roots[0]
-    steps = args.toy_train_steps
-    if "toy_train_steps" not in given and pretrained.startswith("toy:"):  # the toy the datasets were sampled from
-        steps = metas[0].get("args", {}).get("toy_train_steps", steps) if not metas[0].get("lineage") else steps
+    steps = args.toy_train_steps  # a toy: the steps the datasets were sampled with, unless given
+    if "toy_train_steps" not in given and pretrained.startswith("toy:") and not metas[0].get("lineage"):
+        steps = metas[0].get("args", {}).get("toy_train_steps", steps)
     base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=steps)
     for dataset, meta in zip(datasets, metas):
         check_dataset_base(dataset, meta, base)
@@ -379,9 +380,8 @@ def check_dataset_base(dataset: Path, meta: dict, base: models.BaseModel):
     want_fp = root.get("fingerprint") if root else meta.get("base_fingerprint")
     have_fp = models.base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
     want_shape = meta.get("sample_shape") if not root else None
-    differs = (want_fp and have_fp and want_fp != have_fp) or (want_shape and list(base.sample_shape) != want_shape) or \
-        (meta.get("conditioning") and meta["conditioning"] != base.conditioning)
-    if differs:
+    if (want_fp and have_fp and want_fp != have_fp) or (want_shape and list(base.sample_shape) != want_shape) or \
+            (meta.get("conditioning") and meta["conditioning"] != base.conditioning):
         was = (f"{root['base_model'] if root else meta.get('base_model')} (path {root['path'] if root else meta.get('base_model_path')}, "
                f"fingerprint {want_fp}, {meta.get('conditioning')}, samples {want_shape or '?'})")
         now = (f"{base.source} (path {base.path}, fingerprint {have_fp}, {base.conditioning}, samples "
@@ -467,7 +467,6 @@ def main(argv=None):
               f"validation tasks of K = {data['x'].shape[1]}; {sum(p.numel() for p in params):,} trainable "
               f"parameters ({args.trainable})")
     g = torch.Generator().manual_seed(args.seed)
-    from tqdm.auto import tqdm
     bar = tqdm(range(args.epochs), desc="reward model", unit="epoch", disable=rank != 0)
     t0 = time.perf_counter()
     keeper = Keeper(args.keep if len(val) else "last", args.patience, args.epochs)

@@ -196,7 +196,7 @@ def test_several_datasets_are_refused_when_they_do_not_fit_together(tmp_path):
         (tmp_path / name / "dataset.json").write_text(json.dumps({"base_model": base_model}))
     both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
     with pytest.raises(ValueError, match="do not name one base model"):
-        train_reward.load_base(train_reward.Args(dataset=both), "cpu")
+        train_reward.load_base(train_reward.Args(dataset=both), set(), "cpu")
     with pytest.raises(ValueError, match="--rankings names one dataset"):
         train_reward.dataset_list(train_reward.Args(dataset=both, rankings=str(tmp_path / "r.jsonl")))
     with pytest.raises(FileNotFoundError, match="no such list"):
