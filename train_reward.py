@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
 from drlhf import cli, distributed, models, pictures, presets, speed, tracking
 from drlhf.distributed import DeviceFlag, Precision, autocast
+from drlhf.files import check_writable, move_aside
 from drlhf.labels import dataset_fingerprint, dataset_meta, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
 from drlhf.toys import TOY_TRAIN_STEPS
@@ -45,7 +46,9 @@ class Args:
     pretrained: str | None = None
     """base model whose U-Net encoder is reused (default: the dataset's base model from dataset.json)"""
     out: str | None = None
-    """reward-model folder to write (default runs/reward-<exp>)"""
+    """reward-model folder to write (default runs/reward-<exp>); one that holds a reward model is refused"""
+    replace_out: bool = False
+    """move a reward model already in --out aside to OUT.old-N first, and train anew"""
     epochs: PosInt = 60
     """passes over the training tasks (thesis: 1000 for Macaw, 40 for Pink)"""
     batch_tasks: PosInt = 8
@@ -370,24 +373,8 @@ def load_base(args: Args, given: set, device):
         steps = metas[0].get("args", {}).get("toy_train_steps", steps)
     base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=steps)
     for dataset, meta in zip(datasets, metas):
-        check_dataset_base(dataset, meta, base)
+        models.check_dataset_base(dataset, meta, base)
     return pretrained, base
-
-
-def check_dataset_base(dataset: Path, meta: dict, base: models.BaseModel):
-    """Refuse a base model other than the one the dataset was sampled from (or its lineage's root), naming both."""
-    root = meta.get("lineage", {}).get("root")
-    want_fp = root.get("fingerprint") if root else meta.get("base_fingerprint")
-    have_fp = models.base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
-    want_shape = meta.get("sample_shape") if not root else None
-    if (want_fp and have_fp and want_fp != have_fp) or (want_shape and list(base.sample_shape) != want_shape) or \
-            (meta.get("conditioning") and meta["conditioning"] != base.conditioning):
-        was = (f"{root['base_model'] if root else meta.get('base_model')} (path {root['path'] if root else meta.get('base_model_path')}, "
-               f"fingerprint {want_fp}, {meta.get('conditioning')}, samples {want_shape or '?'})")
-        now = (f"{base.source} (path {base.path}, fingerprint {have_fp}, {base.conditioning}, samples "
-               f"{list(base.sample_shape)})")
-        raise cli.UserError(f"--dataset {dataset} was sampled from the base model {was}, not the one loaded now, {now}; "
-                            "pass the dataset's --pretrained and --toy-train-steps, or train on datasets of one base model")
 
 
 def datasets_record(args: Args, data: dict) -> list[dict]:
@@ -435,6 +422,11 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
 
 def main(argv=None):
     args, given = cli.parse_args(Args, presets.for_script("train_reward"), argv)
+    out = Path(args.out or f"runs/reward-{args.exp or 'digits'}")
+    if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.replace_out:
+        raise cli.UserError(f"--out {out} already holds a reward model: choose another --out, or pass --replace-out "
+                            "to move it aside and train anew")
+    check_writable(out, "--out")  # nothing is created before the model is trained
     rank, world, device = distributed.setup_distributed(args.device)
     args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads or speed.default_threads()))
     torch.manual_seed(args.seed)
@@ -459,9 +451,10 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    out = Path(args.out or f"runs/reward-{args.exp or 'digits'}")
     writer = None
     if rank == 0:
+        if args.replace_out and out.exists():
+            print(f"[drlhf] --replace-out: the reward model that was in {out} is now in {move_aside(out)}")
         writer = tracking.open_run(out, args, args_json=False)  # the args are in config.json
         print(f"[drlhf] reward model on {pretrained} ({base.conditioning}), {len(train)} training and {len(val)} "
               f"validation tasks of K = {data['x'].shape[1]}; {sum(p.numel() for p in params):,} trainable "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import random
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from drlhf import models
 from drlhf.cli import UserError
-from drlhf.files import atomic_write, check_writable, remove, write_json, write_text
+from drlhf.files import atomic_write, check_writable, move_aside, remove, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,10 +197,7 @@ def claim_run_folder(args, rank: int) -> Path:
         dist.barrier()  # every rank has seen the folder as it was
     if rank == 0:
         if holds_run and not continuing:
-            n = 1
-            while (aside := out.with_name(f"{out.name}.old-{n}")).exists():
-                n += 1
-            os.replace(out, aside)
+            aside = move_aside(out)
             print(f"[drlhf] --replace-run: the run that was in {out} is now in {aside}")
         check_writable(out, "--output-dir")
     if dist.is_initialized():

@@ -121,6 +121,16 @@ def remove(path: Path):
         path.unlink()
 
 
+def move_aside(path: Path) -> Path:
+    """Rename the folder `path` to PATH.old-N, the first N not taken, and return that name: what a user had is kept
+    whole beside what replaces it."""
+    n = 1
+    while (aside := Path(path).with_name(f"{Path(path).name}.old-{n}")).exists():
+        n += 1
+    os.replace(path, aside)
+    return aside
+
+
 def write_text(path: Path, text: str):
     atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -360,3 +360,21 @@ def base_fingerprint(unet: nn.Module) -> str:
     for p in list(unet.conv_in.parameters()) + list(unet.down_blocks[0].parameters())[:4]:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def check_dataset_base(dataset: Path, meta: dict, base: BaseModel):
+    """Refuse a base model other than the one a labeling dataset was sampled from (its dataset.json `meta`, or its
+    lineage's root for a fine-tuned policy's samples), naming both: source, path, fingerprint, conditioning, shape."""
+    root = meta.get("lineage", {}).get("root")
+    want_fp = root.get("fingerprint") if root else meta.get("base_fingerprint")
+    have_fp = base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
+    want_shape = None if root else meta.get("sample_shape")
+    if (want_fp and have_fp and want_fp != have_fp) or (want_shape and list(base.sample_shape) != want_shape) or \
+            (meta.get("conditioning") and meta["conditioning"] != base.conditioning):
+        source, path = (root["base_model"], root["path"]) if root else (meta.get("base_model"), meta.get("base_model_path"))
+        was = f"{source} (path {path}, fingerprint {want_fp}, {meta.get('conditioning')}, samples {want_shape or '?'})"
+        now = (f"{base.source} (path {base.path}, fingerprint {have_fp}, {base.conditioning}, samples "
+               f"{list(base.sample_shape)})")
+        raise ModelLoadError(f"--dataset {dataset} was sampled from the base model {was}, not the one loaded now, "
+                             f"{now}; pass the dataset's --pretrained and --toy-train-steps, or train on datasets of "
+                             "one base model")

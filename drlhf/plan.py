@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf import models, speed
 from drlhf.distributed import autocast
-from drlhf.sampler import Rollout, StepOutput, action_logprob, gaussian_logprob, model_distribution, rollout
+from drlhf.sampler import (Rollout, StepOutput, action_logprob, gaussian_logprob, model_distribution, policy_step,
+                           rollout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,16 +143,15 @@ class EpochPlan:
             ref = nets.ref_net
             self.reference = models.Denoiser(speed.compile_module(ref.unet, args.cache_dir, args.compile_scope),
                                              ref.conditioning, ref.guidance_scale, ref.null_cond)
-        self._step = chunked_policy_step(self.rollout_chunk) if self.rollout_chunk else None
+        self.step = chunked_policy_step(self.rollout_chunk) if self.rollout_chunk else policy_step
 
     # ---- the rollout and the evaluations of its states ------------------------------------------------------
     def rollout(self, x_T, cond, generator) -> Rollout:
         net = self.nets.policy_net
         net.train(self.rollout_train_mode)
         with autocast(self.precision, x_T.device):
-            kw = {"step": self._step} if self._step else {}
             return rollout(in_update_graph(net, self.rollout_in_update_graph), self.nets.schedule, x_T, cond,
-                           generator=generator, **kw)
+                           generator=generator, step=self.step)
 
     def old_logprobs(self, buf: Rollout, order) -> torch.Tensor:
         """log pi_old (T, B): the rollout's own, or (--old-logprobs recompute) the update's passes without gradients."""

@@ -107,7 +107,8 @@ def setup_cpu(device: torch.device, threads: int, flag: str = "--threads") -> in
         flush_denormals()
         keep_freed_memory()
     torch.set_num_threads(threads)
-    others = busy_cores() if device.type == "cpu" else None
+    alone = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1  # torchrun's other local processes are no other load
+    others = busy_cores() if device.type == "cpu" and alone else None
     n_cpus = _cpu_seconds()[2] if others is not None else None
     if others is not None and threads + others > n_cpus + 0.4:
         print(f"[drlhf] CPU: other processes keep {others:.1f} of {n_cpus} cores busy and this run uses {threads} "

@@ -120,3 +120,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_reward_model_is_never_overwritten_and_a_read_only_dataset_still_exports(run, tmp_path, monkeypatch, capsys):
+    ds, rm = tmp_path / "ds", tmp_path / "rm"
+    run("sample.py", "--toy-train-steps", "8", "--num-steps", "2", "--num-tasks", "6", "--k", "3", "--out", ds)
+    run("label.py", "--auto", "builtin:ink", ds)
+    run("label.py", "export", ds)
+    common = ["train_reward.py", "--dataset", ds, "--epochs", "1", "--out", rm]
+    run(*common)
+    before = digest(rm)
+    fails(run(*common, check=False), "--out", "already holds a reward model", "--replace-out")
+    assert digest(rm) == before
+    run(*common, "--replace-out", "true", "--seed", "1")
+    assert digest(tmp_path / "rm.old-1") == before and (rm / "model.safetensors").exists()
+    # export and list read the labels of a dataset on a read-only mount (simulated: root may write anywhere)
+    import label
+    from drlhf import labels
+    monkeypatch.setattr(labels.os, "access", lambda path, mode: False)
+    label.main(["list", str(ds)])
+    assert "auto: 6 of 6 tasks" in capsys.readouterr().out
+    label.main(["export", str(ds), "--out", str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "rankings.jsonl").read_text() == (ds / "rankings.jsonl").read_text()
