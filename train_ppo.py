@@ -602,8 +602,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         scores, kl, stats, times = train_epoch(nets, plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B,
                                                rank, device)
-        pooled = tracking.pool_rewards(scores, kl, kl_ctl.beta, B * world)  # all ranks' rewards and KL, by name
-        kl_ctl.update(pooled["kl"], B * world)  # --kl-target: beta of the next epoch (Ziegler et al. 2019)
+        pooled = tracking.pool_rewards(scores, kl, kl_ctl.beta, B * world)  # all ranks' rewards and KL, for the logs
+        mean_kl = all_reduce_sum(kl.sum().double()).item() / (B * world)    # per sample, summed over the steps
+        kl_ctl.update(mean_kl, B * world)  # --kl-target: beta of the next epoch (Ziegler et al. 2019)
         state.update(kl_ctl.state())
         distributed.sync_device(device)
         epoch_times.append(time.perf_counter() - t0)

@@ -10,8 +10,11 @@ import json
 import math
 import os
 import random
+import shutil
+import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -115,8 +118,12 @@ class Store:
         folder = self.path.parent
         if not folder.exists():
             raise LabelError(f"--db {db}: folder {folder} does not exist")
-        if read_only and self.path.is_file() and not os.access(folder, os.W_OK):
-            self.con = sqlite3.connect(f"{self.path.absolute().as_uri()}?immutable=1", uri=True)
+        if read_only and self.path.is_file() and not os.access(folder, os.W_OK):  # read a copy (with its WAL)
+            copy = Path(tempfile.mkdtemp(prefix="drlhf-labels-")) / self.path.name
+            for suffix in ("", "-wal"):
+                if Path(f"{self.path}{suffix}").exists():
+                    shutil.copyfile(f"{self.path}{suffix}", f"{copy}{suffix}")
+            self.con = sqlite3.connect(copy, isolation_level=None)
             return
         if not os.access(folder, os.W_OK) or (self.path.exists() and not os.access(self.path, os.W_OK)):
             raise LabelError(f"--db {db}: {folder} is read-only; labels could not be saved. Pass --db with a "
@@ -351,7 +358,6 @@ def session_lock(store: Store, project: str, annotator: str):
     """Refuse a second live session of one annotator on one project (two windows would answer the same pair):
     an flock on a file next to the database, released by the OS when the session ends, even by SIGKILL."""
     import fcntl
-    import socket
     name = hashlib.sha256(f"{project}/{annotator}".encode()).hexdigest()[:12]
     path = store.path.with_name(f".{store.path.name}.{name}.lock")
     f = open(path, "a+")

@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +89,6 @@ def download_once(url: str, path: Path):
     """Fetch url to path unless it is there; a partial download never takes the final name. Raises OSError."""
     if path.exists():
         return
-    import urllib.request
     atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
 
 
@@ -317,7 +318,6 @@ def add_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]):
 def merge_lora(unet: nn.Module) -> nn.Module:
     """A plain copy of a LoRA-adapted U-Net with W + (alpha / r) B A merged into each adapted weight, in the
     original key names, so that it saves and loads as an ordinary diffusers U-Net."""
-    import copy
     from peft.tuners.tuners_utils import BaseTunerLayer
     merged = copy.deepcopy(unet)
     for module in merged.modules():

@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -127,7 +128,6 @@ def fetch(spec: str, cache_dir=None, flag: str = "--aesthetic-mlp") -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"{flag} {spec}: no such file")
         return path
-    from urllib.parse import unquote
     path = Path(cache_dir or default_cache_dir()) / "downloads" / unquote(spec.rsplit("/", 1)[1])
     try:
         download_once(spec, path)

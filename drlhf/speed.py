@@ -11,7 +11,10 @@ rewards) never import this one; drlhf/plan.py decides how one PPO epoch uses it.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import os
+import resource
 import sys
 import time
 
@@ -44,8 +47,6 @@ def keep_freed_memory() -> bool:
     800-5,100 page faults (0-320 with this; both vary per process) and took 70-76 ms against 62-65 ms with this
     (3 runs each of 80 steps). Memory use grows by at most the retained 256 MiB; numbers are unchanged.
     Returns False (and does nothing) where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -191,7 +192,6 @@ def compiled_graphs() -> int:
 
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 

@@ -1,5 +1,6 @@
 """Scoring functions used by the tests through `--reward module:function`, and the fixture's OpenAI-format
 checkpoints."""
+import functools
 import json
 from pathlib import Path
 
@@ -60,3 +61,40 @@ def noisy_ink(images, prompts=None):
     ink = images.float().mean((1, 2, 3))
     seeds = (images.float().abs().sum((1, 2, 3)) * 1e4).long() % 100_003
     return ink + torch.stack([torch.randn((), generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * ink.std()
+
+
+@functools.lru_cache(maxsize=None)
+def passes_reproduce_bits() -> bool:
+    """Whether this CPU's kernels give a state the same log-probability in any pass of the same size, whatever
+    other states share it: the reference is the toy colour U-Net under CFG, its rollout evaluated in passes of 4
+    and of 8 states (drlhf/plan.py's chunked_policy_step) against the same states recomputed in shuffled passes, on
+    one thread as the tests' runs are. Where it holds (AVX-512 oneDNN and MKL here), the project's bit-for-bit
+    claims about passes hold and the tests assert them; where it does not (MKL's AVX2 path: 1.5e-3 in a
+    log-probability of ~2800), they hold up to rounding and the tests assert that."""
+    import torch
+
+    from drlhf import models, toys
+    from drlhf.plan import chunked_policy_step
+    from drlhf.sampler import DiffusionSchedule, SamplerConfig, action_logprob, make_betas, rollout, space_timesteps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        policy = models.Denoiser(toys.toy_unet(3, 16, class_cond=True).eval(), "class", guidance_scale=3.0,
+                                 null_cond=torch.tensor([10]))
+        sched = DiffusionSchedule(make_betas("squaredcos_cap_v2"), space_timesteps(1000, 4), SamplerConfig(num_steps=4))
+        for B, chunk in ((6, 8), (8, 4)):
+            g = torch.Generator().manual_seed(B)
+            x_T, cond = torch.randn(B, 3, 16, 16, generator=g), torch.randint(0, 10, (B,), generator=g)
+            buf = rollout(policy, sched, x_T, cond, generator=g, step=chunked_policy_step(chunk))
+            states, actions = buf.latents[:-1].flatten(0, 1), buf.latents[1:].flatten(0, 1)
+            idx, flat_cond, order = torch.arange(4).repeat_interleave(B), cond.repeat(4), torch.randperm(4 * B, generator=g)
+            with torch.no_grad():
+                for s in range(0, 4 * B, chunk):
+                    i = order[s:s + chunk]
+                    lp = action_logprob(policy, sched, states[i], idx[i], flat_cond[i], actions[i])
+                    if not torch.equal(lp, buf.logprobs.flatten()[i]):
+                        return False
+        return True
+    finally:
+        torch.set_num_threads(threads)

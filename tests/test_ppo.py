@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import train_ppo
 from conftest import TINY
-from drlhf import plan, presets, rewards
+from drlhf import models, plan, presets, rewards
+from helpers import passes_reproduce_bits
 
 TABLE = Path(__file__).parent / "fixtures" / "table_6_2.md"
 
@@ -262,9 +263,11 @@ def test_colorfulness_stand_in_with_kl_and_class_conditioning(run, tmp_path, old
     proc = run("train_ppo.py", "--exp", "digits-colorfulness", *TINY, "--epochs", "2", "--guidance-scale", "2",
                "--old-logprobs", old_logprobs, "--output-dir", tmp_path)
     assert "class" in proc.stdout and (tmp_path / "final_policy" / "model_index.json").exists()
-    kl = _scalars(tmp_path, "objective/kl")
-    assert kl[0] == 0.0 and kl[1] > 0  # the policy equals the frozen base model only before the first update
-    assert _scalars(tmp_path, "losses/ratio_dev_at_start") == [0.0, 0.0]
+    kl, dev = _scalars(tmp_path, "objective/kl"), _scalars(tmp_path, "losses/ratio_dev_at_start")
+    if passes_reproduce_bits():  # pi_base, pi_old and the update see each state's bits in any batch
+        assert kl[0] == 0.0 and kl[1] > 0 and dev == [0.0, 0.0]  # the policy equals pi_base before the first update
+    else:  # other batches round differently here (MKL's AVX2 path): zero up to rounding (3e-8 and 8e-5 seen)
+        assert abs(kl[0]) < 1e-5 < kl[1] and max(dev) < 1e-3, (kl, dev)
 
 
 def test_text_conditioned_latent_model_end_to_end(run, tmp_path):
@@ -314,14 +317,14 @@ def test_lora_policy_trains_adapters_only_resumes_and_merges(run, tmp_path):
     run("train_ppo.py", *common, "--epochs", "2", "--output-dir", full)
     a, b = (load_file(d / "checkpoints/epoch_00002/policy.safetensors") for d in (out, full))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _scalars(full, "losses/ratio_dev_at_start") == [0.0, 0.0]
+    dev = _scalars(full, "losses/ratio_dev_at_start")
+    assert dev == [0.0, 0.0] if passes_reproduce_bits() else max(dev) < 1e-3, dev  # exactly 1 where bits repeat
     tuned = StableDiffusionPipeline.from_pretrained(out / "final_policy").unet.state_dict()
     base = StableDiffusionPipeline.from_pretrained(model).unet.state_dict()
     assert tuned.keys() == base.keys()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
     import sample  # sample.py eval reads the adapter checkpoint and merges it the same way
-    from drlhf import models
     evaluated = sample.load_policy_unet(str(out), models.load_base_model(str(model)), "cpu").state_dict()
     assert evaluated.keys() == tuned.keys() and all(torch.equal(evaluated[k], tuned[k]) for k in tuned)
 
@@ -622,7 +625,11 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
         buf = rollout(net.eval(), nets.schedule, torch.randn(8, *base.sample_shape, generator=g), None, generator=g)
     order = torch.randperm(32, generator=g)
     logprob = lambda x, i, c, a: action_logprob(net, nets.schedule, x, i, c, a)  # noqa: E731
-    assert torch.equal(decided(args, 8).evaluate(logprob, buf, order), buf.logprobs)
+    # bit for bit where this CPU's kernels give a state the same bits whatever shares its pass (AVX-512 here);
+    # elsewhere (MKL's AVX2 path) up to rounding, and the skipped pass then trains up to rounding too
+    exact = passes_reproduce_bits()
+    recomputed = decided(args, 8).evaluate(logprob, buf, order)
+    assert torch.equal(recomputed, buf.logprobs) if exact else torch.allclose(recomputed, buf.logprobs, rtol=1e-5)
     # one epoch with the pass skipped (one state evaluation: the values) and one with it forced: the same training,
     # with the rollout's batch the pass (8 in passes of 8) and padded to it (12 in passes of 16, 4 of them padding)
     padded, _ = train_ppo.parse_args([*common, "--num-envs", "12", "--minibatch-size", "16", "--grad-accum-steps", "3"])
@@ -643,11 +650,15 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
             monkeypatch.undo()
             ends.append((len(calls), scores, stats, {**base.unet.state_dict(), **nets.value_net.state_dict()}))
         assert (ends[0][0], ends[1][0]) == (1, 2)
-        assert torch.equal(ends[0][1], ends[1][1]) and ends[0][2] == ends[1][2], (B, ends[0][2], ends[1][2])
+        assert torch.equal(ends[0][1], ends[1][1])  # the same rollout and rewards either way
         # pi_old in the update's training mode: its first forward repeats it, so the ratio starts at exactly 1
-        assert ends[0][2]["ratio_dev_at_start"] == 0.0, ends[0][2]
+        assert ends[0][2]["ratio_dev_at_start"] == 0.0 if exact else ends[0][2]["ratio_dev_at_start"] < 1e-3, ends[0][2]
         assert ends[0][3].keys() == ends[1][3].keys()
-        assert all(torch.equal(v, ends[1][3][k]) for k, v in ends[0][3].items()), B
+        if exact:
+            assert ends[0][2] == ends[1][2], (B, ends[0][2], ends[1][2])
+            assert all(torch.equal(v, ends[1][3][k]) for k, v in ends[0][3].items()), B
+        else:  # Adam moves a weight by at most its learning rate per step: 2 steps at 5e-5
+            assert max((v - ends[1][3][k]).abs().max().item() for k, v in ends[0][3].items()) < 2e-4, B
 
 
 def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):

@@ -191,6 +191,7 @@ def test_rollout_in_passes_gives_each_state_the_numbers_of_any_pass(conditioning
     from diffusers import UNet2DConditionModel
 
     from drlhf.plan import chunked_policy_step
+    from helpers import passes_reproduce_bits
     torch.manual_seed(0)
     if conditioning == "class":
         unet, shape = toys.toy_unet(3, 16, class_cond=True).eval(), (3, 16, 16)
@@ -222,6 +223,11 @@ def test_rollout_in_passes_gives_each_state_the_numbers_of_any_pass(conditioning
                 for s in range(0, 4 * B, chunk):
                     i = order[s:s + chunk]
                     lp[i] = action_logprob(policy, sched, states[i], idx[i], flat_cond[i], actions[i])
-            assert torch.equal(lp.view(4, B), buf.logprobs), (B, chunk, (lp.view(4, B) - buf.logprobs).abs().max())
+            # bit for bit where this CPU's kernels give a state the same bits whatever shares its batch (AVX-512
+            # here); elsewhere (MKL's AVX2 path) up to rounding: 1.5e-3 in log-probabilities of ~2800 seen
+            exact = passes_reproduce_bits()
+            diff = (lp.view(4, B) - buf.logprobs).abs().max()
+            assert torch.equal(lp.view(4, B), buf.logprobs) if exact else \
+                torch.allclose(lp.view(4, B), buf.logprobs, rtol=1e-5), (B, chunk, exact, diff)
     finally:
         torch.set_num_threads(threads)
