@@ -21,7 +21,10 @@ saved without changing what the update computes:
                               for bit, so the pass over the epoch's states is skipped
 
 With --compile and a KL penalty the reference policy's pass runs the update's graph too
-(`reference_in_update_graph`). Measurements: docs/performance.md.
+(`reference_in_update_graph`). "Bit for bit" holds where the kernels give a state the same bits in any pass of
+the same size, whatever shares it (AVX-512 oneDNN and MKL, measured); MKL's AVX2 path rounds by position in the
+batch (~5e-7 relative in a log-probability), and there the skipped recompute agrees with a made one up to that
+rounding. Measurements: docs/performance.md.
 """
 from __future__ import annotations
 
