@@ -1,4 +1,6 @@
-"""Pictures shared by train_ppo.py and sample.py eval: image grids and reward histograms as PNG files."""
+"""Pictures shared by the scripts, as PNG files: image grids (PIL) and charts (matplotlib, the ecosystem's plotting
+library: labelled axes with tick values and legends, so that numbers can be read off them): reward histograms,
+reward-model learning curves, the over-optimization curve."""
 from __future__ import annotations
 
 import math
@@ -31,28 +33,39 @@ def save_png(array: np.ndarray, path: Path, scale: int = 4):
     atomic_write(path, lambda tmp: big.save(tmp, format="PNG"))
 
 
+def _figure(width: float = 7.0, height: float = 3.6, ncols: int = 1):
+    """A matplotlib figure off screen (the Agg backend: no display needed) with labelled, ticked axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), dpi=100, squeeze=False)
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+    return fig, axes[0]
+
+
+def _save_figure(fig, path: Path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
 def histogram_png(before: np.ndarray, after: np.ndarray, path: Path, bins: int = 30):
-    """Reward histograms of base (grey) and optimized (orange) fixed-seed samples, standardized to the base."""
-    from PIL import Image, ImageDraw
+    """Reward histograms of base and optimized fixed-seed samples, standardized to the base (x: base std units,
+    y: samples), with both means marked."""
     mu, sd = before.mean(), before.std(ddof=1) + 1e-12  # the same sample std as summary.json
     zb, za = (before - mu) / sd, (after - mu) / sd
-    lo, hi = min(zb.min(), za.min()), max(zb.max(), za.max()) + 1e-9
-    hb, _ = np.histogram(zb, bins, (lo, hi))
-    ha, _ = np.histogram(za, bins, (lo, hi))
-    W, H, m = 600, 300, 30
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    top = max(hb.max(), ha.max())
-    bw = (W - 2 * m) / bins
-    for k in range(bins):
-        for h, col, off in ((hb[k], (150, 150, 150), 0), (ha[k], (230, 120, 20), bw / 2)):
-            x0 = m + k * bw + off
-            d.rectangle([x0, H - m - (H - 2 * m) * h / top, x0 + bw / 2 - 1, H - m], fill=col)
-    d.line([m, H - m, W - m, H - m], fill="black")
-    d.text((m, 5), f"reward in base std units: base (grey) mean 0, optimized (orange) mean {za.mean():+.2f}", fill="black")
-    d.text((m, H - m + 5), f"{lo:.1f}", fill="black")
-    d.text((W - m - 30, H - m + 5), f"{hi:.1f}", fill="black")
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    edges = np.histogram_bin_edges(np.concatenate([zb, za]), bins)
+    fig, (ax,) = _figure()
+    ax.hist(zb, edges, color="0.55", alpha=0.7, label=f"base (mean 0, n = {len(zb)})")
+    ax.hist(za, edges, color="tab:orange", alpha=0.7, label=f"optimized (mean {za.mean():+.2f})")
+    for value, colour in ((0.0, "0.35"), (za.mean(), "tab:orange")):
+        ax.axvline(value, color=colour, linestyle="--", linewidth=1)
+    ax.set(xlabel="reward, in standard deviations of the base model's rewards", ylabel="samples",
+           title="fixed-seed rewards: base vs optimized")
+    ax.legend()
+    _save_figure(fig, path)
 
 
 def load_grid(path: Path) -> np.ndarray:
@@ -62,62 +75,44 @@ def load_grid(path: Path) -> np.ndarray:
 
 
 def learning_curves_png(history: list, kept_epoch: int, path: Path):
-    """train_reward.py's curves: train and validation loss (left scale) and validation pairwise accuracy (right
-    scale, 0.5 to 1) per epoch, with the kept epoch marked."""
-    from PIL import Image, ImageDraw
-    W, H, m = 640, 320, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
+    """train_reward.py's curves: train and validation loss (left axis) and validation pairwise accuracy (right
+    axis) per epoch, with the kept epoch marked."""
+    fig, (ax,) = _figure()
     epochs = [h["epoch"] for h in history]
-    losses = [h[k] for h in history for k in ("train_loss", "val_loss") if k in h]
-    lo, hi = min(losses), max(losses) + 1e-9
-    x = lambda e: m + (W - 2 * m) * (e - epochs[0]) / max(epochs[-1] - epochs[0], 1)  # noqa: E731
-    for key, colour, scale in (("train_loss", (60, 60, 200), None), ("val_loss", (220, 90, 20), None),
-                               ("val_accuracy", (30, 150, 60), (0.5, 1.0))):
-        pts = [(x(h["epoch"]), h[key]) for h in history if key in h]
-        a, b = scale or (lo, hi)
-        pts = [(px, H - m - (H - 2 * m) * min(max((v - a) / (b - a), 0), 1)) for px, v in pts]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        elif pts:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-    d.line([x(kept_epoch), m, x(kept_epoch), H - m], fill=(120, 120, 120))
-    d.line([m, H - m, W - m, H - m], fill="black")
-    d.text((m, 5), f"loss {lo:.3f}-{hi:.3f}: train (blue), validation (orange); validation accuracy 0.5-1 (green)",
-           fill="black")
-    d.text((m, H - m + 5), f"epoch {epochs[0]}", fill="black")
-    d.text((W - m - 60, H - m + 5), f"epoch {epochs[-1]}", fill="black")
-    d.text((min(x(kept_epoch) + 3, W - m - 80), m), f"kept: {kept_epoch}", fill="black")
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    for key, colour, label in (("train_loss", "tab:blue", "train loss"), ("val_loss", "tab:orange", "validation loss")):
+        pts = [(h["epoch"], h[key]) for h in history if key in h]
+        if pts:
+            ax.plot(*zip(*pts), color=colour, marker="." if len(pts) < 30 else None, label=label)
+    ax.set(xlabel="epoch", ylabel="loss (Eq. 5.1)", xlim=(min(epochs) - 0.5, max(epochs) + 0.5))
+    ax.axvline(kept_epoch, color="0.4", linestyle="--", linewidth=1, label=f"kept: epoch {kept_epoch}")
+    handles, labels = ax.get_legend_handles_labels()
+    acc = [(h["epoch"], h["val_accuracy"]) for h in history if "val_accuracy" in h]
+    if acc:
+        right = ax.twinx()
+        right.plot(*zip(*acc), color="tab:green", marker="." if len(acc) < 30 else None, label="validation accuracy")
+        right.set(ylabel="validation pairwise accuracy", ylim=(0.0, 1.0))
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="best", fontsize="small")
+    ax.set_title("reward model: learning curves")
+    _save_figure(fig, path)
 
 
 def overoptimization_png(curve: list, path: Path):
     """The over-optimization curve of a run (drlhf.evaluation): proxy and gold gains in base standard deviations
     against sqrt(KL from the base policy) (left, as in Gao et al. 2022) and against epochs (right); the gold peak
     marked. curve: dicts with epoch, kl, proxy_gain, gold_gain."""
-    from PIL import Image, ImageDraw
-    W, H, m = 480, 320, 40
-    img = Image.new("RGB", (2 * W, H), "white")
-    d = ImageDraw.Draw(img)
-    gains = [p[k] for p in curve for k in ("proxy_gain", "gold_gain")]
-    lo, hi = min(gains + [0.0]), max(gains + [0.0]) + 1e-9
+    fig, axes = _figure(width=11.0, ncols=2)
     peak = max(curve, key=lambda p: p["gold_gain"])
-    for panel, (xkey, label) in enumerate((("sqrt_kl", "sqrt(KL from base)"), ("epoch", "epoch"))):
-        xs = [max(p["kl"], 0.0) ** 0.5 if xkey == "sqrt_kl" else p["epoch"] for p in curve]
-        x0, x1 = min(xs), max(xs) + 1e-9
-        X = lambda v: panel * W + m + (W - 2 * m) * (v - x0) / (x1 - x0)  # noqa: E731
-        Y = lambda v: H - m - (H - 2 * m) * (v - lo) / (hi - lo)  # noqa: E731
-        d.line([X(x0), Y(0), X(x1), Y(0)], fill=(200, 200, 200))
-        for key, colour in (("proxy_gain", (60, 60, 200)), ("gold_gain", (220, 90, 20))):
-            pts = [(X(x), Y(p[key])) for x, p in zip(xs, curve)]
-            if len(pts) > 1:
-                d.line(pts, fill=colour, width=2)
-            for px, py in pts:
-                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        px = X(xs[curve.index(peak)])
-        d.line([px, m, px, H - m], fill=(120, 120, 120))
-        d.line([panel * W + m, H - m, panel * W + W - m, H - m], fill="black")
-        d.text((panel * W + m, H - m + 5), f"{label} {x0:.3g} .. {x1:.3g}", fill="black")
-    d.text((m, 5), f"gain in base std {lo:.2f} .. {hi:.2f}: proxy reward (blue), gold --eval-reward (orange); "
-                   f"gold peak {peak['gold_gain']:+.2f} at epoch {peak['epoch']} (grey)", fill="black")
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    for ax, (xs, label) in zip(axes, (([max(p["kl"], 0.0) ** 0.5 for p in curve], "sqrt(KL from the base policy)"),
+                                      ([p["epoch"] for p in curve], "epoch"))):
+        for key, colour, name in (("proxy_gain", "tab:blue", "proxy (optimized reward)"),
+                                  ("gold_gain", "tab:orange", "gold (--eval-reward)")):
+            ax.plot(xs, [p[key] for p in curve], color=colour, marker="o", markersize=3, label=name)
+        ax.axhline(0.0, color="0.6", linewidth=1)
+        ax.axvline(xs[curve.index(peak)], color="0.4", linestyle="--", linewidth=1,
+                   label=f"gold peak {peak['gold_gain']:+.2f} (epoch {peak['epoch']})")
+        ax.set(xlabel=label, ylabel="gain, in base standard deviations")
+        ax.legend(fontsize="small")
+    fig.suptitle("over-optimization: proxy and gold reward against distance from the base policy")
+    _save_figure(fig, path)
