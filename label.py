@@ -32,6 +32,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Header, Markdown, Static
 
 from drlhf import cli
+from drlhf import comparison
+from drlhf.files import make_dir
 from drlhf.judges import auto_label, ink_score, load_scorer, stroke_score  # noqa: F401 - label:ink_score, label:stroke_score
 from drlhf.labels import (LabelError, Store, dataset_fingerprint, dataset_meta, effective_events, export, load_tasks,
                           placement, replay, session_lock)
@@ -349,7 +351,7 @@ def make_app(store, project, annotator, tasks, dataset: Path, renderer="auto", k
 def open_project(args, create_default=True):
     dataset = Path(args.dataset)
     tasks = load_tasks(dataset, check_images=args.command != "export")
-    store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", read_only=args.command == "export")
+    store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", read_only=args.command != "label")
     project = store.project(args.project, missing_ok=True)
     created = project is None
     if created:
@@ -430,6 +432,10 @@ def main(argv=None):
     exp.add_argument("--out", help="output folder (default: the dataset folder)")
     exp.add_argument("--val-fraction", type=cli.bounded(float, 0, 1), default=0.2, help="validation share of tasks, [0, 1)")
     exp.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by task")
+    win = sub.add_parser("winrate", parents=[common], help="a blind comparison (sample.py --compare): B's win rate over "
+                         "A with its 95 %% interval, per annotator and condition, agreement (thesis 8.1)")
+    win.add_argument("--out", help="folder for report.json and winrate.png (default: the dataset folder)")
+    win.add_argument("--seed", type=int, default=0, help="seed of the bootstrap interval")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
         argv = ["label"] + argv  # `label.py DATASET ...` and `label.py --auto SPEC DATASET` mean `label.py label ...`
@@ -479,6 +485,15 @@ def main(argv=None):
     elif args.command == "export":
         dataset, tasks, store, project = open_project(args, create_default=False)
         print(export(store, project, tasks, Path(args.out or dataset), args.val_fraction, args.seed))
+    elif args.command == "winrate":
+        dataset, tasks, store, project = open_project(args, create_default=False)
+        key = comparison.read_key(dataset)
+        judged = {a: comparison.judgments(replay(store.events(project["name"], a), tasks, project), tasks, key)
+                  for a in store.annotators(project["name"])}
+        r = comparison.report(dataset, judged, tasks, make_dir(Path(args.out or dataset), "--out"), args.seed)["overall"]
+        print(f"[label] B ({key['model_b']}) over A ({key['model_a']}): win rate {r['win_rate_b']:.3f}, 95 % interval "
+              f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], ties {r['tie_rate']:.1%}, {r['judgments']} judgments; "
+              f"report.json and winrate.png in {args.out or dataset}")
 
 
 if __name__ == "__main__":

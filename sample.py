@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from drlhf.cli import NonNegFloat, PosInt
-from drlhf import cli, evaluation, models, presets, rewards
+from drlhf import cli, comparison, evaluation, models, presets, rewards
 from drlhf.checkpoint import load_policy_unet
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
 from drlhf.files import atomic_write, make_dir, save_safetensors, write_text
@@ -55,6 +55,10 @@ BUILTIN_INSTRUCTIONS = {
              "Within these categories, always prefer images with pink sunglasses over images with sunglasses in other "
              "colors.",
              "Within these categories, rank the images in order of what you would most prefer as output from the model."],
+    # a blind comparison (--compare): nothing says which model made which image
+    "compare": ["Each task shows two images made for the same prompt or class: prefer the one you would rather get.",
+                "Press t (tie) only when you truly cannot prefer one image over the other.",
+                "Flag both as bad when neither is an acceptable image."],
     "digits": ["Prefer the image that looks most like a clean, well-formed digit of the task's class.",
                "Between equally good digits, prefer the bolder, more confident stroke.",
                "Press t (tie) only when you truly cannot prefer one image over the other."],
@@ -77,8 +81,11 @@ class Args:
     """text models: a .txt/.jsonl/.csv/.parquet prompt file, or builtin:pink (Table 6.5) / builtin:pickscore-eval (appendix D)"""
     class_labels: str | None = None
     """class models: comma-separated classes to draw tasks from (None = all; Macaw: 88)"""
+    compare: str | None = None
+    """blind comparison (thesis 8.1): a second model (diffusers folder, hub id, toy, run or checkpoint folder); each
+    task holds one image of --pretrained and one of it, same condition and seeds, sides shuffled (docs/labeler.md)"""
     instructions: str | None = "builtin:digits"
-    """labeling instructions for label.py: a Markdown file or builtin:macaw / builtin:pink / builtin:digits"""
+    """labeling instructions for label.py: a Markdown file or builtin:macaw / pink / digits / compare (--compare's)"""
     num_steps: PosInt = TOY_SAMPLING_STEPS
     """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same; offline default 10, as train_ppo.py's)"""
     guidance_scale: NonNegFloat = 1.0
@@ -109,7 +116,7 @@ class Args:
 
 
 # settings that must not change when an interrupted dataset is finished
-FIXED = ("pretrained", "num_tasks", "k", "prompts", "class_labels", "num_steps", "guidance_scale", "sampler", "spacing",
+FIXED = ("pretrained", "compare", "num_tasks", "k", "prompts", "class_labels", "num_steps", "guidance_scale", "sampler", "spacing",
          "eta", "variance_type", "seed", "batch_size")
 
 
@@ -198,11 +205,25 @@ def save_task(out: Path, i: int, condition: dict, images, samples, seeds: list, 
     return record
 
 
+def compared_model(args: Args, base: models.BaseModel, device) -> models.BaseModel:
+    """--compare: model B of a blind comparison on the same kind of model as --pretrained (a run or checkpoint
+    folder gets --pretrained's architecture)."""
+    spec = args.compare
+    if Path(spec).is_dir() and not any((Path(spec) / f).exists() for f in ("model_index.json", "config.json")):
+        return dataclasses.replace(base, unet=load_policy_unet(spec, base, device))
+    other = models.load_base_model(spec, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    if (other.conditioning, tuple(other.sample_shape)) != (base.conditioning, tuple(base.sample_shape)):
+        raise cli.UserError(f"--compare {spec} ({other.conditioning}, samples {tuple(other.sample_shape)}) cannot be "
+                            f"compared with --pretrained {args.pretrained} ({base.conditioning}, samples "
+                            f"{tuple(base.sample_shape)}): a blind comparison needs the same kind of model")
+    return other
+
+
 def main(argv=None):
     args, out = resolve_args(argv)
     meta_file = out / "dataset.json"
-    if args.k < 2:
-        raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare")
+    if args.k < 2 or (args.compare and args.k != 2):
+        raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare (--compare: exactly 2)")
     device = resolve_device(args.device)
     args = dataclasses.replace(args, threads=setup_cpu(device, args.threads or default_threads()))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
@@ -210,6 +231,7 @@ def main(argv=None):
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                            args.spacing, args.eta, args.variance_type, args.guidance_scale)
     policy = models.make_denoiser(base, args.guidance_scale).eval()
+    other = compared_model(args, base, device) if args.compare else None  # model B of a blind comparison
     prompt_embeds = {}
     if base.conditioning == "text":  # one text-encoder pass per distinct prompt
         distinct = sorted({c["prompt"] for c in conditions})
@@ -228,8 +250,12 @@ def main(argv=None):
                     sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
                     instructions="instructions.md", args=dataclasses.asdict(args),
                     **({"lineage": base.lineage} if base.lineage else {}))  # a fine-tuned policy: the rounds behind it
-        write_text(out / "instructions.md", read_instructions(args.instructions))
+        default = args.compare and args.instructions == Args.instructions  # a comparison's own instructions
+        write_text(out / "instructions.md", read_instructions("builtin:compare" if default else args.instructions))
+        if other is not None:  # which image of each task is which model: never shown by label.py
+            comparison.write_key(out, args.pretrained, args.compare, args.num_tasks, args.seed)
         write_text(meta_file, json.dumps(meta, indent=1))
+    sides = comparison.read_key(out)["sides"] if other is not None else None
 
     # SAMPLING: whole tasks per batch; batch b always holds the same tasks, so its images do not depend on
     # where an earlier run stopped
@@ -243,18 +269,23 @@ def main(argv=None):
             ids = [i for i in range(first, min(first + per_batch, args.num_tasks))]
             if all(i in done for i in ids):
                 continue
-            seeds = [[args.seed * 1_000_003 + i * args.k + j for j in range(args.k)] for i in ids]
+            draws = 1 if other else args.k  # a blind pair: one seed, drawn by both models
+            seeds = [[args.seed * 1_000_003 + i * args.k + j for j in range(draws)] for i in ids]
             x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(s))
-                               for row in seeds for s in row]).to(device)  # (n*K, C, H, W), one seed per image
+                               for row in seeds for s in row]).to(device)  # (n*draws, C, H, W), one seed per image
             cond = None
             if base.conditioning == "class":
-                cond = torch.tensor([conditions[i]["class_label"] for i in ids for _ in range(args.k)], device=device)
+                cond = torch.tensor([conditions[i]["class_label"] for i in ids for _ in range(draws)], device=device)
             elif base.conditioning == "text":
-                cond = torch.stack([prompt_embeds[conditions[i]["prompt"]] for i in ids for _ in range(args.k)])
+                cond = torch.stack([prompt_embeds[conditions[i]["prompt"]] for i in ids for _ in range(draws)])
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + first)
             with autocast(args.precision, device):
                 samples = rollout(policy, schedule, x_T, cond, generator=g).samples
             images = base.decode(samples)
+            if other is not None:  # a blind pair: both models from the same noise, sides as the key says
+                samples, images = comparison.pair_up(samples, images, other, schedule, x_T, cond, g.initial_seed(),
+                                                     [sides[i] for i in ids], args.precision, args.guidance_scale)
+                seeds = [row * 2 for row in seeds]
             for n, i in enumerate(ids):
                 if i in done:
                     continue

@@ -116,3 +116,22 @@ def overoptimization_png(curve: list, path: Path):
         ax.legend(fontsize="small")
     fig.suptitle("over-optimization: proxy and gold reward against distance from the base policy")
     _save_figure(fig, path)
+
+
+def win_rate_png(report: dict, path: Path):
+    """A blind comparison's win rates of model B over model A (drlhf.comparison): overall and per annotator, each
+    with its 95 % interval, and the line of no preference at 0.5."""
+    rows = [("all annotators", report["overall"])] + list(report["annotators"].items())
+    fig, (ax,) = _figure(height=1.6 + 0.45 * len(rows))
+    for y, (name, r) in enumerate(reversed(rows)):
+        lo, hi = r["ci95"]
+        ax.errorbar(r["win_rate_b"], y, xerr=[[r["win_rate_b"] - lo], [hi - r["win_rate_b"]]], fmt="o", capsize=4,
+                    color="tab:blue" if name == "all annotators" else "0.35")
+        ax.annotate(f"{r['win_rate_b']:.2f} [{lo:.2f}, {hi:.2f}], n = {r['judgments']}", (r["win_rate_b"], y),
+                    textcoords="offset points", xytext=(0, 7), ha="center", fontsize="small")
+    ax.axvline(0.5, color="tab:red", linestyle="--", linewidth=1, label="no preference")
+    ax.set(xlim=(0, 1), ylim=(-0.7, len(rows) - 0.3), yticks=range(len(rows)), yticklabels=[n for n, _ in reversed(rows)],
+           xlabel=f"win rate of B ({report['model_b']}) over A ({report['model_a']}), ties = 1/2; 95 % interval",
+           title="blind comparison")
+    ax.legend(loc="lower right", fontsize="small")
+    _save_figure(fig, path)

@@ -98,3 +98,20 @@ def passes_reproduce_bits() -> bool:
         return True
     finally:
         torch.set_num_threads(threads)
+
+
+def brighter_judge(seed: int, p: float):
+    """A judge without a human that prefers the brighter of two images with probability p (its own seeded coin per
+    comparison), else the darker: against a model whose images are always brighter, it prefers that model with
+    probability p."""
+    import random
+    rng = random.Random(seed)
+
+    def judge(images, prompts=None):
+        ink = images.float().mean((1, 2, 3))
+        return ink if rng.random() < p else -ink
+    return judge
+
+
+prefers_brighter_70 = brighter_judge(1, 0.7)
+cannot_tell = brighter_judge(2, 0.5)
