@@ -37,6 +37,7 @@ from drlhf.distributed import DeviceFlag, Precision, all_reduce_sum, autocast
 from drlhf.nets import Nets, build_nets, load_models
 from drlhf.plan import Accumulation, EpochPlan
 from drlhf.prompts import prompt_table, sample_conditions
+from drlhf.ptx import PtxData
 from drlhf.sampler import Reduction, Sampler, Spacing, VarianceType, action_logprob
 from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 
@@ -44,14 +45,12 @@ from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: a Table 6.2 column (target, colorfulness, aesthetic, macaw, macaw-norl, pink, pickscore) or an offline
-    stand-in (digits-*); flags given on the command line override it (drlhf/presets.py)"""
+    """preset: a Table 6.2 column (target, ..., pickscore) or an offline stand-in (digits-*); drlhf/presets.py"""
     seed: int = 0
     """base seed; rank r samples with seed + r"""
     # --- Table 6.2, one field per row, in the table's order --------------------------------------------------
     pretrained: str = "toy:digit4"
-    """"Base Policy": diffusers folder, hub id, guided-diffusion:PATH, or toy:digit4 / toy:digit4-32 / toy:digits-rgb
-    (offline)"""
+    """"Base Policy": diffusers folder, hub id, guided-diffusion:PATH or toy:digit4 / digit4-32 / digits-rgb"""
     resolution: PosInt | None = None
     """"Resolution" in pixels, checked against the base model (None = the model's)"""
     conditioning: Literal["none", "class", "text"] | None = None
@@ -63,8 +62,7 @@ class Args:
     num_steps: PosInt = TOY_SAMPLING_STEPS
     """"Timesteps": denoising steps per rollout, respaced from the training steps (offline default 10; thesis 25)"""
     reward: str = "target"
-    """"Reward": target, colorfulness, aesthetic, pickscore, rm (--reward-model) or module:function of images in
-    [-1, 1] (README, "Your own reward")"""
+    """"Reward": target, colorfulness, aesthetic, pickscore, rm (--reward-model) or module:function (README)"""
     num_envs: PosInt = 32
     """"Environments": parallel environments per epoch over all processes"""
     gamma: Fraction = 1.0
@@ -127,8 +125,7 @@ class Args:
     reward_model: str | None = None
     """--reward rm: a reward-model folder written by train_reward.py (thesis 5.2)"""
     ensemble_penalty: NonNegFloat = 0.0
-    """an N-head reward model (train_reward.py --ensemble N) scores mean - k x std over its heads (Coste et al. 2023;
-    thesis 8.1)"""
+    """an N-head reward model (train_reward.py --ensemble N) scores mean - k x std of its heads (thesis 8.1)"""
     ensemble_reduce: Literal["penalty", "min"] = "penalty"
     """an ensemble's reward: penalty (mean - --ensemble-penalty x std) or min (the worst head)"""
     eval_reward: str | None = None
@@ -155,8 +152,7 @@ class Args:
     kl_horizon: PosFloat = 10000.0
     """--kl-target: samples over which beta may change by the controller's full step (Ziegler et al. 2019)"""
     advantage: Literal["gae", "group"] = "gae"
-    """gae: the critic and GAE over the denoising steps (thesis 5.3); group: the critic-free per-prompt baseline
-    (DDPO, GRPO)"""
+    """gae: the critic and GAE over the denoising steps (thesis 5.3); group: critic-free (DDPO, GRPO)"""
     norm_adv: bool = True
     """normalize advantages over the whole batch of all processes (thesis 5.3)"""
     clip_vloss: bool = True
@@ -164,13 +160,18 @@ class Args:
     update_epochs: PosInt = 1
     """passes over the rollout buffer per epoch (thesis: 1)"""
     old_logprobs: Literal["rollout", "recompute"] = "rollout"
-    """log pi_old: rollout (recorded while sampling, thesis 5.3) or recompute (in the update's passes: needed with
-    fp16/bf16 on GPUs; docs/performance.md)"""
+    """log pi_old: rollout (recorded while sampling, thesis 5.3) or recompute (fp16/bf16 GPUs; docs/performance.md)"""
+    ptx_coef: NonNegFloat = 0.0
+    """PPO-ptx (Ouyang et al. 2022; thesis 8.1): add this x the base model's denoising loss on --ptx-data to the
+    policy loss, against collapse (0 = off; drlhf/ptx.py)"""
+    ptx_data: str = "base"
+    """--ptx-coef: a folder of images, or base: the base model's own samples, made once and cached"""
+    ptx_samples: PosInt = 256
+    """--ptx-data base: how many base-model samples"""
     minibatch_grouping: Literal["state", "trajectory"] = "state"
     """state: random states from all trajectories per minibatch (thesis 5.3); trajectory: whole ones (DDPO)"""
     algo: Literal["ppo", "backprop"] = "ppo"
-    """ppo (thesis 5.3) or backprop: -reward back-propagated through the sampling chain (Table 6.2 "Macaw: Without
-    RL", thesis 6.8)"""
+    """ppo (thesis 5.3) or backprop: -reward through the sampling chain ("Macaw: Without RL", thesis 6.8)"""
     chain_checkpointing: bool = True
     """--algo backprop: recompute each step's U-Net forward in the backward pass (thesis 6.8)"""
     # --- the run: device, logging, checkpoints ----------------------------------------------------------------
@@ -197,8 +198,7 @@ class Args:
     """CPU threads per process, fixed for the run and reused by --resume (None = $OMP_NUM_THREADS, or the usable
     cores / local processes); the numbers depend on it"""
     fused_minibatches: PosInt = 1
-    """run this many minibatches of one optimizer step as one forward/backward pass (must divide
-    --grad-accum-steps; PPO only)"""
+    """minibatches of one optimizer step run as one forward/backward pass (divides --grad-accum-steps)"""
     gradient_checkpointing: bool = False
     """recompute U-Net activations in the backward pass (thesis 5.3): less memory for ~25 % more update time"""
     compile: bool = False
@@ -397,8 +397,12 @@ def ppo_update(nets: Nets, plan: EpochPlan, buf: dict, orders, args: Args, state
                     new_values = nets.value(b_states[i], b_t[i], select(b_cond, i)).float() if nets.value else None
                 loss, stats = ppo_loss(new_logprobs, b_logprobs[i], b_advantages[i], new_values, b_values[i],
                                        b_returns[i], args)
+                if nets.ptx is not None:  # PPO-ptx: the base model's own objective on base-distribution images
+                    stats["ptx_loss"] = nets.ptx.loss(nets.policy, len(i))
+                    loss = loss + args.ptx_coef * stats["ptx_loss"]
                 acc.backward(loss, stats)
-    return acc.statistics(("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio"), at_start=("ratio_dev",))
+    return acc.statistics(("pg_loss", "v_loss", "approx_kl", "clipfrac", "ratio") + (("ptx_loss",) if nets.ptx else ()),
+                          at_start=("ratio_dev",))
 
 
 def optimizer_step(nets: Nets, args: Args, state: dict) -> torch.Tensor:
@@ -487,6 +491,8 @@ def check_requirements(args: Args):
     if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and not args.reward_model:
         raise cli.UserError(f"--reward {args.reward} / --value-fn {args.value_fn}: pass --reward-model DIR, a folder "
                          "written by train_reward.py")
+    if args.ptx_coef and args.algo != "ppo":
+        raise cli.UserError("--ptx-coef adds the base model's denoising loss to PPO's policy loss: it needs --algo ppo")
     if args.kl_target is not None and not args.kl_coef:
         raise cli.UserError("--kl-target adapts beta from its start: pass --kl-coef > 0 as the starting value")
     if args.advantage == "group" and args.value_fn != "none":
@@ -548,6 +554,9 @@ def setup(args: Args, rank: int, world: int, device):
     prompts, prompt_embeds = prompt_table(args.prompts, base) if base.conditioning == "text" else (None, None)
     gens = {"rollout": torch.Generator(device).manual_seed(args.seed + rank),
             "shuffle": torch.Generator().manual_seed(args.seed + 7919 * (rank + 1))}
+    if args.ptx_coef:  # PPO-ptx's images and their minibatches (before any checkpoint: the base weights make them)
+        gens["ptx"] = torch.Generator().manual_seed(args.seed + 104729 * (rank + 1))
+        nets.ptx = PtxData.build(args, base, nets.schedule, device, gens["ptx"])
     return base, nets, plan, reward_fns, prompts, prompt_embeds, gens, sizes
 
 

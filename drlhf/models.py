@@ -272,9 +272,10 @@ class Denoiser(nn.Module):
             return self.unet(x, t, class_labels=cond).sample
         return self.unet(x, t, encoder_hidden_states=cond).sample
 
-    def forward(self, x, t, cond=None):
+    def forward(self, x, t, cond=None, guided: bool = True):
+        """guided=False: the conditional prediction alone (the model's training objective, drlhf/ptx.py)."""
         x = x.to(next(self.unet.parameters()).dtype) if not torch.is_autocast_enabled() else x
-        if self.guidance_scale == 1.0:
+        if self.guidance_scale == 1.0 or not guided:
             return self._unet(x, t, cond)
         null = self.null_cond.expand(len(x), *self.null_cond.shape[1:])
         out = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))

@@ -38,6 +38,7 @@ class Nets:
     opt_pi: torch.optim.Optimizer
     opt_vf: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler  # fp16 only; a no-op otherwise
+    ptx: object = None            # --ptx-coef: the base distribution's images and their denoising loss (drlhf/ptx.py)
 
     def train(self):
         for net in (self.policy_net, self.value_net):

@@ -97,6 +97,7 @@ def log_ppo_epoch(writer, bar, epoch: int, algo: str, pooled, scores, kl, stats:
             "losses/clipfrac": stats["clipfrac"], "losses/ratio": stats["ratio"],
             "losses/ratio_dev_at_start": stats["ratio_dev_at_start"],
             "losses/explained_variance": stats["explained_variance"],
+            **({"losses/ptx_loss": stats["ptx_loss"]} if "ptx_loss" in stats else {}),
             "charts/seconds_rollout": times["rollout"],
             "charts/seconds_scoring": times["scoring"]})  # rewards, values, pi_base and a recomputed pi_old
     logs["charts/peak_rss_gb"] = speed.peak_rss_gb()
