@@ -36,7 +36,7 @@ from drlhf import comparison
 from drlhf.files import make_dir
 from drlhf.judges import auto_label, ink_score, load_scorer, stroke_score  # noqa: F401 - label:ink_score, label:stroke_score
 from drlhf.labels import (LabelError, Store, dataset_fingerprint, dataset_meta, effective_events, export, load_tasks,
-                          placement, replay, session_lock)
+                          placement, progress, replay, session_lock)
 from drlhf.ordering import ordering_text
 
 DEFAULT_KEYS = dict(left="a", right="d", tie="t", bad="b", skip="n", undo="u")
@@ -405,6 +405,23 @@ def create(store, dataset, tasks, args):
     return store.project(args.project)
 
 
+def list_projects(args):
+    """label.py list: every project of the store, each annotator's progress (a read-only store is read as it is)."""
+    dataset = Path(args.dataset)
+    store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", quiet=True, read_only=True)
+    print("\n".join(progress(store, load_tasks(dataset, check_images=False))))
+
+
+def win_rate_report(args):
+    """label.py winrate: a blind comparison's report from every annotator's answers (drlhf/comparison.py)."""
+    dataset, tasks, store, project = open_project(args, create_default=False)
+    key, r = comparison.report_from_store(dataset, store, project, tasks, make_dir(Path(args.out or dataset), "--out"),
+                                          args.seed)
+    print(f"[label] B ({key['model_b']}) over A ({key['model_a']}): win rate {r['win_rate_b']:.3f}, 95 % interval "
+          f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], ties {r['tie_rate']:.1%}, {r['judgments']} judgments; "
+          f"report.json and winrate.png in {args.out or dataset}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2])
@@ -449,18 +466,7 @@ def main(argv=None):
         print(f"created project {project['name']!r}: {len(tasks)} tasks of K = {project['k']}, "
               f"{'all pairs' if project['all_pairs'] else 'binary insertion'}{', re-check' if project['recheck'] else ''}")
     elif args.command == "list":
-        dataset = Path(args.dataset)
-        tasks = load_tasks(dataset, check_images=False)
-        store = Store(Path(args.db) if args.db else dataset / "labels.sqlite", quiet=True, read_only=True)
-        for name in store.projects():
-            project = store.project(name)
-            print(f"{name}: K = {project['k']}, dataset {project['dataset']}")
-            for annotator in store.annotators(name):
-                state = replay(store.events(name, annotator), tasks, project)
-                print(f"  {annotator}: {sum(s.done for s in state.sorters.values())} of {len(tasks)} tasks, "
-                      f"{len(state.decisions)} comparisons" + (f" ({len(state.conflicts)} conflicting answers from "
-                                                               "two sessions ignored; the first answer stands)"
-                                                               if state.conflicts else ""))
+        list_projects(args)
     elif args.command == "label":
         keys, scorer = parse_keys(args.keys), load_scorer(args.auto) if args.auto else None  # before any write
         if not args.auto and not all(not s.closed and s.isatty() for s in (sys.stdin, sys.stdout)):
@@ -486,14 +492,7 @@ def main(argv=None):
         dataset, tasks, store, project = open_project(args, create_default=False)
         print(export(store, project, tasks, Path(args.out or dataset), args.val_fraction, args.seed))
     elif args.command == "winrate":
-        dataset, tasks, store, project = open_project(args, create_default=False)
-        key = comparison.read_key(dataset)
-        judged = {a: comparison.judgments(replay(store.events(project["name"], a), tasks, project), tasks, key)
-                  for a in store.annotators(project["name"])}
-        r = comparison.report(dataset, judged, tasks, make_dir(Path(args.out or dataset), "--out"), args.seed)["overall"]
-        print(f"[label] B ({key['model_b']}) over A ({key['model_a']}): win rate {r['win_rate_b']:.3f}, 95 % interval "
-              f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], ties {r['tie_rate']:.1%}, {r['judgments']} judgments; "
-              f"report.json and winrate.png in {args.out or dataset}")
+        win_rate_report(args)
 
 
 if __name__ == "__main__":

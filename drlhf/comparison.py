@@ -28,6 +28,7 @@ import torch
 from drlhf import models, pictures
 from drlhf.distributed import autocast
 from drlhf.files import write_json
+from drlhf.labels import replay
 from drlhf.sampler import rollout
 
 KEY_FILE = "comparison.json"
@@ -139,3 +140,12 @@ def report(dataset: Path, per_annotator: dict, tasks: list[dict], out: Path, see
     write_json(out / "report.json", result)
     pictures.win_rate_png(result, out / "winrate.png")
     return result
+
+
+def report_from_store(dataset: Path, store, project, tasks: list[dict], out: Path, seed: int = 0) -> tuple[dict, dict]:
+    """`label.py winrate`: every annotator's answers in a label store (drlhf.labels) -> (the key, the overall row),
+    with report.json and winrate.png written to `out`."""
+    key = read_key(dataset)
+    judged = {a: judgments(replay(store.events(project["name"], a), tasks, project), tasks, key)
+              for a in store.annotators(project["name"])}
+    return key, report(dataset, judged, tasks, out, seed)["overall"]

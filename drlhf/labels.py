@@ -374,3 +374,18 @@ def session_lock(store: Store, project: str, annotator: str):
     f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()
     return f
+
+
+def progress(store, tasks) -> list[str]:
+    """`label.py list`: a line per project of the store, and one per annotator with their progress."""
+    lines = []
+    for name in store.projects():
+        project = store.project(name)
+        lines.append(f"{name}: K = {project['k']}, dataset {project['dataset']}")
+        for annotator in store.annotators(name):
+            state = replay(store.events(name, annotator), tasks, project)
+            lines.append(f"  {annotator}: {sum(s.done for s in state.sorters.values())} of {len(tasks)} tasks, "
+                         f"{len(state.decisions)} comparisons" + (f" ({len(state.conflicts)} conflicting answers "
+                                                                  "from two sessions ignored; the first answer stands)"
+                                                                  if state.conflicts else ""))
+    return lines
