@@ -37,7 +37,7 @@ from drlhf import cli, comparison, evaluation, models, presets, rewards
 from drlhf.checkpoint import load_policy_unet
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
 from drlhf.files import atomic_write, make_dir, save_safetensors, write_text
-from drlhf.speed import default_threads, setup_cpu
+from drlhf.speed import setup_cpu
 from drlhf.prompts import class_list, prompt_list, prompt_table
 from drlhf.sampler import DiffusionSchedule, Sampler, Spacing, VarianceType, rollout
 from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
@@ -225,7 +225,7 @@ def main(argv=None):
     if args.k < 2 or (args.compare and args.k != 2):
         raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare (--compare: exactly 2)")
     device = resolve_device(args.device)
-    args = dataclasses.replace(args, threads=setup_cpu(device, args.threads or default_threads()))  # kept with the data
+    args = dataclasses.replace(args, threads=setup_cpu(device, args.threads))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     conditions = task_conditions(args, base)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
@@ -366,7 +366,7 @@ def eval_main(argv=None):
     parser = cli.build_parser(EvalArgs)
     args = EvalArgs(**vars(parser.parse_args(argv)))
     device = resolve_device(args.device)
-    setup_cpu(device, args.threads or default_threads())
+    setup_cpu(device, args.threads)
     out = make_dir(Path(args.out), "--out")  # before any work: a folder that cannot be written is one sentence
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,

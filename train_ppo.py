@@ -583,8 +583,8 @@ def main(argv=None):
     args, ckpt, saved = resolve_args(argv)
     rank, world, device = distributed.setup_distributed(args.device)
     # CPU threads fixed for the whole run (the numbers depend on them), saved with it and reused by --resume
-    args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads or speed.default_threads()))
-    out = checkpoint.claim_run_folder(args, rank)  # refuses to mix a new run into an existing one
+    args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads))
+    out = checkpoint.claim_run_folder(args, ckpt, rank)  # refuses to mix a new run into an existing one
     base, nets, plan, reward_fns, prompts, prompt_embeds, gens, sizes = setup(args, rank, world, device)
     B = sizes[0]
     lineage = checkpoint.start_lineage(base)  # the rounds of RLHF behind the policy this run starts from

@@ -428,7 +428,7 @@ def main(argv=None):
                             "to move it aside and train anew")
     check_writable(out, "--out")  # nothing is created before the model is trained
     rank, world, device = distributed.setup_distributed(args.device)
-    args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads or speed.default_threads()))
+    args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads))
     torch.manual_seed(args.seed)
     pretrained, base = load_base(args, given, device)
     data = load_tasks(args, base, device)

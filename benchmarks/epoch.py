@@ -43,7 +43,7 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
     args, _ = train_ppo.parse_args(argv)
     train_ppo.check_requirements(args)
     rank, world, device = distributed.setup_distributed(args.device)
-    args.threads = speed.setup_cpu(device, args.threads or speed.default_threads())
+    args.threads = speed.setup_cpu(device, args.threads)
     base, nets, epoch_plan, _, prompts, prompt_embeds, gens, (B, n_states, n_minibatches) = train_ppo.setup(
         args, rank, world, device)
     if rollout_in_one_batch:  # the rollout as before it ran in the update's passes (an A/B measurement)

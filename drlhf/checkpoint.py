@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from drlhf import models
 from drlhf.cli import UserError
-from drlhf.files import atomic_write, check_writable, move_aside, remove, write_json, write_text
+from drlhf.files import atomic_write, check_writable, first_free, move_aside, remove, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def resume_args(args, given: set, args_cls):
         if run_dir is None:
             raise CheckpointError(f"--resume {args.resume}: this checkpoint folder is not inside a run folder "
                                   "(RUN/checkpoints/epoch_N); pass --output-dir for the continued run")
-        out = run_dir if latest_checkpoint(run_dir) == ckpt else _free_name(Path(f"{run_dir}-branch-{ckpt.name}"))
+        out = run_dir if latest_checkpoint(run_dir) == ckpt else first_free(Path(f"{run_dir}-branch-{ckpt.name}"))
         merged = dataclasses.replace(merged, output_dir=str(out))
     branch = run_dir is None or Path(merged.output_dir).resolve() != run_dir.resolve()
     saved["resumed"] = dict(checkpoint=str(ckpt), epoch=epoch, branch=branch,
@@ -165,26 +165,18 @@ def resume_args(args, given: set, args_cls):
     return merged, ckpt, saved
 
 
-def _free_name(path: Path) -> Path:
-    """path, or path-2, path-3... : the first name that is not taken."""
-    n, free = 1, path
-    while free.exists():
-        n += 1
-        free = path.with_name(f"{path.name}-{n}")
-    return free
-
-
 RUN_FILES = ("args.json", "checkpoints", "summary.json", "final_policy", "tb")  # what makes a folder a run
 
 
-def claim_run_folder(args, rank: int) -> Path:
+def claim_run_folder(args, ckpt: Path | None, rank: int) -> Path:
     """The run folder of train_ppo.py (--output-dir, default runs/<exp>), made ready for this run. A folder that
     holds a run is refused unless this run continues it (--resume of its latest checkpoint) or --replace-run
     moves the old run aside to DIR.old-N first (never mixed). A folder that cannot be created or written into is
-    one sentence; nothing is created here (a run that fails before its first result leaves no folder)."""
+    one sentence; nothing is created here (a run that fails before its first result leaves no folder). ckpt: the
+    checkpoint --resume continues (resume_args), or None."""
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
-    continuing = bool(args.resume) and (out / "checkpoints").is_dir() and \
-        latest_checkpoint(out).resolve() == find_checkpoint(args.resume).resolve()
+    continuing = ckpt is not None and (out / "checkpoints").is_dir() and \
+        latest_checkpoint(out).resolve() == Path(ckpt).resolve()
     holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
     if holds_run and not continuing and not args.replace_run:
         how = f"continue it with --resume {out}" if (out / "checkpoints" / "latest").exists() else "keep it"

@@ -67,14 +67,14 @@ def pair_up(samples_a, images_a, other, schedule, x_T, cond, seed: int, sides: l
 # ---------------------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------------------
-def judgments(state, tasks, key: dict) -> dict:
-    """task id -> "A", "B" or "tie" (and both_bad) for one annotator's replayed state (drlhf.labels.replay)."""
+def judgments(state, key: dict) -> dict:
+    """task id -> {"winner": "A", "B" or "tie", "both_bad"} for one annotator's replayed state (drlhf.labels.replay):
+    a decision names the preferred image's index (e["a"] or e["b"]), the key says whose image that is."""
     out = {}
     for e in state.decisions:
-        side = key["sides"][e["task_id"]]
-        winner = {"tie": "tie", "a": side[e["a"]], "b": side[e["b"]]}[e["outcome"]].upper()
-        out[e["task_id"]] = dict(winner="tie" if winner == "TIE" else winner,
-                                 both_bad=len(state.both_bad[e["task_id"]]) == 2)
+        t = e["task_id"]
+        winner = "tie" if e["outcome"] == "tie" else key["sides"][t][e[e["outcome"]]].upper()
+        out[t] = dict(winner=winner, both_bad=len(state.both_bad[t]) == 2)
     return out
 
 
@@ -120,9 +120,8 @@ def agreement(per_annotator: dict) -> list[dict]:
     return out
 
 
-def report(dataset: Path, per_annotator: dict, tasks: list[dict], out: Path, seed: int = 0) -> dict:
+def report(dataset: Path, key: dict, per_annotator: dict, tasks: list[dict], out: Path, seed: int = 0) -> dict:
     """report.json (overall, per annotator, per condition, agreement) and winrate.png in `out`; returns it."""
-    key = read_key(dataset)
     condition = {t["task_id"]: str(t.get("prompt", t.get("class_label", "(unconditional)"))) for t in tasks}
     by_condition = len(set(condition.values())) >= 10
     rows = [dict(r, task=t, annotator=a, condition=condition[t], cluster=condition[t] if by_condition else t)
@@ -146,6 +145,6 @@ def report_from_store(dataset: Path, store, project, tasks: list[dict], out: Pat
     """`label.py winrate`: every annotator's answers in a label store (drlhf.labels) -> (the key, the overall row),
     with report.json and winrate.png written to `out`."""
     key = read_key(dataset)
-    judged = {a: judgments(replay(store.events(project["name"], a), tasks, project), tasks, key)
+    judged = {a: judgments(replay(store.events(project["name"], a), tasks, project), key)
               for a in store.annotators(project["name"])}
-    return key, report(dataset, judged, tasks, out, seed)["overall"]
+    return key, report(dataset, key, judged, tasks, out, seed)["overall"]

@@ -121,12 +121,20 @@ def remove(path: Path):
         path.unlink()
 
 
+def first_free(path: Path, numbered: str = "{name}-{n}", start: int = 2, bare: bool = True) -> Path:
+    """The first name that is not taken: `path` itself (if bare), then `numbered` with n = start, start + 1, ..."""
+    path, n = Path(path), start
+    if bare and not path.exists():
+        return path
+    while (candidate := path.with_name(numbered.format(name=path.name, n=n))).exists():
+        n += 1
+    return candidate
+
+
 def move_aside(path: Path) -> Path:
     """Rename the folder `path` to PATH.old-N, the first N not taken, and return that name: what a user had is kept
     whole beside what replaces it."""
-    n = 1
-    while (aside := Path(path).with_name(f"{Path(path).name}.old-{n}")).exists():
-        n += 1
+    aside = first_free(path, "{name}.old-{n}", start=1, bare=False)
     os.replace(path, aside)
     return aside
 

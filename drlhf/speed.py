@@ -99,11 +99,12 @@ def busy_cores(window: float = 0.2) -> float | None:
     return max(0.0, (last[0] - first[0]) - (last[1] - first[1])) / max(time.perf_counter() - t0, 1e-3)
 
 
-def setup_cpu(device: torch.device, threads: int, flag: str = "--threads") -> int:
+def setup_cpu(device: torch.device, threads: int | None, flag: str = "--threads") -> int:
     """At start-up, before torch's first parallel operation: on a CPU device, subnormals flushed and freed memory
-    kept; torch's intra-op threads set to `threads` for the whole run (on any device: the CPU work of a GPU run
-    uses them too). Where other processes already keep cores busy, one line says so and names `flag`. Returns
+    kept; torch's intra-op threads set to `threads` (None: default_threads()) for the whole run (on any device:
+    the CPU work of a GPU run uses them too). Where other processes already keep cores busy, one line says so and names `flag`. Returns
     the thread count."""
+    threads = threads or default_threads()
     if device.type == "cpu":
         flush_denormals()
         keep_freed_memory()

@@ -129,7 +129,7 @@ def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed
 
 
 # toy:digit4 at its default steps ships with the project (4.4 MB), built by `python -m drlhf.toys digit4` (on one CPU
-# thread, seed 0): the offline default then needs no training on first use. tests/test_sampler.py retrains it with
+# thread, seed 0): the offline default then needs no training on first use. tests/test_sample.py retrains it with
 # this module's code and checks that the result is a model of the same quality.
 SHIPPED = {"digit4": Path(__file__).parent / "assets" / "toy-digit4"}
 

@@ -52,10 +52,10 @@ def start_run(out: Path, args, base, schedule, evaluator, state: dict, sizes: tu
 
 def pool_rewards(scores, kl, kl_coef: float, n: int) -> dict:
     """Means over all processes' n samples (every rank calls it), the KL summed over the steps of each sample:
-    reward, reward_sq (the mean squared reward), kl_penalty (beta x KL), magnitude (|reward| + penalty), kl."""
+    reward, reward_sq (the mean squared reward), kl_penalty (beta x KL), magnitude (|reward| + penalty)."""
     sums = distributed.all_reduce_sum(torch.stack([scores.sum(), (scores ** 2).sum(), kl.sum(0).sum() * kl_coef,
-                                                   (scores.abs() + kl.sum(0) * kl_coef).sum(), kl.sum()]).double())
-    return dict(zip(("reward", "reward_sq", "kl_penalty", "magnitude", "kl"), (sums.cpu() / n).tolist()))
+                                                   (scores.abs() + kl.sum(0) * kl_coef).sum()]).double())
+    return dict(zip(("reward", "reward_sq", "kl_penalty", "magnitude"), (sums.cpu() / n).tolist()))
 
 
 class PhaseTimer:
