@@ -39,7 +39,7 @@ from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
 from drlhf.files import atomic_write, make_dir, save_safetensors, write_text
 from drlhf.speed import setup_cpu
 from drlhf.prompts import class_list, prompt_list, prompt_table
-from drlhf.sampler import DiffusionSchedule, Sampler, Spacing, VarianceType, rollout
+from drlhf.sampler import Sampler, Spacing, VarianceType, rollout, schedule_for_model
 from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 
 VERSION = "0.1"
@@ -91,11 +91,11 @@ class Args:
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
     sampler: Sampler = "ddpm"
-    """ddpm or ddim (as in train_ppo.py)"""
+    """ddpm, ddim, or flow for rectified-flow models (as in train_ppo.py)"""
     spacing: Spacing = "leading"
     """respacing of the training timesteps (as in train_ppo.py)"""
     eta: NonNegFloat = 1.0
-    """DDIM noise level"""
+    """DDIM's eta, or the flow SDE's noise level (as in train_ppo.py)"""
     variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     seed: int = 0
@@ -228,8 +228,8 @@ def main(argv=None):
     args = dataclasses.replace(args, threads=setup_cpu(device, args.threads))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     conditions = task_conditions(args, base)
-    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
-                                           args.spacing, args.eta, args.variance_type, args.guidance_scale)
+    schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
+                                  args.spacing, args.eta, args.variance_type, args.guidance_scale)
     policy = models.make_denoiser(base, args.guidance_scale).eval()
     other = compared_model(args, base, device) if args.compare else None  # model B of a blind comparison
     prompt_embeds = {}
@@ -323,11 +323,11 @@ class EvalArgs:
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale"""
     sampler: Sampler = "ddpm"
-    """ddpm or ddim"""
+    """ddpm, ddim or flow (as in train_ppo.py)"""
     spacing: Spacing = "leading"
     """respacing of the training timesteps"""
     eta: NonNegFloat = 1.0
-    """DDIM noise level"""
+    """DDIM's eta, or the flow SDE's noise level (as in train_ppo.py)"""
     variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     reward: str | None = None
@@ -369,8 +369,8 @@ def eval_main(argv=None):
     setup_cpu(device, args.threads)
     out = make_dir(Path(args.out), "--out")  # before any work: a folder that cannot be written is one sentence
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
-    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
-                                           args.spacing, args.eta, args.variance_type, args.guidance_scale)
+    schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
+                                  args.spacing, args.eta, args.variance_type, args.guidance_scale)
     n = args.num_samples
     cond, prompts = None, None  # the same conditions, seeds and step noise for every model
     if base.conditioning == "class":

@@ -109,11 +109,11 @@ class Args:
     """"Allow TF32" for matmuls and convolutions on Ampere+ GPUs"""
     # --- the method's options (thesis 5.1-5.3, its future work 8.1, and the field's variants) ---------------
     sampler: Sampler = "ddpm"
-    """thesis 5.1: ddpm (the thesis) or ddim (stochastic, --eta > 0)"""
+    """thesis 5.1: ddpm (the thesis), ddim (stochastic, --eta > 0), or flow for rectified-flow models (SD3, docs/design.md)"""
     spacing: Spacing = "leading"
     """which training timesteps are kept: leading, trailing, linspace (diffusers) or guided (guided-diffusion)"""
     eta: NonNegFloat = 1.0
-    """DDIM noise level (only with --sampler ddim)"""
+    """step noise: DDIM's eta (--sampler ddim) or the flow SDE's noise level a (--sampler flow; Flow-GRPO's 0.7)"""
     variance_type: VarianceType | None = None
     """policy std: fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
     logprob_reduction: Reduction = "sum"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from drlhf import pictures
+from drlhf import pictures, sd3
 from drlhf.distributed import autocast
 from drlhf.guided_diffusion import timestep_embedding
 from drlhf.prompts import sample_conditions
@@ -63,7 +63,10 @@ def vendi_score(features: torch.Tensor) -> float:
 
 
 def frozen_encoder(unet: nn.Module) -> nn.Module:
-    """A frozen copy of a U-Net's encoder half (the decoder is left out of the copy, not copied and dropped)."""
+    """A frozen copy of a U-Net's encoder half (the decoder is left out of the copy, not copied and dropped); of an
+    SD3 transformer, its first half of blocks."""
+    if sd3.is_transformer(unet):
+        return sd3.first_half(unet).requires_grad_(False).eval()
     decoder = [n for n in ("up_blocks", "conv_norm_out", "conv_act", "conv_out", "output_blocks", "out")
                if isinstance(getattr(unet, n, None), nn.Module)]
     parts = {n: getattr(unet, n) for n in decoder}
@@ -100,6 +103,8 @@ class Diversity:
                 for block in unet.input_blocks:
                     h = block(h, emb)
                 h = unet.middle_block(h, emb)
+            elif sd3.is_transformer(unet):
+                h = sd3.run_first_half(unet, x, t, self.null_text.expand(len(x), -1, -1).to(x.dtype))
             else:
                 ehs = None if self.null_text is None else self.null_text.expand(len(x), -1, -1).to(x.dtype)
                 h = run_encoder(unet, x, unet.time_embedding(unet.time_proj(t).to(x.dtype)), ehs)

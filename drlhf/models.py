@@ -2,10 +2,12 @@
 
 `--pretrained` accepts
 - a local diffusers folder: a pipeline (`model_index.json` with `unet/`, `scheduler/`, and for Stable
-  Diffusion `vae/`, `text_encoder/`, `tokenizer/`) or a bare `UNet2DModel` folder;
+  Diffusion `vae/`, `text_encoder/`, `tokenizer/`), a bare `UNet2DModel` folder, or an SD3-class
+  `StableDiffusion3Pipeline` folder (`transformer/`, three text encoders; drlhf.sd3);
 - a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), read from the local hub cache;
 - `guided-diffusion:/path/to/64x64_diffusion.pt`: OpenAI's ImageNet 64x64 model (drlhf.guided_diffusion);
-- an offline toy model (`toy:digit4`, `toy:digit4-32`, `toy:digits-rgb`; drlhf.toys), trained on first use.
+- an offline toy model (`toy:digit4`, `toy:digit4-32`, `toy:digits-rgb`, the rectified-flow `toy:digit4-flow`;
+  drlhf.toys), trained on first use.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from drlhf import sd3
 from drlhf.cli import ModelLoadError  # noqa: F401 - part of this module's interface (raised here)
 from drlhf.files import atomic_write, default_cache_dir, save_safetensors
 from drlhf.guided_diffusion import GuidedClassifier, GuidedUNet
+from drlhf.sampler import is_flow_model
 from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, toy_guided_classifier, toy_model_dir
 
 LINEAGE_FILE = "drlhf_lineage.json"  # a fine-tuned policy's lineage (drlhf.checkpoint), beside its weights
@@ -35,7 +39,7 @@ class BaseModel:
     """Everything the sampler and the rewards need to know about a base diffusion model."""
     source: str                    # what --pretrained said
     path: str                      # where it was loaded from
-    unet: nn.Module
+    unet: nn.Module                # the denoising network: a U-Net, or an SD3 transformer (drlhf.sd3)
     scheduler_config: dict
     conditioning: str              # none | class | text
     sample_shape: tuple            # (C, H, W) of x_t: pixels or latents
@@ -44,16 +48,27 @@ class BaseModel:
     text_encoder: nn.Module | None = None
     tokenizer: object = None
     extra: dict = field(default_factory=dict)
+    text_encoders: list = field(default_factory=list)  # SD3: [(CLIP-L, tok), (CLIP-G, tok), (T5, tok)]
     lineage: dict = field(default_factory=dict)  # a fine-tuned policy's drlhf_lineage.json (drlhf.checkpoint)
 
     @property
     def is_latent(self) -> bool:
         return self.vae is not None
 
+    @property
+    def is_transformer(self) -> bool:
+        return sd3.is_transformer(self.unet)
+
     def expect(self, resolution: int | None = None, conditioning: str | None = None, latent: bool | None = None):
         """Stop with the flag's name when the model is not what a preset says (Table 6.2 "Resolution", "Cond.
         Type", "Latent Diff."); None = whatever the model is."""
         res = self.sample_shape[1] * (8 if self.is_latent else 1)
+        if resolution is not None and resolution != res and self.is_transformer:  # patches: any size up to its table
+            c, patch = self.unet.config, self.unet.config.patch_size
+            if resolution % (8 * patch) or resolution // 8 > c.pos_embed_max_size * patch:
+                raise ValueError(f"--resolution {resolution}: {self.source} takes multiples of {8 * patch} up to "
+                                 f"{8 * c.pos_embed_max_size * patch}")
+            self.sample_shape, res = (self.sample_shape[0], resolution // 8, resolution // 8), resolution
         for flag, want, have in (("resolution", resolution, res), ("conditioning", conditioning, self.conditioning),
                                  ("latent", latent, self.is_latent)):
             if want is not None and want != have:
@@ -61,7 +76,10 @@ class BaseModel:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (N, L, D) for a list of prompts ("" is the unconditional one)."""
+        """Text-encoder hidden states (N, L, D) for a list of prompts ("" is the unconditional one); SD3: the packed
+        conditioning of drlhf.sd3."""
+        if self.text_encoders:
+            return sd3.encode_prompts(self.text_encoders, self.unet.config.joint_attention_dim, prompts)
         device = next(self.text_encoder.parameters()).device
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
@@ -73,7 +91,8 @@ class BaseModel:
         if not self.is_latent:
             return samples.float().clamp(-1, 1)
         vae_dtype = next(self.vae.parameters()).dtype
-        images = self.vae.decode(samples.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE: latents = (z - shift) * scale
+        images = self.vae.decode(samples.to(vae_dtype) / self.vae.config.scaling_factor + shift).sample
         return images.float().clamp(-1, 1)
 
 
@@ -195,6 +214,8 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
         return load_guided_diffusion(source, device, cache_dir)
     path = resolve_source(source, cache_dir, toy_train_steps)
     index = path / "model_index.json"
+    if (path / "transformer").is_dir():
+        return load_sd3(source, path, device, weights_dtype)
     try:
         if index.exists():
             unet_dir, sched_path = path / "unet", path / "scheduler" / "scheduler_config.json"
@@ -244,13 +265,33 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
                      vae, text_encoder, tokenizer, extra=toy, lineage=lineage)
 
 
+def load_sd3(source: str, path: Path, device, weights_dtype) -> BaseModel:
+    """A StableDiffusion3Pipeline folder: the transformer (the policy network, float32 master weights), its VAE and
+    three text encoders (frozen, in weights_dtype)."""
+    sched_path = path / "scheduler" / "scheduler_config.json"
+    try:
+        transformer, vae, texts = sd3.load_parts(path, weights_dtype, device)
+        sched_cfg = json.loads(sched_path.read_text())
+    except Exception as e:  # noqa: BLE001 - missing or corrupt parts of any kind
+        raise ModelLoadError(f"--pretrained {source}: could not read the SD3 pipeline in {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). Its files are incomplete or corrupt: download it again "
+                             "(transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)") from None
+    for module in [transformer, vae] + [enc for enc, _ in texts]:
+        module.requires_grad_(False)
+    c = transformer.config
+    lineage = json.loads((path / LINEAGE_FILE).read_text()) if (path / LINEAGE_FILE).exists() else {}
+    return BaseModel(source, str(path), transformer, sched_cfg, "text", (c.in_channels, c.sample_size, c.sample_size),
+                     vae=vae, text_encoder=texts[0][0], tokenizer=texts[0][1], text_encoders=texts, lineage=lineage)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The policy network: (x_t, t, c) -> model output, with classifier-free guidance
 # ---------------------------------------------------------------------------------------------------------
 class Denoiser(nn.Module):
     """The policy network: (x_t, t, c) -> model output, with classifier-free guidance in one batched forward.
 
-    `cond` is None (unconditional), class labels (B,) or text-encoder hidden states (B, L, D). With
+    `cond` is None (unconditional), class labels (B,) or text-encoder hidden states (B, L, D) (SD3: the packed
+    conditioning of drlhf.sd3, for a transformer whose output is the velocity). With
     guidance_scale w != 1 the conditional and unconditional inputs go through the U-Net as one batch of 2B
     and eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); learned variance channels come from the
     conditional branch (GLIDE's choice).
@@ -262,10 +303,13 @@ class Denoiser(nn.Module):
         if guidance_scale != 1.0 and conditioning == "none":
             raise ValueError("--guidance-scale needs a conditional model; this base model is unconditional")
         self.register_buffer("null_cond", null_cond, persistent=False)
+        self.pooled_dim = unet.config.pooled_projection_dim if sd3.is_transformer(unet) else 0
 
     def _unet(self, x, t, cond):
         if not hasattr(self.unet, "config"):  # OpenAI's U-Net (drlhf.guided_diffusion): a plain tensor out
             return self.unet(x, t, cond)
+        if self.pooled_dim:  # an SD3 transformer
+            return sd3.call_transformer(self.unet, x, t, cond, self.pooled_dim)
         if self.conditioning == "none":
             return self.unet(x, t).sample
         if self.conditioning == "class":
@@ -333,7 +377,7 @@ def merge_lora(unet: nn.Module) -> nn.Module:
 
 def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
     """Save a policy U-Net as a diffusers pipeline next to the base model's other components."""
-    from diffusers import DDPMPipeline, DDPMScheduler
+    from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     if not hasattr(unet, "config"):  # OpenAI's U-Net: its weights in the original key names, readable by upstream
         atomic_write(Path(out_dir), lambda d: save_safetensors(unet.state_dict(), d / "guided_unet.safetensors"),
@@ -341,8 +385,11 @@ def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
         return
 
     def write(d):
-        sched = DDPMScheduler.from_config(base.scheduler_config) if base.scheduler_config else DDPMScheduler()
-        if base.text_encoder is not None:
+        cls = FlowMatchEulerDiscreteScheduler if is_flow_model(base.scheduler_config) else DDPMScheduler
+        sched = cls.from_config(base.scheduler_config) if base.scheduler_config else DDPMScheduler()
+        if base.text_encoders:
+            sd3.save_pipeline(unet, base, d)
+        elif base.text_encoder is not None:
             from diffusers import StableDiffusionPipeline
             StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                     unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
@@ -355,10 +402,11 @@ def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
 
 
 def base_fingerprint(unet: nn.Module) -> str:
-    """Identity of a base U-Net: its config and the values of its input convolution and first encoder block."""
+    """Identity of a base U-Net (or transformer): its config and the values of its input layer and first block."""
     h = hashlib.sha256(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
                                   sort_keys=True, default=str).encode())
-    for p in list(unet.conv_in.parameters()) + list(unet.down_blocks[0].parameters())[:4]:
+    first = (unet.pos_embed, unet.transformer_blocks[0]) if sd3.is_transformer(unet) else (unet.conv_in, unet.down_blocks[0])
+    for p in list(first[0].parameters()) + list(first[1].parameters())[:4]:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf import models, rewards, speed
 from drlhf.plan import reference_in_update_graph
-from drlhf.sampler import DiffusionSchedule, ReparameterizedChain
+from drlhf.sampler import DiffusionSchedule, ReparameterizedChain, schedule_for_model
 from drlhf.value import make_value_fn
 
 
@@ -60,8 +60,8 @@ def load_models(args, rank: int, world: int, device):
     if world > 1 and rank == 0:
         dist.barrier()
     base.expect(resolution=args.resolution, conditioning=args.conditioning, latent=args.latent)  # Table 6.2 rows
-    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
-                                           args.spacing, args.eta, args.variance_type, args.guidance_scale,
+    schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
+                                  args.spacing, args.eta, args.variance_type, args.guidance_scale,
                                            args.logprob_reduction)
     reward_fns = [rewards.from_flags(spec, base, device, args, flag) for spec, flag in
                   ((args.reward, "--reward"), (args.eval_reward, "--eval-reward")) if spec]

@@ -110,6 +110,11 @@ EXPERIMENTS = {
         train_ppo=dict(algo="backprop", reward="rm", reward_model="runs/reward-digits-macaw", value_fn="none",
                        kl_coef=0.0, num_envs=32, minibatch_size=100, grad_accum_steps=8, epochs=30, policy_lr=1e-4,
                        policy_warmup_steps=5, adam_eps=1e-8, weight_decay=0.01, max_grad_norm=None)),
+
+    # ----- rectified-flow models (SD3 class, --sampler flow): the same method; docs/design.md "The rectified-flow MDP"
+    # Experiment 1's analogue on the offline flow toy: the target-image reward, critic + GAE, Flow-GRPO's noise level
+    "target-flow": dict(diffusion=dict(pretrained="toy:digit4-flow", sampler="flow", eta=0.7),
+                        sample=dict(), train_reward=dict(), train_ppo=dict()),
 }
 SCRIPTS = ("sample", "train_reward", "train_ppo")
 SAMPLING_SCRIPTS = ("sample", "train_ppo")  # the scripts that take the diffusion settings

@@ -1,4 +1,5 @@
-"""The reward model of thesis 5.2: the base model's own U-Net encoder with a cross-attention pooling head.
+"""The reward model of thesis 5.2: the base model's own U-Net encoder with a cross-attention pooling head (for an
+SD3-class transformer: its first half of joint blocks, drlhf.sd3, with the same head).
 
     input (x, t, c) in the model's own input space (latents for latent models, t = 0 for finished samples)
       -> conv_in, time (+ class) embedding, down blocks, mid block of the base U-Net   (frozen by default)
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from drlhf import models
+from drlhf import models, sd3
 from drlhf.cli import UserError
 from drlhf.files import save_safetensors, write_text
 from drlhf.models import base_fingerprint
@@ -90,17 +91,23 @@ class RewardModel(nn.Module):
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable
         self.fingerprint = base_fingerprint(unet)
-        self.text = hasattr(unet.config, "cross_attention_dim") and conditioning == "text"
-        enc = copy.deepcopy(unet)  # the policy's U-Net stays untouched; the decoder half is dropped here
-        for name in ("up_blocks", "conv_norm_out", "conv_act", "conv_out"):
-            if hasattr(enc, name):
-                setattr(enc, name, None)
-        self.encoder = enc
-        cond_dim = {"text": getattr(unet.config, "cross_attention_dim", None),
-                    "class": unet.time_embedding.linear_2.out_features if conditioning == "class" else None}.get(conditioning)
-        self.head = CrossAttentionPool(unet.config.block_out_channels[-1], cond_dim, width, heads)
+        self.transformer = sd3.is_transformer(unet)  # SD3: the first half of the joint blocks (drlhf.sd3)
+        if self.transformer:
+            self.encoder, feat_dim = sd3.first_half(unet), sd3.feature_dim(unet)
+            cond_dim = unet.config.joint_attention_dim
+            last = self.encoder.transformer_blocks[-1]
+        else:
+            enc = copy.deepcopy(unet)  # the policy's U-Net stays untouched; the decoder half is dropped here
+            for name in ("up_blocks", "conv_norm_out", "conv_act", "conv_out"):
+                if hasattr(enc, name):
+                    setattr(enc, name, None)
+            self.encoder, feat_dim, last = enc, unet.config.block_out_channels[-1], enc.mid_block
+            cond_dim = {"text": getattr(unet.config, "cross_attention_dim", None),
+                        "class": unet.time_embedding.linear_2.out_features if conditioning == "class" else None
+                        }.get(conditioning)
+        self.head = CrossAttentionPool(feat_dim, cond_dim, width, heads)
         # train_reward.py --ensemble N: N - 1 more heads, each its own init, on the same encoder features
-        self.extra_heads = nn.ModuleList(CrossAttentionPool(unet.config.block_out_channels[-1], cond_dim, width, heads)
+        self.extra_heads = nn.ModuleList(CrossAttentionPool(feat_dim, cond_dim, width, heads)
                                          for _ in range(ensemble - 1))
         self.register_buffer("null_text", null_text if null_text is not None else torch.zeros(0), persistent=False)
         self.register_buffer("reward_mean", torch.zeros(ensemble) if ensemble > 1 else torch.zeros(()))
@@ -108,16 +115,20 @@ class RewardModel(nn.Module):
         self.requires_grad_(False)
         self.head.requires_grad_(True)
         self.extra_heads.requires_grad_(True)
-        if trainable in ("mid", "encoder"):
-            self.encoder.mid_block.requires_grad_(True)
+        if trainable in ("mid", "encoder"):  # mid: the U-Net's mid block, or the transformer's last kept block
+            last.requires_grad_(True)
         if trainable == "encoder":
             self.encoder.requires_grad_(True)
 
     # -----------------------------------------------------------------------------------------------------
     def features(self, x, t, cond, drop):
-        """Mid-block features (B, C, h, w) of the U-Net encoder for inputs x at timesteps t."""
+        """Mid-block features (B, C, h, w) of the U-Net encoder (a transformer's image tokens (B, D, N)) for inputs x
+        at timesteps t."""
         e = self.encoder
         t = t.expand(len(x)) if t.ndim == 0 else t
+        if self.transformer:
+            null = self.null_text.expand(len(x), -1, -1).to(cond.dtype)
+            return sd3.run_first_half(e, x, t, torch.where(drop[:, None, None], null, cond))
         emb = e.time_embedding(e.time_proj(t).to(x.dtype))
         ehs = None
         if self.conditioning == "class":
@@ -176,8 +187,10 @@ class RewardModel(nn.Module):
     def save(self, out_dir: Path, config: dict):
         _save_folder(self, out_dir, dict(config, width=self.head.out.in_features, heads=self.head.attn.num_heads,
                                          ensemble=self.ensemble,
-                                         encoder_blocks=["conv_in", "time_embedding", "class_embedding",
-                                                         "down_blocks", "mid_block"]))
+                                         encoder_blocks=["pos_embed", "time_text_embed", "context_embedder",
+                                                         f"transformer_blocks[:{len(self.encoder.transformer_blocks)}]"]
+                                         if self.transformer else ["conv_in", "time_embedding", "class_embedding",
+                                                                   "down_blocks", "mid_block"]))
 
 
 def _save_folder(model: nn.Module, out_dir: Path, config: dict):

@@ -1,10 +1,11 @@
-"""The reverse diffusion process as a Markov decision process (thesis section 5.1).
+"""The reverse diffusion process as a Markov decision process (thesis section 5.1), for DDPM/DDIM models and
+rectified-flow (flow-matching) models such as SD3.
 
 A state is s_t = (x_t, t, c); an action is the next sample x_{t-1}; the policy is one reverse step of the
 diffusion model, a diagonal Gaussian N(mu_t, sigma_t^2) whose mean and standard deviation come from the
 model output and the noise schedule. This module turns a denoiser into that policy:
 
-    schedule = DiffusionSchedule.for_model(base.scheduler_config, base.is_latent, num_steps=25)
+    schedule = schedule_for_model(base.scheduler_config, base.is_latent, num_steps=25)  # DDPM/DDIM or flow
     out = policy_step(model, schedule, x_t, step_index, cond, generator=g)   # mean, std, action, logprob
     logprob = action_logprob(model, schedule, x_t, step_index, cond, action) # any model, any action
     buf = rollout(model, schedule, x_T, cond, generator=g)                   # B environments x T steps
@@ -19,6 +20,10 @@ Conventions (all explicit, all tested):
 - Every step, the last one included, is a stochastic action with a proper log-likelihood. The last
   step's posterior variance is exactly 0; like guided-diffusion's `posterior_log_variance_clipped` we
   use the variance of the step before it instead (a standard deviation of ~1e-2 or less in practice).
+- Flow models (`FlowSchedule`, docs/design.md "The rectified-flow MDP"): the state's time is the scheduler's
+  sigma (x = (1 - sigma) x_0 + sigma eps, the model input t = 1000 sigma), the model predicts the velocity, and a
+  step is the reverse-time SDE whose marginals match the flow's ODE (Liu et al. 2025, Flow-GRPO) with noise level
+  --eta; at --eta 0 its mean is the deterministic Euler step of diffusers' FlowMatchEulerDiscreteScheduler.
 - Log-probabilities are computed in float32 whatever the autocast dtype, and reduced over the action
   dimensions by `sum` (the thesis, section 5.3) or `mean` (DDPO's choice); see `SamplerConfig`.
 """
@@ -34,11 +39,11 @@ from torch.utils.checkpoint import checkpoint
 
 # the choices of the sampler settings, as types for the scripts' Args (drlhf.cli turns them into --flag choices)
 Spacing = Literal["leading", "trailing", "linspace", "guided"]
-Sampler = Literal["ddpm", "ddim"]
+Sampler = Literal["ddpm", "ddim", "flow"]
 VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
 Reduction = Literal["sum", "mean"]
 SPACINGS, SAMPLERS, VARIANCE_TYPES, REDUCTIONS = (get_args(t) for t in (Spacing, Sampler, VarianceType, Reduction))
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: the velocity of a rectified flow
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,11 +111,11 @@ def space_timesteps(num_train_timesteps: int, num_steps: int | str, spacing: str
 @dataclass
 class SamplerConfig:
     """How a rollout samples; every field is a named, recorded choice."""
-    sampler: str = "ddpm"                 # ddpm (thesis) or ddim with eta > 0
+    sampler: str = "ddpm"                 # ddpm (thesis), ddim with eta > 0, or flow (rectified-flow models)
     num_steps: int | str = 25             # Table 6.2 "Timesteps"
     spacing: str = "leading"              # which training timesteps are kept
     steps_offset: int = 0                 # diffusers' steps_offset (1 for Stable Diffusion)
-    eta: float = 1.0                      # DDIM stochasticity; 0 would be a deterministic (invalid) policy
+    eta: float = 1.0                      # DDIM's eta / the flow SDE's noise level a; 0 = deterministic (no policy)
     variance_type: str = "fixed_small"    # fixed_small, fixed_large or learned_range
     prediction_type: str = "epsilon"      # epsilon, v_prediction or sample
     clip_sample: float | None = 1.0       # clip predicted x0 to [-c, c] (pixel models); None for latents
@@ -124,9 +129,9 @@ class SamplerConfig:
                                      (self.logprob_reduction, REDUCTIONS, "logprob-reduction")):
             if value not in allowed:
                 raise ValueError(f"--{flag} must be one of {allowed}, got {value!r}")
-        if self.sampler == "ddim" and self.eta <= 0:
-            raise ValueError("--eta must be > 0 for DDIM: with eta = 0 the policy is deterministic and has no "
-                             "log-likelihood")
+        if self.sampler in ("ddim", "flow") and self.eta <= 0:
+            raise ValueError(f"--eta must be > 0 for --sampler {self.sampler}: with eta = 0 the step is deterministic "
+                             "and has no log-likelihood")
 
 
 class DiffusionSchedule:
@@ -249,6 +254,95 @@ class DiffusionSchedule:
         var = self._at(self.ddim_var, idx, x_t.ndim)
         mean = ap.sqrt() * x0 + (1 - ap - var).clamp(min=0).sqrt() * eps
         return mean, var.sqrt().expand_as(x_t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rectified-flow models (SD3): the flow's sigmas, and the stochastic step as a Gaussian policy
+# ---------------------------------------------------------------------------------------------------------
+def is_flow_model(scheduler_config: dict) -> bool:
+    """Whether a diffusers scheduler config belongs to a flow-matching model (FlowMatchEulerDiscreteScheduler)."""
+    return str(scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+
+
+def flow_sigmas(num_steps: int, num_train_timesteps: int = 1000, shift: float = 1.0) -> torch.Tensor:
+    """The sampling sigmas (T+1,) float64 of FlowMatchEulerDiscreteScheduler.set_timesteps with a static shift:
+    T values evenly spaced from 1 down to the smallest training sigma, each shifted s -> shift s / (1 + (shift - 1) s)
+    (SD3's timestep shift, Esser et al. 2024, Eq. 23: more steps at high noise), then 0. As the scheduler does, the
+    lower end is the already shifted smallest training sigma, shifted once more."""
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+    lowest = shifted(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float32).double())
+    sigmas = shifted(torch.linspace(1.0, float(lowest), num_steps, dtype=torch.float64))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+class FlowSchedule(DiffusionSchedule):
+    """The rectified-flow MDP, with the interface of DiffusionSchedule (timesteps, cfg, distribution).
+
+    The model predicts the velocity v = eps - x_0 at x = (1 - sigma) x_0 + sigma eps. Step i goes from sigma to
+    sigma' = sigma_{i+1} < sigma, dt = sigma' - sigma < 0, by the reverse-time SDE whose marginals are the ODE's
+    (derivation in docs/design.md; Liu et al. 2025, arXiv 2505.05470, Flow-GRPO):
+        g^2  = a^2 sigma / (1 - sigma)                      the noise injected, a = --eta (the noise level)
+        mean = x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt
+        std  = g sqrt(-dt)
+    At sigma = 1 (pure noise) g^2 is infinite; the first step takes 1 - sigma' in its denominator instead (as
+    Flow-GRPO). With a = 0 the mean is the Euler step x + v dt and the std is 0 (not a policy: SamplerConfig
+    refuses --eta 0; `noise_level=0` exists for the test against diffusers' scheduler)."""
+
+    def __init__(self, sigmas: torch.Tensor, cfg: SamplerConfig, num_train_timesteps: int = 1000,
+                 noise_level: float | None = None):
+        self.cfg, self._on_device = cfg, {}
+        self.num_train_timesteps = num_train_timesteps
+        sigmas = sigmas.double()
+        if (sigmas[:-1] <= sigmas[1:]).any() or sigmas[0] > 1 or sigmas[-1] != 0:
+            raise ValueError("flow sigmas must descend strictly from at most 1 to a final 0")
+        sigma, dt = sigmas[:-1], sigmas[1:] - sigmas[:-1]
+        self.sigmas = sigmas                                             # (T+1,) the last is 0: the clean sample
+        self.timesteps = (sigma * num_train_timesteps).float()            # (T,) the model's time input
+        a = cfg.eta if noise_level is None else noise_level
+        g2 = a ** 2 * sigma / torch.where(sigma == 1, 1 - sigmas[1:], 1 - sigma)
+        self.coef_x = 1 + g2 * dt / (2 * sigma)
+        self.coef_v = (1 + g2 * (1 - sigma) / (2 * sigma)) * dt
+        self.flow_std = (g2 * -dt).sqrt()
+
+    @classmethod
+    def for_model(cls, scheduler_config: dict, num_steps: int = 10, eta: float = 0.7, guidance_scale: float = 1.0,
+                  logprob_reduction: str = "sum") -> "FlowSchedule":
+        """The rollout schedule of a flow model: its scheduler config's training length and timestep shift."""
+        unsupported = [k for k in ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                                   "use_exponential_sigmas", "use_beta_sigmas") if scheduler_config.get(k)]
+        if unsupported:  # FLUX's resolution-dependent shift among them: a later addition
+            raise ValueError(f"the model's flow scheduler sets {', '.join(unsupported)}, which the flow sampler does "
+                             "not reproduce; only a static --shift (SD3) is supported")
+        if not isinstance(num_steps, int) and not str(num_steps).isdigit():
+            raise ValueError(f"--num-steps {num_steps}: a flow model takes a plain number of steps")
+        n_train = scheduler_config.get("num_train_timesteps", 1000)
+        cfg = SamplerConfig(sampler="flow", num_steps=int(num_steps), spacing="linspace", eta=eta,
+                            prediction_type="flow", clip_sample=None, guidance_scale=guidance_scale,
+                            logprob_reduction=logprob_reduction)
+        return cls(flow_sigmas(int(num_steps), n_train, scheduler_config.get("shift", 1.0)), cfg, n_train)
+
+    def distribution(self, model_output: torch.Tensor, x_t: torch.Tensor, idx: torch.Tensor):
+        """Mean and std of p(x_{i+1} | x_i) from the velocity, in float32."""
+        v, x_t = model_output.float(), x_t.float()
+        if v.shape[1] != x_t.shape[1]:
+            raise ValueError(f"the flow model gives {v.shape[1]} output channels for {x_t.shape[1]} input channels")
+        mean = self._at(self.coef_x, idx, x_t.ndim) * x_t + self._at(self.coef_v, idx, x_t.ndim) * v
+        return mean, self._at(self.flow_std, idx, x_t.ndim).expand_as(x_t)
+
+
+def schedule_for_model(scheduler_config: dict, is_latent: bool, sampler: str = "ddpm", num_steps=25,
+                       spacing: str = "leading", eta: float = 1.0, variance_type: str | None = None,
+                       guidance_scale: float = 1.0, logprob_reduction: str = "sum") -> DiffusionSchedule:
+    """The MDP of a base model: a FlowSchedule for flow-matching models (--sampler flow), else a DiffusionSchedule."""
+    flow = is_flow_model(scheduler_config)
+    if flow != (sampler == "flow"):
+        raise ValueError(f"--sampler {sampler}: the base model is a {'rectified-flow' if flow else 'DDPM-trained'} "
+                         f"model; use --sampler {'flow' if flow else 'ddpm or ddim'}")
+    if flow:
+        return FlowSchedule.for_model(scheduler_config, num_steps, eta, guidance_scale, logprob_reduction)
+    return DiffusionSchedule.for_model(scheduler_config, is_latent, sampler, num_steps, spacing, eta, variance_type,
+                                       guidance_scale, logprob_reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
     toy:digit4       unconditional 16x16 grey "4"s (Experiment 1's setting, thesis 6.4, at 16x16)
     toy:digit4-32    the same at 32x32, the thesis's resolution
+    toy:digit4-flow  toy:digit4 as a rectified-flow model (velocity prediction, FlowMatchEulerDiscreteScheduler):
+                     the offline stand-in for SD3-class models (--sampler flow)
     toy:digits-rgb   class-conditional 16x16 digits 0-9 drawn in random colours (a stand-in for the
                      class-conditional ImageNet model of Experiments 2-5 that has colour to optimize)
     toy classifier   OpenAI's noisy-image classifier architecture on the colour digits (stand-in for
@@ -32,6 +34,7 @@ TOY_MODELS = {
     "digit4": dict(digits=[4], rgb=False, resolution=16, class_cond=False),
     "digit4-32": dict(digits=[4], rgb=False, resolution=32, class_cond=False),
     "digits-rgb": dict(digits=list(range(10)), rgb=True, resolution=16, class_cond=True),
+    "digit4-flow": dict(digits=[4], rgb=False, resolution=16, class_cond=False, flow=True),
 }
 TOY_TRAIN_STEPS = 500  # clean, varied digits after ~500 AdamW steps at batch 64 (~80 s on 2 CPU cores)
 # Denoising steps of the offline defaults (sample.py, sample.py eval, train_ppo.py). Table 6.2's Target Image uses
@@ -96,10 +99,17 @@ def train_toy(net: nn.Module, loss_fn: Callable[[torch.Generator], torch.Tensor]
 # ---------------------------------------------------------------------------------------------------------
 # Toy base models (diffusers DDPM pipelines)
 # ---------------------------------------------------------------------------------------------------------
+def flow_scheduler():
+    """The scheduler of the rectified-flow toy: SD3's, without its timestep shift (16x16 pixels, not 128x128 latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
 def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed: int = 0, batch_size: int = 64,
                     lr: float = 1e-3, cond_drop: float = 0.1):
-    """Train a toy DDPM (cosine schedule, epsilon prediction) and save it as a diffusers DDPMPipeline.
-    Runs on the GPU when there is one (the result then differs in the last bits from a CPU-trained model)."""
+    """Train a toy DDPM (cosine schedule, epsilon prediction) or rectified flow (velocity prediction) and save it as
+    a diffusers DDPMPipeline folder with its scheduler. Runs on the GPU when there is one (the result then differs
+    in the last bits from a CPU-trained model)."""
     from diffusers import DDPMPipeline
     spec = TOY_MODELS[name]
     torch.manual_seed(seed)
@@ -107,13 +117,16 @@ def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     unet = toy_unet(x.shape[1], spec["resolution"], spec["class_cond"]).to(device)
     x, labels = x.to(device), labels.to(device)
-    sched = cosine_noise_schedule()
+    sched = flow_scheduler() if spec.get("flow") else cosine_noise_schedule()
 
     def loss_fn(g):
         i = torch.randint(len(x), (batch_size,), generator=g).to(device)
         x0, y = x[i], labels[i]
         x0 = torch.roll(x0, shifts=tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
         noise = torch.randn(x0.shape, generator=g).to(device)
+        if spec.get("flow"):  # rectified flow: x = (1 - s) x0 + s eps, target v = eps - x0 (Liu et al. 2023)
+            s = torch.rand(batch_size, generator=g).to(device)[:, None, None, None]
+            return F.mse_loss(unet((1 - s) * x0 + s * noise, s.flatten() * 1000).sample, noise - x0)
         t = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
         kwargs = {}
         if spec["class_cond"]:  # class 10 = "no class" with probability cond_drop, for classifier-free guidance
@@ -128,10 +141,12 @@ def train_toy_model(name: str, out_dir: Path, steps: int = TOY_TRAIN_STEPS, seed
                                      (Path(d) / "drlhf_toy.json").write_text(json.dumps(info, indent=1))), folder=True)
 
 
-# toy:digit4 at its default steps ships with the project (4.4 MB), built by `python -m drlhf.toys digit4` (on one CPU
+# toy:digit4 and toy:digit4-flow at their default steps ship with the project (4.4 MB each), built by
+# `python -m drlhf.toys digit4 digit4-flow` (on one CPU
 # thread, seed 0): the offline default then needs no training on first use. tests/test_sample.py retrains it with
 # this module's code and checks that the result is a model of the same quality.
-SHIPPED = {"digit4": Path(__file__).parent / "assets" / "toy-digit4"}
+SHIPPED = {"digit4": Path(__file__).parent / "assets" / "toy-digit4",
+           "digit4-flow": Path(__file__).parent / "assets" / "toy-digit4-flow"}
 
 
 def toy_model_dir(name: str, cache_dir: Path | None = None, steps: int = TOY_TRAIN_STEPS) -> Path:

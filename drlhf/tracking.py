@@ -36,8 +36,9 @@ def start_run(out: Path, args, base, schedule, evaluator, state: dict, sizes: tu
     base_eval = evaluator() if "base_rewards" not in state else None
     writer = open_run(out, args, purge_step=state["epoch"] if args.resume else None)
     B, n_states, n_minibatches = sizes
+    step = f"flow (noise level {args.eta})" if args.sampler == "flow" else f"{args.sampler}/{schedule.cfg.variance_type}"
     print(f"[drlhf] base {args.pretrained} ({base.conditioning}, {'latent' if base.is_latent else 'pixel'} "
-          f"{tuple(base.sample_shape)}), {args.num_steps} steps {args.sampler}/{schedule.cfg.variance_type}; "
+          f"{tuple(base.sample_shape)}), {args.num_steps} steps {step}; "
           f"{world} process(es) x {B} environments = {B * world}; {n_states} states per process -> {n_minibatches} "
           f"minibatches of {args.minibatch_size}"
           + (f" ({args.fused_minibatches} per forward pass)" if args.fused_minibatches > 1 else "")
