@@ -90,6 +90,8 @@ class Args:
     """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same; offline default 10, as train_ppo.py's)"""
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
+    resolution: PosInt | None = None
+    """image size in pixels (Table 6.2 "Resolution"); None = the model's own; transformers (SD3) take other sizes"""
     sampler: Sampler = "ddpm"
     """ddpm, ddim, or flow for rectified-flow models (as in train_ppo.py)"""
     spacing: Spacing = "leading"
@@ -212,6 +214,7 @@ def compared_model(args: Args, base: models.BaseModel, device) -> models.BaseMod
     if Path(spec).is_dir() and not any((Path(spec) / f).exists() for f in ("model_index.json", "config.json")):
         return dataclasses.replace(base, unet=load_policy_unet(spec, base, device))
     other = models.load_base_model(spec, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    other.expect(resolution=args.resolution)
     if (other.conditioning, tuple(other.sample_shape)) != (base.conditioning, tuple(base.sample_shape)):
         raise cli.UserError(f"--compare {spec} ({other.conditioning}, samples {tuple(other.sample_shape)}) cannot be "
                             f"compared with --pretrained {args.pretrained} ({base.conditioning}, samples "
@@ -227,6 +230,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     args = dataclasses.replace(args, threads=setup_cpu(device, args.threads))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    base.expect(resolution=args.resolution)
     conditions = task_conditions(args, base)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale)
@@ -322,6 +326,8 @@ class EvalArgs:
     """denoising steps (offline default 10, as train_ppo.py's; the thesis's figures: 250 for the small models, 25 for Stable Diffusion)"""
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale"""
+    resolution: PosInt | None = None
+    """image size in pixels; None = the model's own (as in sample.py)"""
     sampler: Sampler = "ddpm"
     """ddpm, ddim or flow (as in train_ppo.py)"""
     spacing: Spacing = "leading"
@@ -369,6 +375,7 @@ def eval_main(argv=None):
     setup_cpu(device, args.threads)
     out = make_dir(Path(args.out), "--out")  # before any work: a folder that cannot be written is one sentence
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+    base.expect(resolution=args.resolution)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale)
     n = args.num_samples

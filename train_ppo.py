@@ -109,7 +109,7 @@ class Args:
     """"Allow TF32" for matmuls and convolutions on Ampere+ GPUs"""
     # --- the method's options (thesis 5.1-5.3, its future work 8.1, and the field's variants) ---------------
     sampler: Sampler = "ddpm"
-    """thesis 5.1: ddpm (the thesis), ddim (stochastic, --eta > 0), or flow for rectified-flow models (SD3, docs/design.md)"""
+    """thesis 5.1: ddpm (the thesis), ddim (stochastic, --eta > 0), or flow (rectified-flow models such as SD3)"""
     spacing: Spacing = "leading"
     """which training timesteps are kept: leading, trailing, linspace (diffusers) or guided (guided-diffusion)"""
     eta: NonNegFloat = 1.0
@@ -153,6 +153,8 @@ class Args:
     """--kl-target: samples over which beta may change by the controller's full step (Ziegler et al. 2019)"""
     advantage: Literal["gae", "group"] = "gae"
     """gae: the critic and GAE over the denoising steps (thesis 5.3); group: critic-free (DDPO, GRPO)"""
+    group_size: PosInt = 1
+    """environments per drawn prompt or class, per process: --advantage group's groups (Flow-GRPO: 12-24; 1 = thesis)"""
     norm_adv: bool = True
     """normalize advantages over the whole batch of all processes (thesis 5.3)"""
     clip_vloss: bool = True
@@ -513,6 +515,9 @@ def batch_arithmetic(args: Args, world: int) -> tuple[int, int, int]:
         raise cli.UserError(f"--num-envs ({args.num_envs}) must be divisible by the number of processes ({world})")
     B, T = args.num_envs // world, args.num_steps
     n_states = B * T
+    if B % args.group_size:
+        raise cli.UserError(f"--group-size ({args.group_size}) must divide the environments per process, --num-envs/"
+                            f"processes = {B}")
     if n_states % args.minibatch_size:
         raise cli.UserError(f"--minibatch-size ({args.minibatch_size}) must divide the states per process, "
                          f"--num-envs/processes x --num-steps = {B} x {T} = {n_states}")
@@ -565,7 +570,8 @@ def train_epoch(nets: Nets, plan: EpochPlan, kl_ctl: KLController, base, args: A
                 prompt_embeds, B: int, rank: int, device):
     """One epoch of this process's B environments: conditions and initial noise drawn, then `ppo_epoch` (or
     `backprop_update` with --algo backprop). Returns the rewards (B,), the KL (T, B), statistics, phase times."""
-    cond, cond_prompts = sample_conditions(base, args.class_labels, B, gens["shuffle"], prompts, prompt_embeds)
+    cond, cond_prompts = sample_conditions(base, args.class_labels, B, gens["shuffle"], prompts, prompt_embeds,
+                                           args.group_size)
     cond = None if cond is None else cond.to(device)
     x_T = torch.randn((B, *base.sample_shape), generator=gens["rollout"], device=device)
     if args.algo == "ppo":  # group ids for --advantage group: the class, the prompt's row, or one group

@@ -37,6 +37,40 @@ TINY = {"unet": dict(SD15_UNET, sample_size=8, layers_per_block=1, cross_attenti
                      projection_dim=32),
         "guided": dict(model_channels=32, num_res_blocks=1, num_head_channels=16)}
 
+# stabilityai/stable-diffusion-3.5-medium's transformer/, vae/, text_encoder*/ configs (the fields that are not the
+# libraries' defaults) and its scheduler: MMDiT-X with dual attention in its first 13 blocks, a 16-channel VAE, CLIP-L,
+# OpenCLIP bigG and T5-XXL's encoder
+SD35M = dict(
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                     pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                     qk_norm="rms_norm"),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+             norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+             use_post_quant_conv=False),
+    clip_l=dict(vocab_size=49408, max_position_embeddings=77, hidden_size=768, intermediate_size=3072,
+                num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu",
+                bos_token_id=49406, eos_token_id=49407),
+    clip_g=dict(vocab_size=49408, max_position_embeddings=77, hidden_size=1280, intermediate_size=5120,
+                num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
+                bos_token_id=49406, eos_token_id=49407),
+    t5=dict(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+            relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True),
+    scheduler=dict(num_train_timesteps=1000, shift=3.0))
+# --size tiny: the same classes small (a 2-block transformer over 8x8 latents, 64 px images), for CPU runs and tests
+SD35M_TINY = dict(
+    SD35M, transformer=dict(SD35M["transformer"], sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                            pos_embed_max_size=16, dual_attention_layers=(0,)),
+    vae=dict(SD35M["vae"], block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64),
+    clip_l=dict(SD35M["clip_l"], hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                projection_dim=8),
+    clip_g=dict(SD35M["clip_g"], hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                projection_dim=24),
+    t5=dict(SD35M["t5"], vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8))
+
 
 def letter_tokenizer(folder: Path, max_length: int, chars: str = "abcdefghijklmnopqrstuvwxyz", special_ids=None):
     """A CLIP tokenizer made offline: one token per letter and per word-final letter, no merges. special_ids: the
@@ -79,6 +113,54 @@ def build_sd15(path: Path, size: str, device) -> Path:
     atomic_write(path, write, folder=True)
     print(f"[bench] built {path} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M U-Net parameters) in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def t5_tokenizer(words: list[str], vocab_size: int):
+    """A T5 (Unigram) tokenizer made offline: one piece per word of `words` and per letter, </s> and padding as T5's."""
+    from transformers import T5TokenizerFast
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'-"]
+    pieces += [("\u2581" + w, -1.0) for w in sorted(set(words))][:vocab_size - len(pieces)]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def build_sd35(path: Path, size: str, device) -> Path:
+    """An SD3.5-Medium-shaped StableDiffusion3Pipeline folder (fp16 safetensors; tiny: fp32) with tokenizers made here:
+    CLIP's 77 positions with one token per letter, and a T5 tokenizer over the builtin prompts' words. Any diffusers
+    trainer loads it (`StableDiffusion3Pipeline.from_pretrained`), so that peers can run on the same weights."""
+    if (path / "model_index.json").exists():
+        return path
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from drlhf.prompts import BUILTIN
+    t0, c = time.perf_counter(), (SD35M_TINY if size == "tiny" else SD35M)
+    dtype = torch.float32 if size == "tiny" else torch.float16
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes
+        transformer = SD3Transformer2DModel(**c["transformer"])
+        vae = AutoencoderKL(**c["vae"])
+        texts = [CLIPTextModelWithProjection(CLIPTextConfig(**c["clip_l"])),
+                 CLIPTextModelWithProjection(CLIPTextConfig(**c["clip_g"])), T5EncoderModel(T5Config(**c["t5"]))]
+    words = [w.strip(".,").lower() for prompts in BUILTIN.values() for p in prompts for w in p.split()]
+
+    def write(folder: Path):  # into a temporary folder renamed when complete: an interrupted build is not reused
+        letters = "abcdefghijklmnopqrstuvwxyz .,'-"
+        tok_l = letter_tokenizer(folder / "_tok_l", 77, letters, (49406, 49407))
+        tok_g = letter_tokenizer(folder / "_tok_g", 77, letters, (49406, 49407))
+        StableDiffusion3Pipeline(
+            transformer=transformer.to(dtype).cpu(), vae=vae.to(dtype).cpu(),
+            scheduler=FlowMatchEulerDiscreteScheduler(**c["scheduler"]),
+            text_encoder=texts[0].to(dtype).cpu(), tokenizer=tok_l, text_encoder_2=texts[1].to(dtype).cpu(),
+            tokenizer_2=tok_g, text_encoder_3=texts[2].to(dtype).cpu(),
+            tokenizer_3=t5_tokenizer(words, c["t5"]["vocab_size"])).save_pretrained(folder, safe_serialization=True)
+        shutil.rmtree(folder / "_tok_l")
+        shutil.rmtree(folder / "_tok_g")
+
+    atomic_write(path, write, folder=True)
+    print(f"[bench] built {path} ({sum(p.numel() for p in transformer.parameters()) / 1e9:.2f} B transformer "
+          f"parameters) in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
 
 

@@ -183,6 +183,12 @@ def load_guided_classifier(spec: str, cache_dir=None):
     return clf
 
 
+# what a pipeline folder needs from the hub: configs, tokenizers and the components' weights (not the single-file
+# checkpoints, safety checker or separate text-encoder files some repositories also hold at the top level)
+HUB_FILES = ["*.json", "*.txt", "*.model", *(f"{part}/*.safetensors" for part in (
+    "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"))]
+
+
 def resolve_source(source: str, cache_dir, toy_train_steps: int) -> Path:
     """--pretrained value -> local folder (toy models are trained here on first use)."""
     if source.startswith("toy:"):
@@ -196,7 +202,7 @@ def resolve_source(source: str, cache_dir, toy_train_steps: int) -> Path:
     if source.count("/") == 1 and not source.startswith((".", "/")):
         from huggingface_hub import snapshot_download
         try:  # the local hub cache only when offline; a download otherwise
-            return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+            return Path(snapshot_download(source, allow_patterns=HUB_FILES))
         except Exception as e:  # noqa: BLE001 - any hub failure gets the same actionable message
             raise ModelLoadError(
                 f"--pretrained {source}: not a local folder, and the hub id could not be fetched "

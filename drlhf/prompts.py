@@ -164,14 +164,16 @@ def prompt_table(spec: str | None, base) -> tuple:
     return prompts, base.encode_prompts(prompts)
 
 
-def sample_conditions(base, class_labels: str | None, n: int, generator, prompts=None, prompt_embeds=None):
+def sample_conditions(base, class_labels: str | None, n: int, generator, prompts=None, prompt_embeds=None,
+                      group_size: int = 1):
     """Conditions of n environments, drawn uniformly (thesis 5.3): (cond for the model, prompts or None).
-    cond is None (unconditional), class labels (n,) or text-encoder states (n, L, D) of the drawn prompts."""
+    cond is None (unconditional), class labels (n,) or text-encoder states (n, L, D) of the drawn prompts.
+    group_size > 1: n / group_size conditions drawn, each given to group_size consecutive environments (GRPO)."""
     import torch
     if base.conditioning == "none":
         return None, None
     if base.conditioning == "class":
         classes = torch.tensor(class_list(class_labels, base.num_classes))
-        return classes[torch.randint(len(classes), (n,), generator=generator)], None
-    idx = torch.randint(len(prompts), (n,), generator=generator)
+        return classes[torch.randint(len(classes), (n // group_size,), generator=generator).repeat_interleave(group_size)], None
+    idx = torch.randint(len(prompts), (n // group_size,), generator=generator).repeat_interleave(group_size)
     return prompt_embeds[idx], [prompts[i] for i in idx.tolist()]

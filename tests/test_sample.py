@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from PIL import Image
 
 from conftest import ROOT
@@ -99,42 +100,51 @@ def test_eval_pictures_and_scores(run, tmp_path):
 
 def toy_quality(path):
     """A toy digit-4 model's quality: its denoising loss on every training image at fixed noise and timesteps (the
-    objective it was trained on), and the target reward (Algorithm 1) of 64 fixed-seed 10-step samples."""
+    objective it was trained on: the noise, or a flow model's velocity), and the target reward (Algorithm 1) of 64
+    fixed-seed 10-step samples (flow: at noise level 0.7)."""
     import torch
     import torch.nn.functional as F
 
     from drlhf import models, rewards, toys
-    from drlhf.sampler import DiffusionSchedule, rollout
+    from drlhf.sampler import is_flow_model, rollout, schedule_for_model
     base = models.load_base_model(str(path))
+    flow = is_flow_model(base.scheduler_config)
     x, _ = toys.toy_digits([4], 16, False)
     g, sched = torch.Generator().manual_seed(123), toys.cosine_noise_schedule()
     with torch.no_grad():
         losses = []
         for _ in range(4):
             noise, t = torch.randn(x.shape, generator=g), torch.randint(0, 1000, (len(x),), generator=g)
-            losses.append(F.mse_loss(base.unet.eval()(sched.add_noise(x, noise, t), t).sample, noise).item())
-        schedule = DiffusionSchedule.for_model(base.scheduler_config, False, num_steps=10)
+            if flow:
+                s = t.float()[:, None, None, None] / 1000
+                pred, target = base.unet.eval()((1 - s) * x + s * noise, t.float()).sample, noise - x
+            else:
+                pred, target = base.unet.eval()(sched.add_noise(x, noise, t), t).sample, noise
+            losses.append(F.mse_loss(pred, target).item())
+        schedule = schedule_for_model(base.scheduler_config, False, "flow" if flow else "ddpm", 10,
+                                      eta=0.7 if flow else 1.0)
         g = torch.Generator().manual_seed(321)
         buf = rollout(models.make_denoiser(base), schedule, torch.randn(64, 1, 16, 16, generator=g), None, generator=g)
         r = rewards.target_image_reward(buf.samples, rewards.load_target(16, 1))
     return sum(losses) / len(losses), r.mean().item(), r.std().item()
 
 
-def test_the_shipped_toy_model_is_what_its_script_trains(tmp_path):
-    """toy:digit4 ships with the project (drlhf/assets/toy-digit4, built by `python -m drlhf.toys digit4`); training
-    it again with this code gives a model of the same quality on any CPU (the weights themselves differ in the last
-    bits between CPUs). Measured here: loss 0.0649 shipped, 0.0651 with seed 1; reward -5.28 +- 0.72 shipped,
-    -5.17 +- 0.66 with seed 1."""
+@pytest.mark.parametrize("toy", ["digit4", "digit4-flow"])
+def test_the_shipped_toy_model_is_what_its_script_trains(tmp_path, toy):
+    """toy:digit4 and toy:digit4-flow ship with the project (drlhf/assets, built by `python -m drlhf.toys`); training
+    them again with this code gives models of the same quality on any CPU (the weights themselves differ in the last
+    bits between CPUs). Measured here (digit4): loss 0.0649 shipped, 0.0651 with seed 1; reward -5.28 +- 0.72
+    shipped, -5.17 +- 0.66 with seed 1."""
     import torch
 
     from drlhf import toys
-    shipped = toys.toy_model_dir("digit4")  # the default steps: the shipped folder, nothing trained
-    assert shipped == toys.SHIPPED["digit4"]
+    shipped = toys.toy_model_dir(toy)  # the default steps: the shipped folder, nothing trained
+    assert shipped == toys.SHIPPED[toy]
     assert json.loads((shipped / "drlhf_toy.json").read_text())["steps"] == toys.TOY_TRAIN_STEPS
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        toys.train_toy_model("digit4", tmp_path / "again")
+        toys.train_toy_model(toy, tmp_path / "again")
     finally:
         torch.set_num_threads(threads)
     (loss_s, mean_s, std_s), (loss_a, mean_a, _) = toy_quality(shipped), toy_quality(tmp_path / "again")
