@@ -164,6 +164,42 @@ def build_sd35(path: Path, size: str, device) -> Path:
     return path
 
 
+# PickScore v1's architecture (laion/CLIP-ViT-H-14's config): the reward of --exp pickscore and pickscore-sd3
+PICKSCORE = dict(text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+                                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+                 vision_config=dict(image_size=224, patch_size=14, hidden_size=1280, intermediate_size=5120,
+                                    num_hidden_layers=32, num_attention_heads=16, hidden_act="gelu"),
+                 projection_dim=1024)
+PICKSCORE_TINY = dict(text_config=dict(PICKSCORE["text_config"], hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2),
+                      vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2), projection_dim=16)
+
+
+def build_pickscore(path: Path, size: str, device) -> Path:
+    """A PickScore-shaped CLIP preference model at random weights (model/ and processor/, what --pickscore-model and
+    --pickscore-processor read), with CLIP's 77-token length and one token per letter."""
+    if (path / "model" / "config.json").exists():
+        return path
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    c = PICKSCORE_TINY if size == "tiny" else PICKSCORE
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = CLIPModel(CLIPConfig(**c))
+    px = c["vision_config"]["image_size"]
+
+    def write(folder: Path):
+        tokenizer = letter_tokenizer(folder / "_tok", 77, "abcdefghijklmnopqrstuvwxyz .,'-", (49406, 49407))
+        CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px}),
+                      tokenizer=tokenizer).save_pretrained(folder / "processor")
+        model.half().cpu().save_pretrained(folder / "model") if size != "tiny" else model.save_pretrained(folder / "model")
+        shutil.rmtree(folder / "_tok")
+
+    atomic_write(path, write, folder=True)
+    return path
+
+
 def build_reward_model(sd: Path, path: Path, device) -> Path:
     """A Pink-style reward model (train_reward.py's RewardModel on the U-Net's encoder) at random init."""
     if (path / "config.json").exists():

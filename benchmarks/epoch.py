@@ -7,6 +7,8 @@ The real architectures are built at random weights from their configs (no downlo
     python benchmarks/epoch.py --exp pink --num-envs 8                         # SD v1.5 U-Net/VAE/CLIP-L, Pink RM
     python benchmarks/epoch.py --exp pink --num-envs 8 --lora-rank 4 --gradient-checkpointing true
     python benchmarks/epoch.py --exp colorfulness                              # OpenAI 64x64 U-Net + classifier
+    python benchmarks/epoch.py --exp pickscore-sd3                             # SD3.5-Medium, critic + GAE, LoRA
+    python benchmarks/epoch.py --exp pickscore-sd3 --advantage group --value-fn none   # the critic-free baseline
     python benchmarks/epoch.py --exp pink --num-envs 8 --compile true --bench-epochs 8
     python benchmarks/epoch.py                                                 # the offline default (toy model)
     python benchmarks/epoch.py --exp pink --size tiny --device cpu --num-envs 2 --bench-epochs 3   # a CPU smoke run
@@ -32,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_ppo  # noqa: E402
-from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_reward_model,  # noqa: E402
-                                      build_sd15)
+from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_pickscore,  # noqa: E402
+                                      build_reward_model, build_sd15, build_sd35)
 from drlhf import distributed, plan, speed, tracking  # noqa: E402
 from drlhf.files import default_cache_dir  # noqa: E402
 
@@ -185,6 +187,9 @@ def model_flags(argv: list[str], models_dir: Path, size: str, device) -> list[st
         flags += ["--pretrained", str(sd)] + (["--resolution", "64"] if size == "tiny" else [])
         if (args.reward == "rm" or "reward" in (args.value_fn, args.value_init)) and "reward_model" not in given:
             flags += ["--reward-model", str(build_reward_model(sd, models_dir / f"rm-sd15-{size}", device))]
+    elif args.pretrained == train_ppo.presets.SD35M and "pretrained" not in given:
+        sd = build_sd35(models_dir / f"sd35m-{size}", size, device)
+        flags += ["--pretrained", str(sd)] + (["--resolution", "64"] if size == "tiny" else [])
     elif args.pretrained.startswith("guided-diffusion:") and "pretrained" not in given:
         folder = build_guided(models_dir / f"guided-{size}", size, device)
         flags += ["--pretrained", f"guided-diffusion:{folder / '64x64_diffusion.pt'}"]
@@ -192,6 +197,9 @@ def model_flags(argv: list[str], models_dir: Path, size: str, device) -> list[st
             flags += ["--classifier", f"guided-diffusion:{folder / '64x64_classifier.pt'}"]
         if args.reward == "rm" and "reward_model" not in given:
             flags += ["--reward-model", str(build_classifier_reward_model(folder, args.class_labels))]
+    if args.reward == "pickscore" and not {"reward", "pickscore_model"} & set(given):
+        clip = build_pickscore(models_dir / f"pickscore-{size}", size, device)
+        flags += ["--pickscore-model", str(clip / "model"), "--pickscore-processor", str(clip / "processor")]
     return flags
 
 

@@ -5,7 +5,8 @@ the policy keeps what the base model could make while it climbs the reward (a co
 For a diffusion model that objective is the denoising loss, the simple ELBO surrogate of log-likelihood (Ho et al.
 2020): for x_0 from the data, t uniform over the training timesteps and noise e, x_t = sqrt(abar_t) x_0 +
 sqrt(1 - abar_t) e, the mean squared error of the model's prediction of e (or of v, or of x_0, as the model was
-trained). The data (--ptx-data) is a folder of images, or `base`: --ptx-samples samples of the base model itself,
+trained); for a rectified-flow model, x_t = (1 - sigma_t) x_0 + sigma_t e and the prediction of the velocity
+e - x_0, sigma_t over the scheduler's (shifted) training sigmas. The data (--ptx-data) is a folder of images, or `base`: --ptx-samples samples of the base model itself,
 made once at set-up (from the base weights, before any checkpoint is restored) and cached by the base model's
 fingerprint, so that a resumed run uses the very same images.
 
@@ -26,7 +27,7 @@ from drlhf.cli import UserError
 from drlhf.distributed import autocast
 from drlhf.files import cache_lock, default_cache_dir, save_safetensors
 from drlhf.prompts import prompt_table, sample_conditions
-from drlhf.sampler import make_betas, rollout
+from drlhf.sampler import is_flow_model, make_betas, rollout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -37,6 +38,10 @@ class PtxData:
 
     def __init__(self, x0, cond, scheduler_config: dict, generator: torch.Generator, precision: str):
         self.x0, self.cond, self.generator, self.precision = x0, cond, generator, precision
+        self.flow, n_train = is_flow_model(scheduler_config), scheduler_config.get("num_train_timesteps", 1000)
+        if self.flow:  # the training sigmas k / N, k = 1..N, shifted as the scheduler does (drlhf.sampler.flow_sigmas)
+            shift, k = scheduler_config.get("shift", 1.0), torch.arange(1, n_train + 1, dtype=torch.float64) / n_train
+            self.sigma = (shift * k / (1 + (shift - 1) * k)).float().to(x0.device)
         betas = make_betas(scheduler_config.get("beta_schedule", "linear"), scheduler_config.get("num_train_timesteps", 1000),
                            scheduler_config.get("beta_start", 1e-4), scheduler_config.get("beta_end", 0.02))
         self.abar = torch.cumprod(1 - betas, 0).float().to(x0.device)
@@ -49,11 +54,15 @@ class PtxData:
         t = torch.randint(len(self.abar), (n,), generator=g).to(device)
         x0 = self.x0[i]
         noise = torch.randn(x0.shape, generator=g).to(device)
-        a = self.abar[t].view(-1, *([1] * (x0.ndim - 1)))
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if self.flow:
+            s = self.sigma[t].view(-1, *([1] * (x0.ndim - 1)))
+            x_t, t, target = (1 - s) * x0 + s * noise, self.sigma[t] * len(self.sigma), noise - x0
+        else:
+            a = self.abar[t].view(-1, *([1] * (x0.ndim - 1)))
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}.get(self.prediction_type, x0)
         with autocast(self.precision, device):
             out = policy(x_t, t, None if self.cond is None else self.cond[i], guided=False)[:, :x0.shape[1]].float()
-        target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}.get(self.prediction_type, x0)
         return F.mse_loss(out, target)
 
     @classmethod

@@ -206,3 +206,19 @@ def test_target_flow_four_steps_offline(run, tmp_path):
         "--value-fn", "reward", "--output-dir", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and math.isfinite(summary["final_reward_mean"])
+
+
+def test_benchmark_tiny_pickscore_sd3_builds_a_loadable_pipeline(run, tmp_path):
+    """benchmarks/epoch.py --exp pickscore-sd3 at toy widths: SD3.5-Medium's classes and a PickScore-shaped CLIP built
+    at random weights, one timed epoch of critic + GAE and of the group baseline; the saved folder is an ordinary
+    StableDiffusion3Pipeline (what a peer trainer loads for a side-by-side)."""
+    from diffusers import StableDiffusion3Pipeline
+    small = ["--size", "tiny", "--device", "cpu", "--num-envs", "4", "--group-size", "2", "--num-steps", "3",
+             "--minibatch-size", "4", "--grad-accum-steps", "3", "--bench-epochs", "1", "--no-flops",
+             "--models-dir", tmp_path / "models"]
+    for name, extra in (("gae", []), ("group", ["--advantage", "group", "--value-fn", "none"])):
+        run("benchmarks/epoch.py", "--exp", "pickscore-sd3", *small, *extra, "--json", tmp_path / f"{name}.json")
+        r = json.loads((tmp_path / f"{name}.json").read_text())
+        assert r["images_per_epoch"] == 4 and r["states_per_epoch"] == 12 and r["epochs"][0]["update"] > 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "models" / "sd35m-tiny")
+    assert pipe.transformer.config.dual_attention_layers == [0] and pipe.scheduler.config.shift == 3.0
