@@ -372,6 +372,8 @@ def load_base(args: Args, given: set, device):
     if "toy_train_steps" not in given and pretrained.startswith("toy:") and not metas[0].get("lineage"):
         steps = metas[0].get("args", {}).get("toy_train_steps", steps)
     base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=steps)
+    if base.is_transformer and metas[0].get("sample_shape"):  # SD3 takes any size: the one the data was sampled at
+        base.expect(resolution=metas[0]["sample_shape"][1] * 8)
     for dataset, meta in zip(datasets, metas):
         models.check_dataset_base(dataset, meta, base)
     return pretrained, base

@@ -62,7 +62,7 @@ def load_models(args, rank: int, world: int, device):
     base.expect(resolution=args.resolution, conditioning=args.conditioning, latent=args.latent)  # Table 6.2 rows
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale,
-                                           args.logprob_reduction)
+                                  args.logprob_reduction)
     reward_fns = [rewards.from_flags(spec, base, device, args, flag) for spec, flag in
                   ((args.reward, "--reward"), (args.eval_reward, "--eval-reward")) if spec]
     return base, value_net, schedule, reward_fns

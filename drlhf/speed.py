@@ -140,7 +140,7 @@ def hold_frozen_in_compute_dtype(module: torch.nn.Module, precision: str, device
 
 # the blocks that U-Nets repeat, compiled one at a time by --compile-scope blocks: diffusers' transformer and
 # ResNet blocks (SD v1.5, the toy models) and guided-diffusion's ResBlock and AttentionBlock (OpenAI's 64x64 models)
-REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "ResBlock", "AttentionBlock")
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "ResBlock", "AttentionBlock", "JointTransformerBlock")
 
 
 def compile_module(module: torch.nn.Module, cache_dir: str | None = None, scope: str = "model") -> torch.nn.Module:

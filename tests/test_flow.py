@@ -222,3 +222,25 @@ def test_benchmark_tiny_pickscore_sd3_builds_a_loadable_pipeline(run, tmp_path):
         assert r["images_per_epoch"] == 4 and r["states_per_epoch"] == 12 and r["epochs"][0]["update"] > 0
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "models" / "sd35m-tiny")
     assert pipe.transformer.config.dual_attention_layers == [0] and pipe.scheduler.config.shift == 3.0
+
+
+def test_sd3_dataset_at_another_resolution_trains_a_transformer_reward_model(run, tiny_sd3, tmp_path):
+    """sample.py --resolution on an SD3 pipeline records the size it sampled at; train_reward.py rebuilds the base
+    model at that size and trains the transformer-half reward model; train_ppo.py scores with it."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    ds, rm_dir = tmp_path / "ds", tmp_path / "rm"
+    run("sample.py", "--pretrained", tiny_sd3, "--sampler", "flow", "--eta", "0.7", "--num-steps", "2", "--prompts",
+        prompts, "--guidance-scale", "4.5", "--resolution", "32", "--num-tasks", "8", "--k", "2", "--out", ds,
+        "--instructions", "builtin:digits")
+    assert json.loads((ds / "dataset.json").read_text())["sample_shape"] == [16, 4, 4]
+    run("label.py", "--auto", "builtin:ink", ds)
+    run("label.py", "export", ds)
+    run("train_reward.py", "--dataset", ds, "--out", rm_dir, "--epochs", "2", "--batch-tasks", "2",
+        "--val-fraction", "0.25")
+    config = json.loads((rm_dir / "config.json").read_text())
+    assert config["input_shape"] == [16, 4, 4] and config["encoder_blocks"][-1] == "transformer_blocks[:1]"
+    run("train_ppo.py", "--pretrained", tiny_sd3, "--sampler", "flow", "--eta", "0.7", "--prompts", prompts,
+        "--latent", "true", "--conditioning", "text", "--resolution", "32", "--reward", "rm", "--reward-model", rm_dir,
+        "--value-fn", "reward", "--num-envs", "2", "--num-steps", "2", "--minibatch-size", "2", "--eval-samples", "2",
+        "--eval-every", "1", "--epochs", "1", "--output-dir", tmp_path / "ppo")
