@@ -6,7 +6,6 @@ standardize reward histograms to the base distribution): gain = (mean_policy - m
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from drlhf import pictures, sd3
 from drlhf.distributed import autocast
 from drlhf.guided_diffusion import timestep_embedding
 from drlhf.prompts import sample_conditions
-from drlhf.reward_model import run_encoder
+from drlhf.reward_model import encoder_copy, run_encoder
 from drlhf.sampler import action_logprob, rollout
 
 
@@ -63,20 +62,8 @@ def vendi_score(features: torch.Tensor) -> float:
 
 
 def frozen_encoder(unet: nn.Module) -> nn.Module:
-    """A frozen copy of a U-Net's encoder half (the decoder is left out of the copy, not copied and dropped); of an
-    SD3 transformer, its first half of blocks."""
-    if sd3.is_transformer(unet):
-        return sd3.first_half(unet).requires_grad_(False).eval()
-    decoder = [n for n in ("up_blocks", "conv_norm_out", "conv_act", "conv_out", "output_blocks", "out")
-               if isinstance(getattr(unet, n, None), nn.Module)]
-    parts = {n: getattr(unet, n) for n in decoder}
-    try:
-        for n in decoder:
-            setattr(unet, n, None)
-        return copy.deepcopy(unet).requires_grad_(False).eval()
-    finally:
-        for n, module in parts.items():
-            setattr(unet, n, module)
+    """A frozen copy of a denoiser's encoder half (drlhf.reward_model.encoder_copy)."""
+    return encoder_copy(unet).requires_grad_(False).eval()
 
 
 class Diversity:

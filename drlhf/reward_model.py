@@ -64,6 +64,23 @@ class CrossAttentionPool(nn.Module):
         return self.out(self.norm(pooled[:, 0] + q[:, 0]))[:, 0]
 
 
+def encoder_copy(net: nn.Module) -> nn.Module:
+    """A copy of a denoiser's encoder half: a U-Net (diffusers' or OpenAI's) without its decoder, or an SD3
+    transformer's first half of blocks; what is dropped is left out of the copy, not copied and dropped."""
+    if sd3.is_transformer(net):
+        return sd3.first_half(net)
+    decoder = [n for n in ("up_blocks", "conv_norm_out", "conv_act", "conv_out", "output_blocks", "out")
+               if isinstance(getattr(net, n, None), nn.Module)]
+    parts = {n: getattr(net, n) for n in decoder}
+    try:
+        for n in decoder:
+            setattr(net, n, None)
+        return copy.deepcopy(net)
+    finally:
+        for n, module in parts.items():
+            setattr(net, n, module)
+
+
 def run_encoder(unet: nn.Module, x, emb, ehs=None):
     """The encoder half of a diffusers U-Net (conv_in, down blocks, mid block) given the time (+ class) embedding
     emb and the text states ehs (None for models without cross-attention) -> mid-block features (B, C, h, w)."""
@@ -92,16 +109,12 @@ class RewardModel(nn.Module):
         self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable
         self.fingerprint = base_fingerprint(unet)
         self.transformer = sd3.is_transformer(unet)  # SD3: the first half of the joint blocks (drlhf.sd3)
+        self.encoder = encoder_copy(unet)  # the policy's network stays untouched
         if self.transformer:
-            self.encoder, feat_dim = sd3.first_half(unet), sd3.feature_dim(unet)
-            cond_dim = unet.config.joint_attention_dim
+            feat_dim, cond_dim = sd3.feature_dim(unet), unet.config.joint_attention_dim
             last = self.encoder.transformer_blocks[-1]
         else:
-            enc = copy.deepcopy(unet)  # the policy's U-Net stays untouched; the decoder half is dropped here
-            for name in ("up_blocks", "conv_norm_out", "conv_act", "conv_out"):
-                if hasattr(enc, name):
-                    setattr(enc, name, None)
-            self.encoder, feat_dim, last = enc, unet.config.block_out_channels[-1], enc.mid_block
+            feat_dim, last = unet.config.block_out_channels[-1], self.encoder.mid_block
             cond_dim = {"text": getattr(unet.config, "cross_attention_dim", None),
                         "class": unet.time_embedding.linear_2.out_features if conditioning == "class" else None
                         }.get(conditioning)
