@@ -448,11 +448,11 @@ def main(argv=None):
     exp = sub.add_parser("export", parents=[common], help="write rankings.jsonl, pairs.jsonl and report.md")
     exp.add_argument("--out", help="output folder (default: the dataset folder)")
     exp.add_argument("--val-fraction", type=cli.bounded(float, 0, 1), default=0.2, help="validation share of tasks, [0, 1)")
-    exp.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by task")
+    exp.add_argument("--seed", type=cli.bounded(int, 0, 2 ** 32), default=0, help="seed of the train/validation split by task")
     win = sub.add_parser("winrate", parents=[common], help="a blind comparison (sample.py --compare): B's win rate over "
                          "A with its 95 %% interval, per annotator and condition, agreement (thesis 8.1)")
     win.add_argument("--out", help="folder for report.json and winrate.png (default: the dataset folder)")
-    win.add_argument("--seed", type=int, default=0, help="seed of the bootstrap interval")
+    win.add_argument("--seed", type=cli.bounded(int, 0, 2 ** 32), default=0, help="seed of the bootstrap interval")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] not in sub.choices and argv[0] not in ("-h", "--help"):
         argv = ["label"] + argv  # `label.py DATASET ...` and `label.py --auto SPEC DATASET` mean `label.py label ...`

@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from drlhf.cli import NonNegFloat, PosInt
+from drlhf.cli import NonNegFloat, PosInt, Seed
 from drlhf import cli, comparison, evaluation, models, presets, rewards
-from drlhf.checkpoint import load_policy_unet
+from drlhf.checkpoint import check_policy, load_policy_unet
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
-from drlhf.files import atomic_write, make_dir, save_safetensors, write_text
+from drlhf.files import atomic_write, hold_folder, make_dir, save_safetensors, write_json, write_text
 from drlhf.speed import setup_cpu
-from drlhf.prompts import class_list, prompt_list, prompt_table
+from drlhf.prompts import check_condition_flags, class_list, prompt_list, prompt_table
 from drlhf.sampler import Sampler, Spacing, VarianceType, rollout, schedule_for_model
 from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 
@@ -68,7 +68,8 @@ BUILTIN_INSTRUCTIONS = {
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: digits (default settings), digits-rgb, digits-macaw (offline Macaw stand-in), macaw (thesis 6.7) or pink (thesis 6.9)"""
+    """preset: a Table 6.2 experiment or an offline stand-in (drlhf/presets.py; listed below)"""
+    # --- the dataset: model, tasks, conditions (thesis chapter 4) ---------------------------------------------
     out: str | None = None
     """dataset folder to create or finish (default datasets/<exp>)"""
     pretrained: str = "toy:digit4"
@@ -86,21 +87,23 @@ class Args:
     task holds one image of --pretrained and one of it, same condition and seeds, sides shuffled (docs/labeler.md)"""
     instructions: str | None = "builtin:digits"
     """labeling instructions for label.py: a Markdown file or builtin:macaw / pink / digits / compare (--compare's)"""
+    # --- the sampler: the PPO rollout's settings (Table 6.2, thesis 5.1) -----------------------------------
     num_steps: PosInt = TOY_SAMPLING_STEPS
     """denoising steps (Table 6.2 "Timesteps"; the PPO rollout must use the same; offline default 10, as train_ppo.py's)"""
     guidance_scale: NonNegFloat = 1.0
     """classifier-free guidance scale (Table 6.2 "CFG Scale")"""
     resolution: PosInt | None = None
     """image size in pixels (Table 6.2 "Resolution"); None = the model's own; transformers (SD3) take other sizes"""
-    sampler: Sampler = "ddpm"
-    """ddpm, ddim, or flow for rectified-flow models (as in train_ppo.py)"""
+    sampler: Sampler | None = None
+    """ddpm, ddim, or flow for rectified-flow models (as in train_ppo.py); None = the model's own"""
     spacing: Spacing = "leading"
     """respacing of the training timesteps (as in train_ppo.py)"""
     eta: NonNegFloat = 1.0
     """DDIM's eta, or the flow SDE's noise level (as in train_ppo.py)"""
     variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
-    seed: int = 0
+    # --- the run: seed, device, cache, speed ------------------------------------------------------------------
+    seed: Seed = 0
     """seed of the task conditions and of every image"""
     batch_size: PosInt = 40
     """images per forward pass, rounded down to whole tasks; fixed for a dataset (stored in dataset.json)"""
@@ -139,10 +142,7 @@ def read_instructions(spec: str | None) -> str:
 
 def task_conditions(args: Args, base: models.BaseModel) -> list[dict]:
     """The condition of every task: each prompt/class equally often (as far as N allows), in a seeded order."""
-    if args.prompts and base.conditioning != "text":
-        raise ValueError(f"--prompts: {args.pretrained} is {'unconditional' if base.conditioning == 'none' else 'class-conditional'}, not a text model")
-    if args.class_labels and base.conditioning != "class":
-        raise ValueError(f"--class-labels: {args.pretrained} is {'unconditional' if base.conditioning == 'none' else 'text-conditional'}, not a class model")
+    check_condition_flags(base.conditioning, args.pretrained, args.prompts, args.class_labels, base.num_classes)
     if base.conditioning == "text":
         items = [{"prompt": p} for p in prompt_list(args.prompts)]
     elif base.conditioning == "class":
@@ -182,7 +182,10 @@ def read_done(tasks_file: Path) -> list[dict]:
 def resolve_args(argv=None) -> tuple[Args, Path]:
     """The flags, or for an interrupted dataset its stored settings (conflicting flags are an error)."""
     args, given = cli.parse_args(Args, presets.for_script("sample"), argv)
+    if args.k < 2 or (args.compare and args.k != 2):
+        raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare (--compare: exactly 2)")
     out = Path(args.out or f"datasets/{args.exp or 'digits'}")
+    hold_folder(out, "--out")  # one process per dataset folder, until this one ends
     if (out / "dataset.json").exists():
         stored = json.loads((out / "dataset.json").read_text())["args"]
         clash = [k for k in FIXED if k in given and getattr(args, k) != stored[k]]
@@ -207,26 +210,31 @@ def save_task(out: Path, i: int, condition: dict, images, samples, seeds: list, 
     return record
 
 
+def check_same_model(out: Path, meta: dict, base: models.BaseModel):
+    """An interrupted dataset is finished by the model that started it: the same fingerprint as dataset.json's (a
+    model folder whose weights changed since is refused, naming both)."""
+    want, have = meta.get("base_fingerprint"), models.identity(base)["fingerprint"]
+    if want and have and want != have:
+        raise cli.UserError(f"{out} was started from {meta.get('base_model')} with fingerprint {want}; --pretrained "
+                            f"{base.source} now has fingerprint {have} (its weights changed since): finishing would "
+                            "mix two models. Restore those weights, or sample a new dataset with another --out")
+
+
 def compared_model(args: Args, base: models.BaseModel, device) -> models.BaseModel:
-    """--compare: model B of a blind comparison on the same kind of model as --pretrained (a run or checkpoint
-    folder gets --pretrained's architecture)."""
+    """--compare: model B of a blind comparison, of the same kind as --pretrained (sampler family, conditioning,
+    samples); a run or checkpoint folder gets --pretrained's architecture and must come from its base model."""
     spec = args.compare
     if Path(spec).is_dir() and not any((Path(spec) / f).exists() for f in ("model_index.json", "config.json")):
-        return dataclasses.replace(base, unet=load_policy_unet(spec, base, device))
-    other = models.load_base_model(spec, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
+        return dataclasses.replace(base, unet=load_policy_unet(spec, base, device, "--compare"))
+    other = models.load_base_model(spec, device, args.cache_dir, toy_train_steps=args.toy_train_steps, flag="--compare")
     other.expect(resolution=args.resolution)
-    if (other.conditioning, tuple(other.sample_shape)) != (base.conditioning, tuple(base.sample_shape)):
-        raise cli.UserError(f"--compare {spec} ({other.conditioning}, samples {tuple(other.sample_shape)}) cannot be "
-                            f"compared with --pretrained {args.pretrained} ({base.conditioning}, samples "
-                            f"{tuple(base.sample_shape)}): a blind comparison needs the same kind of model")
+    models.check_fits(models.identity(other), models.identity(base), f"--compare {spec}", same_base=False)
     return other
 
 
 def main(argv=None):
     args, out = resolve_args(argv)
     meta_file = out / "dataset.json"
-    if args.k < 2 or (args.compare and args.k != 2):
-        raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare (--compare: exactly 2)")
     device = resolve_device(args.device)
     args = dataclasses.replace(args, threads=setup_cpu(device, args.threads))  # kept with the data
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
@@ -234,6 +242,9 @@ def main(argv=None):
     conditions = task_conditions(args, base)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale)
+    args = dataclasses.replace(args, sampler=schedule.cfg.sampler)  # --sampler's default: the model's own, recorded
+    if meta_file.exists():  # finishing a dataset: from the very model that started it
+        check_same_model(out, json.loads(meta_file.read_text()), base)
     policy = models.make_denoiser(base, args.guidance_scale).eval()
     other = compared_model(args, base, device) if args.compare else None  # model B of a blind comparison
     prompt_embeds = {}
@@ -248,7 +259,7 @@ def main(argv=None):
         res = base.sample_shape[1] * (8 if base.is_latent else 1)
         meta = dict(tool=f"drlhf sample.py {VERSION}", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     base_model=args.pretrained, base_model_path=base.path,
-                    base_fingerprint=models.base_fingerprint(base.unet) if hasattr(base.unet, "config") else None,
+                    base_fingerprint=models.identity(base)["fingerprint"],
                     sample_shape=list(base.sample_shape), conditioning=base.conditioning,
                     latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
                     sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
@@ -258,8 +269,8 @@ def main(argv=None):
         write_text(out / "instructions.md", read_instructions("builtin:compare" if default else args.instructions))
         if other is not None:  # which image of each task is which model: never shown by label.py
             comparison.write_key(out, args.pretrained, args.compare, args.num_tasks, args.seed)
-        write_text(meta_file, json.dumps(meta, indent=1))
-    sides = comparison.read_key(out)["sides"] if other is not None else None
+        write_json(meta_file, meta)
+    sides = comparison.read_key(out, args.num_tasks)["sides"] if other is not None else None
 
     # SAMPLING: whole tasks per batch; batch b always holds the same tasks, so its images do not depend on
     # where an earlier run stopped
@@ -309,6 +320,7 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalArgs:
+    # --- the models: the base and the policies beside it ------------------------------------------------------
     pretrained: str = "toy:digit4"
     """the base model (as in train_ppo.py)"""
     checkpoints: str = ""
@@ -316,6 +328,7 @@ class EvalArgs:
     checkpoint folders (policy.safetensors) or diffusers folders (final_policy)"""
     out: str = "runs/eval"
     """folder for comparison.png, progression.png, histogram_*.png and scores.json"""
+    # --- the samples: conditions and the sampler (as in train_ppo.py) --------------------------------------------
     num_samples: PosInt = 64
     """fixed-seed samples per model (conditions cycle through the prompt/class list)"""
     prompts: str | None = None
@@ -328,14 +341,15 @@ class EvalArgs:
     """classifier-free guidance scale"""
     resolution: PosInt | None = None
     """image size in pixels; None = the model's own (as in sample.py)"""
-    sampler: Sampler = "ddpm"
-    """ddpm, ddim or flow (as in train_ppo.py)"""
+    sampler: Sampler | None = None
+    """ddpm, ddim or flow (as in train_ppo.py); None = the model's own"""
     spacing: Spacing = "leading"
     """respacing of the training timesteps"""
     eta: NonNegFloat = 1.0
     """DDIM's eta, or the flow SDE's noise level (as in train_ppo.py)"""
     variance_type: VarianceType | None = None
     """fixed_small, fixed_large or learned_range (None = the model's scheduler config)"""
+    # --- the scores ----------------------------------------------------------------------------------------------
     reward: str | None = None
     """score every sample: target, colorfulness, aesthetic, pickscore, rm (with --reward-model) or module:function"""
     reward_model: str | None = None
@@ -350,7 +364,8 @@ class EvalArgs:
     """--reward aesthetic: the CLIP image encoder of the LAION Aesthetics Predictor V2 (thesis 6.6)"""
     aesthetic_mlp: str = rewards.AESTHETIC_MLP_URL
     """--reward aesthetic: the predictor's MLP weights (path or URL)"""
-    seed: int = 0
+    # --- the run: seed, device, cache, speed ------------------------------------------------------------------
+    seed: Seed = 0
     """seed of the initial noise and of every sampling step (the same for every model)"""
     batch_size: PosInt = 64
     """samples per forward pass"""
@@ -370,12 +385,16 @@ class EvalArgs:
 def eval_main(argv=None):
     from drlhf import pictures
     parser = cli.build_parser(EvalArgs)
+    parser.prog, parser.description = "sample.py eval", "Same-seed pictures and scores of the base model next to policies."
     args = EvalArgs(**vars(parser.parse_args(argv)))
+    cli.check_ranges(args)
     device = resolve_device(args.device)
     setup_cpu(device, args.threads)
+    hold_folder(Path(args.out), "--out")  # one process per output folder, until this one ends
     out = make_dir(Path(args.out), "--out")  # before any work: a folder that cannot be written is one sentence
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     base.expect(resolution=args.resolution)
+    check_condition_flags(base.conditioning, args.pretrained, args.prompts, args.class_labels, base.num_classes)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale)
     n = args.num_samples
@@ -398,6 +417,8 @@ def eval_main(argv=None):
                                            flag="--heldout-reward-model")
     names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
     specs = [None] + [c for c in args.checkpoints.split(",") if c]
+    for spec in specs[1:]:  # before any sampling: every run and checkpoint was trained from this base model
+        check_policy(spec, base)
     from tqdm.auto import tqdm
     images, scores, variety = [], {k: [] for k in scorers}, {}
     diversity = evaluation.Diversity(base)  # the base model's encoder; the base model's samples are the reference
@@ -433,7 +454,7 @@ def eval_main(argv=None):
         summary[k] = {name: evaluation.score_stats(b, v) for name, v in zip(names, per_model)}
         for name, v in zip(names[1:], per_model[1:]):
             pictures.histogram_png(b.numpy(), v.numpy(), out / f"histogram_{k}_{name}.png")
-    write_text(out / "scores.json", json.dumps(summary, indent=1))
+    write_json(out / "scores.json", summary)
     print(f"[drlhf] {out}: comparison.png, progression.png, scores.json" + (", histograms" if scores else ""))
     print("  diversity (Vendi score per condition): " + ", ".join(f"{m} {v:.2f}" for m, v in variety.items()))
     for k in scores:

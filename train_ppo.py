@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drlhf import checkpoint, cli, distributed, evaluation, models, presets, rewards, speed, tracking
-from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
+from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt, Seed
 from drlhf.distributed import DeviceFlag, Precision, all_reduce_sum, autocast
 from drlhf.nets import Nets, build_nets, load_models
 from drlhf.plan import Accumulation, EpochPlan
@@ -45,8 +45,8 @@ from drlhf.toys import TOY_SAMPLING_STEPS, TOY_TRAIN_STEPS
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: a Table 6.2 column (target, ..., pickscore) or an offline stand-in (digits-*); drlhf/presets.py"""
-    seed: int = 0
+    """preset: a Table 6.2 column or an offline stand-in (drlhf/presets.py; listed below)"""
+    seed: Seed = 0
     """base seed; rank r samples with seed + r"""
     # --- Table 6.2, one field per row, in the table's order --------------------------------------------------
     pretrained: str = "toy:digit4"
@@ -108,8 +108,9 @@ class Args:
     tf32: bool = False
     """"Allow TF32" for matmuls and convolutions on Ampere+ GPUs"""
     # --- the method's options (thesis 5.1-5.3, its future work 8.1, and the field's variants) ---------------
-    sampler: Sampler = "ddpm"
-    """thesis 5.1: ddpm (the thesis), ddim (stochastic, --eta > 0), or flow (rectified-flow models such as SD3)"""
+    sampler: Sampler | None = None
+    """thesis 5.1: ddpm (the thesis), ddim (stochastic, --eta > 0), or flow (rectified-flow models such as SD3);
+    None = the model's own: flow for a rectified-flow model, else ddpm"""
     spacing: Spacing = "leading"
     """which training timesteps are kept: leading, trailing, linspace (diffusers) or guided (guided-diffusion)"""
     eta: NonNegFloat = 1.0
@@ -590,11 +591,12 @@ def main(argv=None):
     rank, world, device = distributed.setup_distributed(args.device)
     # CPU threads fixed for the whole run (the numbers depend on them), saved with it and reused by --resume
     args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads))
-    out = checkpoint.claim_run_folder(args, ckpt, rank)  # refuses to mix a new run into an existing one
+    out = checkpoint.claim_run_folder(args, ckpt)  # held by this run alone; never mixes a new run into an old one
     base, nets, plan, reward_fns, prompts, prompt_embeds, gens, sizes = setup(args, rank, world, device)
+    args = dataclasses.replace(args, sampler=nets.schedule.cfg.sampler)  # --sampler's default: the model's own
     B = sizes[0]
     lineage = checkpoint.start_lineage(base)  # the rounds of RLHF behind the policy this run starts from
-    state = {"epoch": 0, "global_step": 0}
+    state = {"epoch": 0, "global_step": 0, "base": models.identity(base)}  # the base a checkpoint's policy fits
     # the fixed-seed evaluation runs eagerly: compiling its batch size too would only add warm-up
     eval_net = models.make_denoiser(base, args.guidance_scale) if args.compile else nets.policy_net
     evaluator = evaluation.FixedSeedEval(eval_net, nets.schedule, base, reward_fns, args.eval_samples, args.seed,

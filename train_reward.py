@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt
+from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt, Seed
 from drlhf import cli, distributed, models, pictures, presets, speed, tracking
 from drlhf.distributed import DeviceFlag, Precision, autocast
-from drlhf.files import check_writable, move_aside
+from drlhf.files import check_writable, hold_folder, move_aside
 from drlhf.labels import dataset_fingerprint, dataset_meta, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
 from drlhf.toys import TOY_TRAIN_STEPS
@@ -36,7 +36,8 @@ from drlhf.toys import TOY_TRAIN_STEPS
 @dataclass
 class Args:
     exp: str | None = None
-    """preset: digits (offline), digits-macaw (offline Macaw stand-in: toy classifier + linear layer), macaw (thesis 6.7) or pink (thesis 6.9)"""
+    """preset: a Table 6.2 experiment or an offline stand-in (drlhf/presets.py; listed below)"""
+    # --- the data in, the reward model out -------------------------------------------------------------------
     dataset: str = "datasets/digits"
     """labeling dataset folder (sample.py) holding the export of label.py; several (comma-separated, or a .txt file listing one per line) train on the union of their rankings: the rounds of iterated RLHF (thesis 8.1)"""
     rankings: str | None = None
@@ -49,6 +50,7 @@ class Args:
     """reward-model folder to write (default runs/reward-<exp>); one that holds a reward model is refused"""
     replace_out: bool = False
     """move a reward model already in --out aside to OUT.old-N first, and train anew"""
+    # --- training: Eq. 5.1 over the rankings (thesis 5.2) ----------------------------------------------------
     epochs: PosInt = 60
     """passes over the training tasks (thesis: 1000 for Macaw, 40 for Pink)"""
     batch_tasks: PosInt = 8
@@ -66,6 +68,7 @@ class Args:
     """probability of dropping the condition in training, for classifier-free reward guidance (thesis 5.2)"""
     guidance: float = 1.0
     """reward guidance weight w stored with the model: r = r_u + w (r_c - r_u) (1 = plain conditional reward)"""
+    # --- the reward model's architecture (thesis 5.2, 6.7, 8.1) ---------------------------------------------
     backbone: Literal["unet", "classifier"] = "unet"
     """unet: the base model's U-Net encoder + a cross-attention pooling head (thesis 5.2, Pink); classifier: OpenAI's noisy-image classifier + a linear layer to one scalar (thesis 6.7, Macaw; --classifier)"""
     classifier: str | None = None
@@ -81,11 +84,13 @@ class Args:
     ensemble: PosInt = 1
     """thesis 8.1: N heads on one shared encoder, each with its own init and bootstrap resample of the training
     tasks; train_ppo.py --ensemble-penalty scores mean - k x std over them (docs/design.md)"""
+    # --- which epoch is kept ---------------------------------------------------------------------------------
     keep: Literal["best", "last"] = "best"
     """which epoch's model is saved: best (lowest validation loss, Eq. 5.1 on the validation tasks) or last; without a validation split the last epoch is kept"""
     patience: NonNegInt = 0
     """stop early after this many epochs without a lower validation loss (0: run all --epochs)"""
-    seed: int = 0
+    # --- the run: seed, device, cache, speed ------------------------------------------------------------------
+    seed: Seed = 0
     """seed of the split, the task order and the condition dropping"""
     precision: Precision = "fp32"
     """fp32, fp16 (autocast + GradScaler) or bf16 (autocast)"""
@@ -183,21 +188,38 @@ def load_tasks(args: Args, base: models.BaseModel, device):
 
 
 def task_inputs(task: dict, dataset: Path, base: models.BaseModel) -> torch.Tensor:
-    """A task's K images as the reward model's inputs (K, C, H, W): latents for latent models, else pixels in [-1, 1]."""
+    """A task's K images as the reward model's inputs (K, C, H, W): latents for latent models, else pixels in [-1, 1].
+    A file that is missing, truncated or not an image is one line naming it."""
     from PIL import Image
     c, h, w = base.sample_shape
+    damaged = (f"; the dataset {dataset} is damaged: restore the file, or drop task {task['task_id']} from its "
+               "tasks.jsonl and rankings")
     if base.is_latent:
         from safetensors.torch import load_file
         if not task.get("latents"):
             raise ValueError(f"task {task['task_id']}: a latent base model needs the latents sample.py stores")
-        return torch.stack([load_file(dataset / p)["latent"] for p in task["latents"]])
+        latents = []
+        for p in task["latents"]:
+            try:
+                latents.append(load_file(dataset / p)["latent"])
+            except FileNotFoundError:
+                raise FileNotFoundError(f"task {task['task_id']}: {dataset / p} is missing{damaged}") from None
+            except Exception as e:  # noqa: BLE001 - safetensors reports a cut file in its own types
+                raise ValueError(f"task {task['task_id']}: {dataset / p} is unreadable ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120]}){damaged}") from None
+        return torch.stack(latents)
     arrays = []
     for p in task["images"]:
-        with Image.open(dataset / p) as img:
-            img = img.convert("L" if c == 1 else "RGB")
-            if img.size != (w, h):
-                raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
-            arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
+        try:
+            with Image.open(dataset / p) as img:
+                img = img.convert("L" if c == 1 else "RGB")  # decodes the whole file: a cut one fails here
+        except FileNotFoundError:
+            raise FileNotFoundError(f"task {task['task_id']}: image {dataset / p} is missing{damaged}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"task {task['task_id']}: image {dataset / p} is unreadable ({e}){damaged}") from None
+        if img.size != (w, h):
+            raise ValueError(f"{dataset / p} is {img.size[0]}x{img.size[1]}, the base model takes {w}x{h}")
+        arrays.append(np.asarray(img, dtype=np.float32).reshape(h, w, c))
     return (torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1).contiguous()
 
 
@@ -422,14 +444,22 @@ def save(model, out: Path, writer, args: Args, pretrained: str, base, data: dict
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 
 
-def main(argv=None):
-    args, given = cli.parse_args(Args, presets.for_script("train_reward"), argv)
+def claim_out(args: Args) -> Path:
+    """The reward-model folder (--out), held by this process until it ends (drlhf.files.hold_folder); one that holds a
+    reward model is refused unless --replace-out. Nothing is created before the model is trained."""
     out = Path(args.out or f"runs/reward-{args.exp or 'digits'}")
+    hold_folder(out, "--out")
     if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.replace_out:
         raise cli.UserError(f"--out {out} already holds a reward model: choose another --out, or pass --replace-out "
                             "to move it aside and train anew")
-    check_writable(out, "--out")  # nothing is created before the model is trained
+    check_writable(out, "--out")
+    return out
+
+
+def main(argv=None):
+    args, given = cli.parse_args(Args, presets.for_script("train_reward"), argv)
     rank, world, device = distributed.setup_distributed(args.device)
+    out = distributed.on_rank_0(lambda: claim_out(args))  # held by this process alone until it ends
     args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads))
     torch.manual_seed(args.seed)
     pretrained, base = load_base(args, given, device)

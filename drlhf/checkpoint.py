@@ -33,7 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from drlhf import models
 from drlhf.cli import UserError
-from drlhf.files import atomic_write, check_writable, first_free, move_aside, remove, write_json, write_text
+from drlhf.distributed import on_rank_0
+from drlhf.files import (atomic_write, check_writable, first_free, hold_folder, move_aside, remove, write_json,
+                         write_text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,33 +170,34 @@ def resume_args(args, given: set, args_cls):
 RUN_FILES = ("args.json", "checkpoints", "summary.json", "final_policy", "tb")  # what makes a folder a run
 
 
-def claim_run_folder(args, ckpt: Path | None, rank: int) -> Path:
-    """The run folder of train_ppo.py (--output-dir, default runs/<exp>), made ready for this run. A folder that
-    holds a run is refused unless this run continues it (--resume of its latest checkpoint) or --replace-run
-    moves the old run aside to DIR.old-N first (never mixed). A folder that cannot be created or written into is
-    one sentence; nothing is created here (a run that fails before its first result leaves no folder). ckpt: the
-    checkpoint --resume continues (resume_args), or None."""
+def claim_run_folder(args, ckpt: Path | None) -> Path:
+    """The run folder of train_ppo.py (--output-dir, default runs/<exp>), made ready for this run by rank 0, which
+    holds it for the run's whole life (drlhf.files.hold_folder: a second process is refused, naming the holder). A
+    folder that holds a run is refused unless this run continues it (--resume of its latest checkpoint) or
+    --replace-run moves the old run aside to DIR.old-N first (never mixed). A folder that cannot be created or
+    written into is one sentence; nothing is created here (a run that fails before its first result leaves no
+    folder). ckpt: the checkpoint --resume continues (resume_args), or None. Every rank gets the folder, or the
+    same error."""
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
-    continuing = ckpt is not None and (out / "checkpoints").is_dir() and \
-        latest_checkpoint(out).resolve() == Path(ckpt).resolve()
-    holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
-    if holds_run and not continuing and not args.replace_run:
-        how = f"continue it with --resume {out}" if (out / "checkpoints" / "latest").exists() else "keep it"
-        raise UserError(f"--output-dir {out} already holds a run: {how}, choose another --output-dir, or pass "
-                        "--replace-run to move the old run aside and start over")
-    if holds_run and continuing and args.replace_run:
-        raise UserError(f"--replace-run with --resume {args.resume}: the run to move aside is the one being "
-                        "resumed; drop --replace-run to continue it")
-    if dist.is_initialized():
-        dist.barrier()  # every rank has seen the folder as it was
-    if rank == 0:
+
+    def claim():
+        hold_folder(out, "--output-dir")  # before the folder is looked at: no other process can change it meanwhile
+        continuing = ckpt is not None and (out / "checkpoints").is_dir() and \
+            latest_checkpoint(out).resolve() == Path(ckpt).resolve()
+        holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+        if holds_run and not continuing and not args.replace_run:
+            how = f"continue it with --resume {out}" if (out / "checkpoints" / "latest").exists() else "keep it"
+            raise UserError(f"--output-dir {out} already holds a run: {how}, choose another --output-dir, or pass "
+                            "--replace-run to move the old run aside and start over")
+        if holds_run and continuing and args.replace_run:
+            raise UserError(f"--replace-run with --resume {args.resume}: the run to move aside is the one being "
+                            "resumed; drop --replace-run to continue it")
         if holds_run and not continuing:
             aside = move_aside(out)
             print(f"[drlhf] --replace-run: the run that was in {out} is now in {aside}")
         check_writable(out, "--output-dir")
-    if dist.is_initialized():
-        dist.barrier()
-    return out
+        return out
+    return on_rank_0(claim)
 
 
 def load_weights(module: nn.Module, path: Path, adapters_only: bool = False):
@@ -231,26 +234,52 @@ def restore_checkpoint(ckpt: Path, saved: dict, unet, value_net, opt_pi, opt_vf,
 # ---------------------------------------------------------------------------------------------------------
 # A trained policy for sample.py eval
 # ---------------------------------------------------------------------------------------------------------
-def load_policy_unet(spec: str, base, device) -> nn.Module:
+def check_policy(spec: str, base, flag: str = "--checkpoints") -> dict | None:
+    """For a run folder or checkpoint folder `spec`: refuse it unless it was trained from `base`'s root base model
+    (what its state.pt recorded of its base, drlhf.models.check_fits), before any work; returns the run's args.
+    Anything else (a diffusers folder) is checked when it is loaded (load_policy_unet): None."""
+    path = latest_checkpoint(Path(spec))
+    if not (path / "policy.safetensors").exists():
+        return None
+    try:  # memory-mapped: the optimizer states in it are not read
+        saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{flag} {spec}: {path / 'state.pt'} is unreadable ({type(e).__name__}); pass another "
+                              "checkpoint folder") from None
+    run_args = saved["args"]  # a checkpoint written before runs recorded their base: its sampler family only
+    recorded = saved["state"].get("base") or dict(source=run_args.get("pretrained"), flow=run_args.get("sampler") == "flow")
+    models.check_fits(recorded, models.identity(base), f"{flag} {spec}")
+    return run_args
+
+
+def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn.Module:
     """A policy U-Net on `base` (drlhf.models.BaseModel) from a run folder (its latest checkpoint), a checkpoint
-    folder or a diffusers folder (final_policy). LoRA checkpoints get their adapters re-injected and merged."""
+    folder or a diffusers folder (final_policy), refused with one line naming `flag` when it does not fit `base`
+    (drlhf.models.check_fits: a run or checkpoint must come from base's root base model, a diffusers folder with a
+    lineage too, one without only be of its kind). LoRA checkpoints get their adapters re-injected and merged."""
     path = latest_checkpoint(Path(spec))
     if (path / "policy.safetensors").exists():
+        run_args = check_policy(spec, base, flag)
         unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
-        if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
-            run_args = torch.load(path / "state.pt", map_location="cpu", weights_only=True)["args"]
-            models.add_lora(unet, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
-                            run_args["lora_targets"].split(","))
-            unet.load_state_dict(weights, strict=False)
-            return models.merge_lora(unet).to(device).eval()
-        unet.load_state_dict(weights)
+        try:
+            if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
+                models.add_lora(unet, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
+                                run_args["lora_targets"].split(","))
+                unet.load_state_dict(weights, strict=False)
+                return models.merge_lora(unet).to(device).eval()
+            unet.load_state_dict(weights)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{flag} {spec}: its policy does not fit the base model {base.source} "
+                                  f"({str(e).splitlines()[0][:160]}); pass the --pretrained it was trained from") from None
         return unet.to(device).eval()
     if path.is_dir() and any((path / name).exists() for name in RUN_FILES) and not (path / "model_index.json").exists():
-        raise CheckpointError(f"--checkpoints {spec}: a run folder without checkpoints or final_policy yet (its run "
+        raise CheckpointError(f"{flag} {spec}: a run folder without checkpoints or final_policy yet (its run "
                               "has not saved one); pass a checkpoint folder, or resume the run until it saves")
     if path.is_dir() and ((path / "model_index.json").exists() or (path / "config.json").exists()):
-        return models.load_base_model(str(path), device).unet.eval()
-    raise FileNotFoundError(f"--checkpoints {spec}: not a run folder, checkpoint folder or diffusers folder")
+        other = models.load_base_model(str(path), device, flag=flag)
+        models.check_fits(models.identity(other), models.identity(base), f"{flag} {spec}", same_base=bool(other.lineage))
+        return other.unet.eval()
+    raise FileNotFoundError(f"{flag} {spec}: not a run folder, checkpoint folder or diffusers folder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,10 +291,7 @@ def start_lineage(base) -> dict:
     later round's policy (drlhf.reward_model.load_reward_model). Call before training changes base.unet."""
     if base.lineage:
         return copy.deepcopy(base.lineage)
-    root = {"base_model": base.source, "path": base.path}
-    if hasattr(base.unet, "config"):  # diffusers U-Nets: the identity reward models built on it carry
-        root["fingerprint"] = models.base_fingerprint(base.unet)
-    return {"root": root, "rounds": []}
+    return {"root": models.identity(base)["root"], "rounds": []}
 
 
 def record_round(lineage: dict, run_dir: Path, args: dict, state: dict) -> dict:

@@ -2,8 +2,10 @@
 
 Every dataclass field becomes `--field-name`; the string literal under a field is its help text; a field typed
 `Literal[...]` accepts only those values, one typed `PosInt`, `Fraction`... (an `Annotated` `Range`) only values in
-its range, checked when the arguments are parsed, before anything is written; `--exp NAME` selects a preset
-(drlhf.presets), a plain dict that only overrides defaults. Precedence: default < preset < command line.
+its range, and a float only a finite value, checked when the arguments are parsed, before anything is written;
+`--exp NAME` selects a preset (drlhf.presets), a plain dict that only overrides defaults. Precedence: default <
+preset < command line. `--help` prints the options in the groups the `Args` source marks with `# --- TITLE ---`
+comments, and the presets the script takes, from their table.
 
 Errors a user can cause are `UserError`s (or the file and value errors of bad input): `run(main)` prints them as
 one line and exits with 1; anything else is a bug and keeps its traceback.
@@ -14,15 +16,18 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import os
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
 from typing import Annotated
 
+from drlhf import presets as table
 from drlhf.distributed import exit_process
-from drlhf.files import WriteError
+from drlhf.files import WriteError, release_folders
 
 
 class UserError(Exception):
@@ -60,6 +65,7 @@ PosFloat = Annotated[float, Range(0, low_open=True)]
 NonNegFloat = Annotated[float, Range(0)]
 Fraction = Annotated[float, Range(0, 1)]         # 0 <= x <= 1 (probabilities, GAE gamma and lambda)
 OpenFraction = Annotated[float, Range(0, 1, high_open=True)]  # 0 <= x < 1 (Adam betas)
+Seed = Annotated[int, Range(0, 2 ** 32 - 1)]     # what numpy's and torch's generators accept from every script
 
 
 def bounded(kind, low, high=None):
@@ -68,7 +74,7 @@ def bounded(kind, low, high=None):
 
     def parse(text):
         value = kind(text)
-        if (problem := limits.violation(value)) is not None:
+        if (problem := limits.violation(value) or not_finite(value)) is not None:
             raise argparse.ArgumentTypeError(f"{text}: {problem}")
         return value
     parse.__name__ = kind.__name__
@@ -85,10 +91,16 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def not_finite(value) -> str | None:
+    """'must be a finite number' for a float NaN or infinity (which pass every range check), else None."""
+    return "must be a finite number" if isinstance(value, float) and not math.isfinite(value) else None
+
+
 def run(main, expected: tuple = ()):
     """Run a script's main(): a UserError, a missing or unreadable file, a bad value (and `expected`) is printed
     as one line `error: ...` with exit code 1; Ctrl-C exits with 130; other exceptions keep their traceback.
-    The process then ends through drlhf.distributed.exit_process (a torchrun worker skips the interpreter's teardown)."""
+    The output folders the process held are let go (drlhf.files.hold_folder); the process then ends through
+    drlhf.distributed.exit_process (a torchrun worker skips the interpreter's teardown)."""
     code = 0
     try:
         main()
@@ -101,6 +113,8 @@ def run(main, expected: tuple = ()):
         sys.stderr.write(f"{f'[rank {rank}] ' if rank else ''}error: {e}\n")
         sys.stderr.flush()
         code = 1
+    finally:
+        release_folders()
     exit_process(code)
 
 
@@ -150,21 +164,49 @@ def choices(args_cls) -> dict:
     return {name: c for name, c in ((n, _field_type(h)[2]) for n, h in _hints(args_cls).items()) if c}
 
 
+def field_groups(args_cls) -> dict:
+    """The group title of each field, by field name: the `# --- TITLE ---` comment above it in the class source
+    (fields before the first such comment: "the experiment")."""
+    groups, title = {}, "the experiment"
+    for line in inspect.getsource(args_cls).splitlines():
+        if (m := re.match(r"\s*# -+ (.+?) -*$", line)):
+            title = m.group(1)
+        elif (m := re.match(r"\s+(\w+): ", line)):
+            groups[m.group(1)] = title
+    return groups
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help; the description and the presets' table printed as written."""
+
+
+def presets_epilog(presets: dict) -> str:
+    """The presets a script takes, one line each: its name and what it is (from drlhf.presets' table)."""
+    width = max(map(len, presets))
+    return "presets (--exp NAME, drlhf/presets.py; default < preset < command line):\n" + "\n".join(
+        f"  {name:<{width}}  {table.about(name)}" for name in presets) + "\n"
+
+
 def build_parser(args_cls, suppress_defaults: bool = False, presets: dict | None = None) -> argparse.ArgumentParser:
-    """One --flag per field, help from the field's docstring, choices from its type, defaults shown."""
-    doc = field_docs(args_cls)
+    """One --flag per field, help from the field's docstring, choices from its type, defaults shown, in the
+    field's group (field_groups); `--exp` lists the names of `presets`, each described after the options."""
+    doc, groups = field_docs(args_cls), field_groups(args_cls)
     hints = _hints(args_cls)
     parser = Parser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
+                    usage=f"%(prog)s{' [--exp NAME]' if presets else ''} [--FLAG VALUE ...]", formatter_class=HelpFormatter, epilog=presets_epilog(presets) if presets else None,
+                    argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    sections = {}
     for f in dataclasses.fields(args_cls):
         kind, optional, options, _ = _field_type(hints[f.name])
+        text = doc.get(f.name, "")
         if f.name == "exp" and presets:
-            options = None
+            options, text = None, f"{text}: {', '.join(presets)}"
+        title = groups.get(f.name, "the experiment")
+        section = sections.get(title) or sections.setdefault(title, parser.add_argument_group(title))
         kwargs = {} if suppress_defaults else {"default": f.default}
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, choices=options,
-                            metavar=None if options else f.name.upper(), type=_parser_of(kind, optional),
-                            help=doc.get(f.name, "").replace("%", "%%"), **kwargs)
+        section.add_argument("--" + f.name.replace("_", "-"), dest=f.name, choices=options,
+                             metavar=None if options else f.name.upper(), type=_parser_of(kind, optional),
+                             help=text.replace("%", "%%"), **kwargs)
     return parser
 
 
@@ -188,8 +230,11 @@ def parse_args(args_cls, presets: dict, argv=None):
 
 
 def check_ranges(args):
-    """Every Range-typed field of an Args instance (after presets and resume merges) -> UserError naming the flag."""
+    """Every Range-typed field of an Args instance (after presets and resume merges) and every float (NaN and
+    infinity pass any range) -> UserError naming the flag."""
     for name, hint in _hints(type(args)).items():
-        limits = _field_type(hint)[3]
+        limits, value = _field_type(hint)[3], getattr(args, name)
         if limits is not None:
-            limits.check(name.replace("_", "-"), getattr(args, name))
+            limits.check(name.replace("_", "-"), value)
+        if (problem := not_finite(value)) is not None:
+            raise UserError(f"--{name.replace('_', '-')} {value}: {problem}")

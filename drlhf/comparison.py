@@ -28,7 +28,7 @@ import torch
 from drlhf import models, pictures
 from drlhf.distributed import autocast
 from drlhf.files import write_json
-from drlhf.labels import replay
+from drlhf.labels import LabelError, replay
 from drlhf.sampler import rollout
 
 KEY_FILE = "comparison.json"
@@ -42,11 +42,28 @@ def write_key(out: Path, model_a: str, model_b: str, num_tasks: int, seed: int):
                                           sides=["ab" if rng.random() < 0.5 else "ba" for _ in range(num_tasks)]))
 
 
-def read_key(dataset: Path) -> dict:
+def read_key(dataset: Path, num_tasks: int | None = None) -> dict:
+    """The key of a comparison dataset, checked: both models named and a side ("ab" or "ba") for each of its
+    `num_tasks` tasks (task ids 0..num_tasks-1). An edited or damaged key is one LabelError naming the file."""
     path = Path(dataset) / KEY_FILE
     if not path.exists():
         raise FileNotFoundError(f"{dataset}: no {KEY_FILE}; a comparison dataset is made by `sample.py --compare`")
-    return json.loads(path.read_text())
+    try:
+        key = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LabelError(f"{path} is not valid JSON ({e}); restore it from a copy: without it no judgment says "
+                         "which model won") from None
+    sides = key.get("sides") if isinstance(key, dict) else None
+    problem = ("it is not an object with model_a, model_b and sides" if not isinstance(key, dict) or
+               not all(k in key for k in ("model_a", "model_b", "sides")) else
+               "its sides are not a list of \"ab\" / \"ba\"" if not isinstance(sides, list) or
+               any(s not in ("ab", "ba") for s in sides) else
+               f"it has sides for {len(sides)} tasks and the dataset has {num_tasks}"
+               if num_tasks is not None and len(sides) < num_tasks else None)
+    if problem:
+        raise LabelError(f"{path}: {problem}; the key was edited or damaged: restore it from a copy (it is written "
+                         "once by sample.py --compare)")
+    return key
 
 
 @torch.no_grad()
@@ -144,7 +161,11 @@ def report(dataset: Path, key: dict, per_annotator: dict, tasks: list[dict], out
 def report_from_store(dataset: Path, store, project, tasks: list[dict], out: Path, seed: int = 0) -> tuple[dict, dict]:
     """`label.py winrate`: every annotator's answers in a label store (drlhf.labels) -> (the key, the overall row),
     with report.json and winrate.png written to `out`."""
-    key = read_key(dataset)
+    key = read_key(dataset, 1 + max(t["task_id"] for t in tasks))
     judged = {a: judgments(replay(store.events(project["name"], a), tasks, project), key)
               for a in store.annotators(project["name"])}
+    judged = {a: j for a, j in judged.items() if j}  # an annotator who judged nothing yet has no win rate
+    if not judged:
+        raise LabelError(f"{dataset}: no judgments yet in project {project['name']!r}: nothing to report. Label the "
+                         f"pairs first (python label.py label {dataset}, or --auto module:function), then run winrate")
     return key, report(dataset, key, judged, tasks, out, seed)["overall"]

@@ -69,6 +69,24 @@ def broadcast_object(obj):
     return box[0]
 
 
+def on_rank_0(fn):
+    """fn() run by rank 0 alone (claiming an output folder, say), its result returned on every rank; an exception it
+    raises is raised on every rank, so that all processes stop with the same line instead of waiting for rank 0 at
+    the next collective. In a single process: fn()."""
+    if not dist.is_initialized():
+        return fn()
+    result = error = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
 def autocast(precision: str, device: torch.device):
     """torch.autocast for fp16 / bf16 (Table 6.2 "Precision"); disabled for fp32. Log-probabilities are computed
     in fp32 inside it regardless (drlhf.sampler)."""

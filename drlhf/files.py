@@ -3,6 +3,7 @@
     atomic_write(path, lambda tmp: ...)        # the file (or folder, folder=True) appears whole or not at all
     write_text(path, text); write_json(path, obj); save_safetensors(tensors, path)
     make_dir(path, "--out")                    # a folder a script writes into, or one sentence naming the flag
+    hold_folder(path, "--out")                 # one process per output folder, for the process's whole life
     default_cache_dir(); cache_lock(path)      # where toy models and downloads are cached, one writer at a time
 
 Everything is written to a temporary sibling and renamed, so an interrupted write leaves the old file or
@@ -13,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -144,7 +148,19 @@ def write_text(path: Path, text: str):
 
 
 def write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=1))
+    """Strict JSON that every parser reads: a non-finite number (NaN, inf: a statistic of nothing) is written as null."""
+    write_text(path, json.dumps(finite_or_none(obj), indent=1, allow_nan=False))
+
+
+def finite_or_none(obj):
+    """obj with every non-finite float inside dicts, lists and tuples replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def save_safetensors(tensors: dict, path: Path):
@@ -172,3 +188,73 @@ def cache_lock(path: Path):
     with open(Path(path).parent / f".{Path(path).name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process per output folder
+# ---------------------------------------------------------------------------------------------------------
+class FolderInUse(WriteError):
+    """Another live process holds the output folder (hold_folder); the message names it and the flag."""
+
+
+_HELD: dict[Path, object] = {}  # folder -> the open lock file of this process
+
+
+def lock_file(path: Path) -> Path:
+    """Where the lock of the folder `path` lives: a hidden file beside it (PARENT/.NAME.lock), so that the lock can be
+    taken before the folder exists and a run that stops early leaves no folder."""
+    return Path(path).with_name(f".{Path(path).name}.lock")
+
+
+def hold_folder(path: Path, flag: str = "--output-dir / --out"):
+    """Make this process the only writer of the folder `path` until it ends: an flock on lock_file(path), taken before
+    anything is written into the folder and released by the OS when the process ends, even by SIGKILL (so a dead
+    run never blocks the next). A second process is refused with a FolderInUse naming `flag` and the holder (host,
+    pid, since when). Holding the same folder again is a no-op; release_folders() lets go early and removes the
+    lock files. Where the folder's parent cannot be written or the file system has no flock, nothing is locked
+    (the script's own writability check names the flag)."""
+    shown, path = path, Path(os.path.realpath(path))
+    if path in _HELD:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        return
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock_file(path), "a+")
+        except OSError:
+            return
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise FolderInUse(f"{flag} {shown} is in use by another process ({holder}); wait until it ends, or choose "
+                              f"another {flag}") from None
+        except OSError:  # a file system without flock (some network mounts)
+            f.close()
+            return
+        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+            current = os.stat(lock_file(path)).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
+    _HELD[path] = f
+
+
+def release_folders():
+    """Let go of every folder this process holds and remove their lock files (drlhf.cli.run calls it at exit; the
+    file is removed while it is still locked, so a process that opens it meanwhile sees a stale inode and retries)."""
+    for path, f in list(_HELD.items()):
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file(path))
+        f.close()
+    _HELD.clear()

@@ -111,7 +111,7 @@ def download_once(url: str, path: Path):
     atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
 
 
-def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel":
+def load_guided_diffusion(spec: str, device="cpu", cache_dir=None, flag: str = "--pretrained") -> "BaseModel":
     """OpenAI's class-conditional ImageNet U-Net from a .pt file (or its URL, fetched into the cache), read with
     torch.load(weights_only=True): no pickled code runs. A sidecar FILE.json may give other constructor kwargs."""
     src = spec.split(":", 1)[1]
@@ -122,14 +122,14 @@ def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel
         try:
             download_once(src, path)
         except OSError as e:
-            raise ModelLoadError(f"--pretrained {spec}: could not download it ({e}); fetch {src} elsewhere and pass "
-                                 "--pretrained guided-diffusion:/path/to/64x64_diffusion.pt") from None
+            raise ModelLoadError(f"{flag} {spec}: could not download it ({e}); fetch {src} elsewhere and pass "
+                                 f"{flag} guided-diffusion:/path/to/64x64_diffusion.pt") from None
         src = str(path)
     path = Path(src)
     if not path.is_file():
-        raise ModelLoadError(f"--pretrained {spec}: {path} does not exist. Download OpenAI's ImageNet 64x64 model "
+        raise ModelLoadError(f"{flag} {spec}: {path} does not exist. Download OpenAI's ImageNet 64x64 model "
                              f"({GUIDED_URL}, and for the value function/reward model 64x64_classifier.pt next to it) "
-                             "and pass --pretrained guided-diffusion:/path/to/64x64_diffusion.pt, or put it at "
+                             f"and pass {flag} guided-diffusion:/path/to/64x64_diffusion.pt, or put it at "
                              f"{Path(cache_dir or default_cache_dir()) / 'guided-diffusion'}")
     kwargs = dict(GUIDED_64X64)
     if path.with_suffix(".json").exists():
@@ -140,7 +140,7 @@ def load_guided_diffusion(spec: str, device="cpu", cache_dir=None) -> "BaseModel
                              "channel_mult": tuple(kwargs["channel_mult"])})
         unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # dropout 0: the policy must be
     except Exception as e:  # noqa: BLE001                                            deterministic for PPO ratios
-        raise ModelLoadError(f"--pretrained {spec}: could not load {path} ({type(e).__name__}: "
+        raise ModelLoadError(f"{flag} {spec}: could not load {path} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
     unet = unet.to(device).requires_grad_(False)
     return BaseModel(spec, str(path), unet, dict(GUIDED_SCHEDULER), "class",
@@ -189,14 +189,14 @@ HUB_FILES = ["*.json", "*.txt", "*.model", *(f"{part}/*.safetensors" for part in
     "unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"))]
 
 
-def resolve_source(source: str, cache_dir, toy_train_steps: int) -> Path:
-    """--pretrained value -> local folder (toy models are trained here on first use)."""
+def resolve_source(source: str, cache_dir, toy_train_steps: int, flag: str = "--pretrained") -> Path:
+    """--pretrained value (or `flag`'s) -> local folder (toy models are trained here on first use)."""
     if source.startswith("toy:"):
         return toy_model_dir(source[4:], cache_dir, toy_train_steps)
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"--pretrained {source}: expected a diffusers folder (with model_index.json "
+            raise ModelLoadError(f"{flag} {source}: expected a diffusers folder (with model_index.json "
                                  "or config.json), got a file")
         return path
     if source.count("/") == 1 and not source.startswith((".", "/")):
@@ -205,23 +205,23 @@ def resolve_source(source: str, cache_dir, toy_train_steps: int) -> Path:
             return Path(snapshot_download(source, allow_patterns=HUB_FILES))
         except Exception as e:  # noqa: BLE001 - any hub failure gets the same actionable message
             raise ModelLoadError(
-                f"--pretrained {source}: not a local folder, and the hub id could not be fetched "
+                f"{flag} {source}: not a local folder, and the hub id could not be fetched "
                 f"({type(e).__name__}). On a machine with network run `huggingface-cli download {source} "
-                f"--local-dir DIR` (or `hf download`) and pass --pretrained DIR.") from None
-    raise ModelLoadError(f"--pretrained {source}: no such folder. Give a diffusers folder, a hub id "
+                f"--local-dir DIR` (or `hf download`) and pass {flag} DIR.") from None
+    raise ModelLoadError(f"{flag} {source}: no such folder. Give a diffusers folder, a hub id "
                          "(owner/name) or one of " + ", ".join(f"toy:{k}" for k in TOY_MODELS))
 
 
 def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=torch.float32,
-                    toy_train_steps: int = TOY_TRAIN_STEPS) -> BaseModel:
-    """Load a base diffusion model from a toy name, a local diffusers folder or a hub id."""
+                    toy_train_steps: int = TOY_TRAIN_STEPS, flag: str = "--pretrained") -> BaseModel:
+    """Load a base diffusion model from a toy name, a local diffusers folder or a hub id; errors name `flag`."""
     from diffusers import UNet2DConditionModel, UNet2DModel
     if source.startswith("guided-diffusion:"):
-        return load_guided_diffusion(source, device, cache_dir)
-    path = resolve_source(source, cache_dir, toy_train_steps)
+        return load_guided_diffusion(source, device, cache_dir, flag)
+    path = resolve_source(source, cache_dir, toy_train_steps, flag)
     index = path / "model_index.json"
     if (path / "transformer").is_dir():
-        return load_sd3(source, path, device, weights_dtype)
+        return load_sd3(source, path, device, weights_dtype, flag)
     try:
         if index.exists():
             unet_dir, sched_path = path / "unet", path / "scheduler" / "scheduler_config.json"
@@ -229,12 +229,12 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
             unet_dir, sched_path = path, path / "scheduler_config.json"
         cfg_file = unet_dir / "config.json"
         if not cfg_file.exists():
-            raise ModelLoadError(f"--pretrained {source}: {cfg_file} is missing; expected a diffusers pipeline "
+            raise ModelLoadError(f"{flag} {source}: {cfg_file} is missing; expected a diffusers pipeline "
                                  "folder (model_index.json, unet/, scheduler/) or a UNet folder")
         cls_name = json.loads(cfg_file.read_text()).get("_class_name")
         unet_cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(cls_name)
         if unet_cls is None:
-            raise ModelLoadError(f"--pretrained {source}: unsupported U-Net class {cls_name!r} in {cfg_file}")
+            raise ModelLoadError(f"{flag} {source}: unsupported U-Net class {cls_name!r} in {cfg_file}")
         unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device)
         sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
         vae = text_encoder = tokenizer = None
@@ -249,7 +249,7 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - corrupt/incomplete files of any kind
-        raise ModelLoadError(f"--pretrained {source}: could not read the model in {path} ({type(e).__name__}: "
+        raise ModelLoadError(f"{flag} {source}: could not read the model in {path} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}). The files are incomplete or corrupt: re-download "
                              "them, or for a toy model delete that folder to retrain it.") from None
     for p in list(unet.parameters()) + [p for m in (vae, text_encoder) if m is not None for p in m.parameters()]:
@@ -262,7 +262,7 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
         # toy models reserve their last class embedding for "no class" (CFG); other models use them all
         conditioning, num_classes = "class", toy.get("num_classes", c.num_class_embeds)
     elif getattr(c, "class_embed_type", None) is not None:
-        raise ModelLoadError(f"--pretrained {source}: class_embed_type={c.class_embed_type!r} is not supported")
+        raise ModelLoadError(f"{flag} {source}: class_embed_type={c.class_embed_type!r} is not supported")
     else:
         conditioning, num_classes = "none", 0
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
@@ -271,7 +271,7 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
                      vae, text_encoder, tokenizer, extra=toy, lineage=lineage)
 
 
-def load_sd3(source: str, path: Path, device, weights_dtype) -> BaseModel:
+def load_sd3(source: str, path: Path, device, weights_dtype, flag: str = "--pretrained") -> BaseModel:
     """A StableDiffusion3Pipeline folder: the transformer (the policy network, float32 master weights), its VAE and
     three text encoders (frozen, in weights_dtype)."""
     sched_path = path / "scheduler" / "scheduler_config.json"
@@ -279,7 +279,7 @@ def load_sd3(source: str, path: Path, device, weights_dtype) -> BaseModel:
         transformer, vae, texts = sd3.load_parts(path, weights_dtype, device)
         sched_cfg = json.loads(sched_path.read_text())
     except Exception as e:  # noqa: BLE001 - missing or corrupt parts of any kind
-        raise ModelLoadError(f"--pretrained {source}: could not read the SD3 pipeline in {path} ({type(e).__name__}: "
+        raise ModelLoadError(f"{flag} {source}: could not read the SD3 pipeline in {path} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}). Its files are incomplete or corrupt: download it again "
                              "(transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)") from None
     for module in [transformer, vae] + [enc for enc, _ in texts]:
@@ -415,6 +415,52 @@ def base_fingerprint(unet: nn.Module) -> str:
     for p in list(first[0].parameters()) + list(first[1].parameters())[:4]:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def identity(base: BaseModel) -> dict:
+    """What a loaded model is, for putting it beside another: its source and path, its fingerprint (None where the
+    network has no config: OpenAI's U-Net), the root of the RLHF rounds behind it (itself for a base model), its
+    conditioning, sample shape and whether it is a rectified-flow model. JSON-ready (checkpoints store it)."""
+    fp = base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
+    root = base.lineage.get("root") if base.lineage else {"base_model": base.source, "path": base.path, "fingerprint": fp}
+    return dict(source=base.source, path=base.path, fingerprint=fp, root=root, conditioning=base.conditioning,
+                sample_shape=list(base.sample_shape), any_size=base.is_transformer, flow=is_flow_model(base.scheduler_config))
+
+
+def describe(model: dict) -> str:
+    """An identity (`identity`) in a few words: source, root base model, kind, samples, fingerprint."""
+    root = model.get("root") or {}
+    came = f", fine-tuned from {root.get('base_model')}" if root.get("base_model") not in (None, model.get("source")) else ""
+    return (f"{model.get('source')}{came}: {'flow' if model.get('flow') else 'DDPM-trained'}, {model.get('conditioning')}-"
+            f"conditioned, samples {model.get('sample_shape')}, root fingerprint {root.get('fingerprint')}")
+
+
+def misfits(model: dict, base: dict, same_base: bool = True) -> list[str]:
+    """How a model (an identity) does not fit beside `base`: another sampler family, conditioning or sample shape,
+    or (same_base) another root base model, by fingerprint where both have one, else by path. Keys a model does not
+    record are not compared. Empty when it fits."""
+    shape = "sample_shape" if not base.get("any_size") else None  # a transformer samples at any size: not compared
+    out = [f"{key} {model[key]} against {base[key]}" for key in ("flow", "conditioning", shape)
+           if key and model.get(key) is not None and model[key] != base[key]]
+    mine, theirs = model.get("root") or {}, base.get("root") or {}
+    if not same_base:
+        return out
+    if mine.get("fingerprint") and theirs.get("fingerprint"):
+        if mine["fingerprint"] != theirs["fingerprint"]:
+            out.append(f"root fingerprint {mine['fingerprint']} against {theirs['fingerprint']}")
+    elif mine.get("path") and theirs.get("path") and Path(mine["path"]).resolve() != Path(theirs["path"]).resolve():
+        out.append(f"root base model {mine['path']} against {theirs['path']}")
+    return out
+
+
+def check_fits(model: dict, base: dict, what: str, base_flag: str = "--pretrained", same_base: bool = True):
+    """Refuse to put a model (an identity, or what a checkpoint recorded of its base) beside the base model `base`
+    when they do not fit (`misfits`): one line naming both and what differs. `what` names the flag and value;
+    same_base: the model must come from base's root base model (a policy trained from it), not only be of its kind."""
+    problems = misfits(model, base, same_base)
+    if problems:
+        raise ModelLoadError(f"{what} ({describe(model)}) does not fit {base_flag} {base['source']} ({describe(base)}): "
+                             f"{'; '.join(problems)}; pass the {base_flag} it was trained from, or another model")
 
 
 def check_dataset_base(dataset: Path, meta: dict, base: BaseModel):

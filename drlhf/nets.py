@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from drlhf import models, rewards, speed
 from drlhf.plan import reference_in_update_graph
+from drlhf.prompts import check_condition_flags
 from drlhf.sampler import DiffusionSchedule, ReparameterizedChain, schedule_for_model
 from drlhf.value import make_value_fn
 
@@ -60,6 +61,7 @@ def load_models(args, rank: int, world: int, device):
     if world > 1 and rank == 0:
         dist.barrier()
     base.expect(resolution=args.resolution, conditioning=args.conditioning, latent=args.latent)  # Table 6.2 rows
+    check_condition_flags(base.conditioning, args.pretrained, args.prompts, args.class_labels, base.num_classes)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale,
                                   args.logprob_reduction)

@@ -142,9 +142,29 @@ def _field(row: dict, path: Path, flag: str) -> str:
     raise ValueError(f"{flag} {path}: a row without one of the fields {COLUMNS}: {str(row)[:80]}")
 
 
+def check_condition_flags(conditioning: str, source: str, prompts: str | None, class_labels: str | None,
+                          num_classes: int = 0):
+    """Before any work: --prompts only for a text model and --class-labels only for a class model (a flag the model
+    cannot take is refused, never ignored), and the ones it takes read (a missing prompt file, a class the model
+    does not have). `source` names the model in the message."""
+    kind = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}[conditioning]
+    if prompts and conditioning != "text":
+        raise ValueError(f"--prompts {prompts}: the base model {source} is {kind}, not a text model; drop --prompts")
+    if class_labels and conditioning != "class":
+        raise ValueError(f"--class-labels {class_labels}: the base model {source} is {kind}, not a class model; drop "
+                         "--class-labels")
+    if conditioning == "text":
+        prompt_list(prompts)
+    elif conditioning == "class":
+        class_list(class_labels, num_classes)
+
+
 def class_list(spec: str | None, num_classes: int) -> list[int]:
     """--class-labels "3,7" (None = every class) for a model with classes 0..num_classes-1."""
-    classes = [int(c) for c in spec.split(",")] if spec else list(range(num_classes))
+    try:
+        classes = [int(c) for c in spec.split(",")] if spec else list(range(num_classes))
+    except ValueError:
+        raise ValueError(f"--class-labels {spec}: expected comma-separated class numbers, e.g. 3,7") from None
     if min(classes) < 0 or max(classes) >= num_classes:
         raise ValueError(f"--class-labels {spec}: the base model has classes 0..{num_classes - 1}")
     return classes

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from drlhf import models, sd3
 from drlhf.cli import UserError
-from drlhf.files import save_safetensors, write_text
+from drlhf.files import save_safetensors, write_json
 from drlhf.models import base_fingerprint
 
 TRAINABLE = ("head", "mid", "encoder")  # new head only (thesis) / + mid block / + the whole encoder
@@ -213,7 +213,7 @@ def _save_folder(model: nn.Module, out_dir: Path, config: dict):
     save_safetensors(model.trainable_state(), out_dir / "model.safetensors")
     config = dict(config, fingerprint=model.fingerprint, conditioning=model.conditioning, trainable=model.trainable,
                   reward_mean=model.reward_mean.tolist(), reward_std=model.reward_std.tolist())
-    write_text(out_dir / "config.json", json.dumps(config, indent=1))
+    write_json(out_dir / "config.json", config)
 
 
 def classifier_fingerprint(classifier: nn.Module) -> str:

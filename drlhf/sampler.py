@@ -331,11 +331,14 @@ class FlowSchedule(DiffusionSchedule):
         return mean, self._at(self.flow_std, idx, x_t.ndim).expand_as(x_t)
 
 
-def schedule_for_model(scheduler_config: dict, is_latent: bool, sampler: str = "ddpm", num_steps=25,
+def schedule_for_model(scheduler_config: dict, is_latent: bool, sampler: str | None = None, num_steps=25,
                        spacing: str = "leading", eta: float = 1.0, variance_type: str | None = None,
                        guidance_scale: float = 1.0, logprob_reduction: str = "sum") -> DiffusionSchedule:
-    """The MDP of a base model: a FlowSchedule for flow-matching models (--sampler flow), else a DiffusionSchedule."""
+    """The MDP of a base model: a FlowSchedule for flow-matching models (--sampler flow), else a DiffusionSchedule.
+    sampler None: the model's own (flow for a flow-matching model, else ddpm); a sampler the model cannot take is
+    refused. The schedule's cfg.sampler says which one was used."""
     flow = is_flow_model(scheduler_config)
+    sampler = sampler or ("flow" if flow else "ddpm")
     if flow != (sampler == "flow"):
         raise ValueError(f"--sampler {sampler}: the base model is a {'rectified-flow' if flow else 'DDPM-trained'} "
                          f"model; use --sampler {'flow' if flow else 'ddpm or ddim'}")

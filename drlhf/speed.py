@@ -84,8 +84,12 @@ def default_threads() -> int:
     torchrun's local processes (at least 1)."""
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity set; all of the machine's where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def busy_cores(window: float = 0.2) -> float | None:
@@ -102,9 +106,18 @@ def busy_cores(window: float = 0.2) -> float | None:
 def setup_cpu(device: torch.device, threads: int | None, flag: str = "--threads") -> int:
     """At start-up, before torch's first parallel operation: on a CPU device, subnormals flushed and freed memory
     kept; torch's intra-op threads set to `threads` (None: default_threads()) for the whole run (on any device:
-    the CPU work of a GPU run uses them too). Where other processes already keep cores busy, one line says so and names `flag`. Returns
-    the thread count."""
-    threads = threads or default_threads()
+    the CPU work of a GPU run uses them too). Returns the thread count. More threads than the cores this process
+    may use are refused (given by `flag`) or capped (from $OMP_NUM_THREADS), with one line: each extra thread
+    waits for a core another one holds (1,000 threads made a 0.3 s toy epoch take 157 s). Where other processes
+    already keep cores busy and fewer threads would help, one line says so and names `flag`."""
+    cores = usable_cores()
+    if threads is not None and threads > cores:
+        raise ValueError(f"{flag} {threads}: this process may use {cores} CPU core(s); pass {flag} {cores} or fewer "
+                         "(or leave it unset for the default)")
+    if threads is None and (threads := default_threads()) > cores:
+        print(f"[drlhf] CPU: $OMP_NUM_THREADS={threads} is more than the {cores} core(s) this process may use: {cores} "
+              f"thread(s) instead ({flag} sets the count)", file=sys.stderr)
+        threads = cores
     if device.type == "cpu":
         flush_denormals()
         keep_freed_memory()
@@ -112,7 +125,7 @@ def setup_cpu(device: torch.device, threads: int | None, flag: str = "--threads"
     alone = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1  # torchrun's other local processes are no other load
     others = busy_cores() if device.type == "cpu" and alone else None
     n_cpus = _cpu_seconds()[2] if others is not None else None
-    if others is not None and threads + others > n_cpus + 0.4:
+    if others is not None and threads + others > n_cpus + 0.4 and max(1, int(n_cpus - others + 0.4)) < threads:
         print(f"[drlhf] CPU: other processes keep {others:.1f} of {n_cpus} cores busy and this run uses {threads} "
               f"thread(s); fewer ({flag} {max(1, int(n_cpus - others + 0.4))}) run faster on a busy machine with "
               "other numbers (docs/performance.md); the count stays fixed for the whole run", file=sys.stderr)

@@ -3,7 +3,6 @@ flags, train_ppo.py's run start and summary.json. Rank 0 alone writes."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -14,7 +13,7 @@ import time
 import torch
 
 from drlhf import checkpoint, distributed, speed
-from drlhf.files import make_dir, write_text
+from drlhf.files import make_dir, write_json
 
 
 def open_run(out: Path, args, purge_step: int | None = None, args_json: bool = True):
@@ -26,7 +25,7 @@ def open_run(out: Path, args, purge_step: int | None = None, args_json: bool = T
     flags = dataclasses.asdict(args)
     writer.add_text("args", "|flag|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in flags.items()))
     if args_json:
-        write_text(out / "args.json", json.dumps(flags, indent=1))
+        write_json(out / "args.json", flags)
     return writer
 
 
@@ -117,7 +116,7 @@ def write_summary(out: Path, scores: dict, epochs: int, epoch_times: list, n_ima
     seconds = sum(epoch_times) / len(epoch_times) if epoch_times else None
     summary = dict(scores, epochs=epochs, seconds_per_epoch=seconds, images_per_second=n_images / seconds if seconds else None,
                    peak_gpu_memory_gb=speed.peak_gpu_gb(device), peak_rss_gb=speed.peak_rss_gb())
-    write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     return summary
 
 

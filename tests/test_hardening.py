@@ -144,7 +144,7 @@ def test_a_second_session_of_one_annotator_is_refused_and_a_conflicting_log_stil
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, '.'); from drlhf import labels; from drlhf.labels import Store; "
         f"s = Store({str(db)!r}, quiet=True); f = labels.session_lock(s, 'default', 'alice'); "
-        "print('locked', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        "print('locked', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # reads only
     try:
         assert holder.stdout.readline().strip() == "locked"
         fails(run("label.py", "label", ds, "--annotator", "alice", "--auto", "builtin:ink", check=False),
@@ -353,7 +353,7 @@ def test_a_torchrun_worker_ends_without_the_interpreters_teardown(tmp_path, worl
     script.write_text("import atexit, sys\nfrom drlhf import cli\natexit.register(lambda: print('teardown'))\n"
                       "def main():\n    print('work', end='')\n    sys.stderr.write('note')\n"
                       "    raise ValueError('bad value')\ncli.run(main)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("note") and "error: bad value" in proc.stderr
     assert proc.stdout == ("work" if world == "2" else "workteardown\n")  # the atexit handler: finalization

@@ -56,7 +56,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_dataset(run, tmp_path):
     # 2) a real SIGKILL while sampling
     killed = tmp_path / "killed"
     env = dict(os.environ, DRLHF_CACHE=str(run.cache_dir), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "sample.py", *SMALL, "--num-tasks", "10", "--out", str(killed)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, ROOT / "sample.py", *SMALL, "--num-tasks", "10", "--out", str(killed)], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(2000):
         if (killed / "tasks.jsonl").exists() and (killed / "tasks.jsonl").read_text().count("\n") >= 2:

@@ -118,6 +118,7 @@ def fake_machine(monkeypatch, cores, others):
     monkeypatch.setattr(speed.time, "sleep", lambda s: clock.update(t=clock["t"] + s, busy=clock["busy"] + others * s))
     monkeypatch.setattr(speed.time, "process_time", lambda: 0.0)
     monkeypatch.setattr(speed, "_cpu_seconds", lambda: (clock["busy"], 0.0, cores))
+    monkeypatch.setattr(speed, "usable_cores", lambda: cores)
 
 
 def test_the_thread_count_comes_from_the_cores_never_from_the_load(monkeypatch):
