@@ -36,7 +36,7 @@ from drlhf.cli import NonNegFloat, PosInt, Seed
 from drlhf import cli, comparison, evaluation, models, presets, rewards
 from drlhf.checkpoint import check_policy, load_policy_unet
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
-from drlhf.files import atomic_write, hold_folder, make_dir, save_safetensors, write_json, write_text
+from drlhf.files import atomic_write, check_writable, hold_folder, make_dir, save_safetensors, write_json, write_text
 from drlhf.speed import setup_cpu
 from drlhf.prompts import check_condition_flags, class_list, prompt_list, prompt_table
 from drlhf.sampler import Sampler, Spacing, VarianceType, rollout, schedule_for_model
@@ -247,10 +247,14 @@ def main(argv=None):
         check_same_model(out, json.loads(meta_file.read_text()), base)
     policy = models.make_denoiser(base, args.guidance_scale).eval()
     other = compared_model(args, base, device) if args.compare else None  # model B of a blind comparison
-    prompt_embeds = {}
-    if base.conditioning == "text":  # one text-encoder pass per distinct prompt
+    if other is not None:  # B's own scheduler (a model of the same kind may space its noise otherwise)
+        other_schedule = schedule_for_model(other.scheduler_config, other.is_latent, args.sampler, args.num_steps,
+                                            args.spacing, args.eta, args.variance_type, args.guidance_scale)
+    prompt_embeds, other_embeds = {}, {}
+    if base.conditioning == "text":  # one text-encoder pass per distinct prompt (and for B: its own text encoder)
         distinct = sorted({c["prompt"] for c in conditions})
         prompt_embeds = dict(zip(distinct, base.encode_prompts(distinct)))
+        other_embeds = dict(zip(distinct, other.encode_prompts(distinct))) if other is not None else {}
 
     make_dir(out / "images", "--out")
     if base.is_latent:
@@ -288,18 +292,21 @@ def main(argv=None):
             seeds = [[args.seed * 1_000_003 + i * args.k + j for j in range(draws)] for i in ids]
             x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(s))
                                for row in seeds for s in row]).to(device)  # (n*draws, C, H, W), one seed per image
-            cond = None
+            cond = cond_b = None  # cond_b: B's (--compare)
             if base.conditioning == "class":
-                cond = torch.tensor([conditions[i]["class_label"] for i in ids for _ in range(draws)], device=device)
+                cond = cond_b = torch.tensor([conditions[i]["class_label"] for i in ids for _ in range(draws)],
+                                             device=device)
             elif base.conditioning == "text":
-                cond = torch.stack([prompt_embeds[conditions[i]["prompt"]] for i in ids for _ in range(draws)])
+                cond, cond_b = (torch.stack([table[conditions[i]["prompt"]] for i in ids for _ in range(draws)])
+                                if table else None for table in (prompt_embeds, other_embeds))
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + first)
             with autocast(args.precision, device):
                 samples = rollout(policy, schedule, x_T, cond, generator=g).samples
             images = base.decode(samples)
             if other is not None:  # a blind pair: both models from the same noise, sides as the key says
-                samples, images = comparison.pair_up(samples, images, other, schedule, x_T, cond, g.initial_seed(),
-                                                     [sides[i] for i in ids], args.precision, args.guidance_scale)
+                samples, images = comparison.pair_up(samples, images, other, other_schedule, x_T, cond_b,
+                                                     g.initial_seed(), [sides[i] for i in ids], args.precision,
+                                                     args.guidance_scale)
                 seeds = [row * 2 for row in seeds]
             for n, i in enumerate(ids):
                 if i in done:
@@ -390,8 +397,9 @@ def eval_main(argv=None):
     cli.check_ranges(args)
     device = resolve_device(args.device)
     setup_cpu(device, args.threads)
-    hold_folder(Path(args.out), "--out")  # one process per output folder, until this one ends
-    out = make_dir(Path(args.out), "--out")  # before any work: a folder that cannot be written is one sentence
+    out = Path(args.out)
+    hold_folder(out, "--out")  # one process per output folder, until this one ends
+    check_writable(out, "--out")  # before any work: a folder that cannot be written is one sentence (made at the end)
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     base.expect(resolution=args.resolution)
     check_condition_flags(base.conditioning, args.pretrained, args.prompts, args.class_labels, base.num_classes)

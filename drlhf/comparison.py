@@ -69,9 +69,9 @@ def read_key(dataset: Path, num_tasks: int | None = None) -> dict:
 @torch.no_grad()
 def pair_up(samples_a, images_a, other, schedule, x_T, cond, seed: int, sides: list[str], precision: str,
             guidance_scale: float):
-    """Model B (`other`, a models.BaseModel) from the very noise A's `samples_a` (n, ...) came from: the same x_T
-    and a step-noise generator of the same `seed`. Returns samples and images (2n, ...), task n's two rows in the
-    order its side says."""
+    """Model B (`other`, a models.BaseModel, with its own `schedule` and conditioning `cond`: its scheduler and text
+    encoder) from the very noise A's `samples_a` (n, ...) came from: the same x_T and a step-noise generator of the
+    same `seed`. Returns samples and images (2n, ...), task n's two rows in the order its side says."""
     g = torch.Generator(x_T.device).manual_seed(seed)
     with autocast(precision, x_T.device):
         samples_b = rollout(models.make_denoiser(other, guidance_scale).eval(), schedule, x_T, cond, generator=g).samples
