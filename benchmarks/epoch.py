@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import train_ppo  # noqa: E402
 from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_pickscore,  # noqa: E402
                                       build_reward_model, build_sd15, build_sd35)
-from drlhf import distributed, plan, speed, tracking  # noqa: E402
+from drlhf import cli, distributed, plan, presets, speed, tracking  # noqa: E402
 from drlhf.files import default_cache_dir  # noqa: E402
 
 # ======== the benchmark: time the epochs, count their FLOPs, measure the device's matmul peak ===============
@@ -233,8 +233,9 @@ def table(result: dict, args_line: str) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Any other flag is train_ppo.py's "
-                                "(python train_ppo.py --help), e.g. --exp pink --num-envs 8 --compile true.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other flag is train_ppo.py's (python train_ppo.py --help), e.g. --exp pink "
+                                "--num-envs 8 --compile true.\n\n" + cli.presets_epilog(presets.for_script("train_ppo")))
     p.add_argument("--bench-epochs", type=int, default=5, help="epochs to time: the first apart, the mean of the rest "
                    "is the steady state (default 5)")
     p.add_argument("--size", choices=("full", "tiny"), default="full", help="full: the real architectures; tiny: "

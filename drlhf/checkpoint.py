@@ -10,12 +10,15 @@
     RUN/checkpoints/epoch_NNNNN/
         policy.safetensors              the policy U-Net (the LoRA adapters only with --lora-rank)
         value.safetensors               the value function (absent with --value-fn none)
-        state.pt                        optimizers, GradScaler, counters, RNG of every rank, args (weights_only)
+        state.pt                        optimizers, GradScaler, counters, the base model's identity, RNG of every
+                                        rank, args (weights_only)
 
 Every file is written through drlhf/files.py (a temporary sibling, then renamed): an interrupted write leaves
-the old file or nothing. A folder that holds a run is never written into by a new run (`claim_run_folder`); a
+the old file or nothing. One process at a time writes a run folder (a lock beside it, RUN/../.NAME.lock, held
+for the run's life), and a folder that holds a run is never written into by a new run (`claim_run_folder`); a
 resumed run keeps its experiment (`resume_args`), and one resumed from an earlier checkpoint is a branch in a
-folder of its own, its parent recorded in the lineage.
+folder of its own, its parent recorded in the lineage. state.pt's `state["base"]` is what the run's base model
+was (drlhf.models.identity): sample.py checks a policy against it before putting it beside a base model.
 """
 from __future__ import annotations
 
