@@ -389,6 +389,17 @@ class EvalArgs:
     """training steps of an offline toy base model on first use"""
 
 
+def model_names(specs: list[str]) -> list[str]:
+    """A name per policy for scores.json and the file names: the folder's name, with as many parent folders as
+    tell two policies apart (runs/a/final_policy and runs/b/final_policy: a/final_policy, b/final_policy)."""
+    parts = [Path(s).resolve().parts[1:] for s in specs]
+    for depth in range(1, max(map(len, parts), default=1) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names) and "base" not in names:  # "base" names the base model
+            return names
+    return [f"{Path(s).name}#{i + 1}" for i, s in enumerate(specs)]  # the same folder given twice
+
+
 def eval_main(argv=None):
     from drlhf import pictures
     parser = cli.build_parser(EvalArgs)
@@ -417,16 +428,16 @@ def eval_main(argv=None):
         cond = torch.stack([table[p] for p in prompts])
     x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
                        for i in range(n)]).to(device)
+    specs = [None] + [c for c in args.checkpoints.split(",") if c]
+    names = ["base"] + model_names(specs[1:])
+    for spec in specs[1:]:  # before any work: every run and checkpoint was trained from this base model
+        check_policy(spec, base)
     scorers = {}
     if args.reward:
         scorers["reward"] = rewards.from_flags(args.reward, base, device, args)
     if args.heldout_reward_model:
         scorers["heldout"] = rewards.build("rm", base, device, args.heldout_reward_model, cache_dir=args.cache_dir,
                                            flag="--heldout-reward-model")
-    names = ["base"] + [Path(c).name for c in args.checkpoints.split(",") if c]
-    specs = [None] + [c for c in args.checkpoints.split(",") if c]
-    for spec in specs[1:]:  # before any sampling: every run and checkpoint was trained from this base model
-        check_policy(spec, base)
     from tqdm.auto import tqdm
     images, scores, variety = [], {k: [] for k in scorers}, {}
     diversity = evaluation.Diversity(base)  # the base model's encoder; the base model's samples are the reference
@@ -461,7 +472,7 @@ def eval_main(argv=None):
         b = per_model[0]
         summary[k] = {name: evaluation.score_stats(b, v) for name, v in zip(names, per_model)}
         for name, v in zip(names[1:], per_model[1:]):
-            pictures.histogram_png(b.numpy(), v.numpy(), out / f"histogram_{k}_{name}.png")
+            pictures.histogram_png(b.numpy(), v.numpy(), out / f"histogram_{k}_{name.replace('/', '-')}.png")
     write_json(out / "scores.json", summary)
     print(f"[drlhf] {out}: comparison.png, progression.png, scores.json" + (", histograms" if scores else ""))
     print("  diversity (Vendi score per condition): " + ", ".join(f"{m} {v:.2f}" for m, v in variety.items()))

@@ -238,11 +238,16 @@ def restore_checkpoint(ckpt: Path, saved: dict, unet, value_net, opt_pi, opt_vf,
 # A trained policy for sample.py eval
 # ---------------------------------------------------------------------------------------------------------
 def check_policy(spec: str, base, flag: str = "--checkpoints") -> dict | None:
-    """For a run folder or checkpoint folder `spec`: refuse it unless it was trained from `base`'s root base model
-    (what its state.pt recorded of its base, drlhf.models.check_fits), before any work; returns the run's args.
-    Anything else (a diffusers folder) is checked when it is loaded (load_policy_unet): None."""
+    """Before any work: for a run folder or checkpoint folder `spec`, refuse it unless it was trained from `base`'s
+    root base model (what its state.pt recorded of its base, drlhf.models.check_fits) and return the run's args; a
+    diffusers folder is checked when it is loaded (load_policy_unet): None; anything else is one line naming `flag`."""
     path = latest_checkpoint(Path(spec))
     if not (path / "policy.safetensors").exists():
+        if path.is_dir() and any((path / name).exists() for name in RUN_FILES) and not (path / "model_index.json").exists():
+            raise CheckpointError(f"{flag} {spec}: a run folder without checkpoints or final_policy yet (its run "
+                                  "has not saved one); pass a checkpoint folder, or resume the run until it saves")
+        if not (path.is_dir() and ((path / "model_index.json").exists() or (path / "config.json").exists())):
+            raise FileNotFoundError(f"{flag} {spec}: not a run folder, checkpoint folder or diffusers folder")
         return None
     try:  # memory-mapped: the optimizer states in it are not read
         saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
@@ -260,9 +265,8 @@ def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn
     folder or a diffusers folder (final_policy), refused with one line naming `flag` when it does not fit `base`
     (drlhf.models.check_fits: a run or checkpoint must come from base's root base model, a diffusers folder with a
     lineage too, one without only be of its kind). LoRA checkpoints get their adapters re-injected and merged."""
-    path = latest_checkpoint(Path(spec))
-    if (path / "policy.safetensors").exists():
-        run_args = check_policy(spec, base, flag)
+    path, run_args = latest_checkpoint(Path(spec)), check_policy(spec, base, flag)
+    if run_args is not None:
         unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
         try:
             if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
@@ -275,14 +279,9 @@ def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn
             raise CheckpointError(f"{flag} {spec}: its policy does not fit the base model {base.source} "
                                   f"({str(e).splitlines()[0][:160]}); pass the --pretrained it was trained from") from None
         return unet.to(device).eval()
-    if path.is_dir() and any((path / name).exists() for name in RUN_FILES) and not (path / "model_index.json").exists():
-        raise CheckpointError(f"{flag} {spec}: a run folder without checkpoints or final_policy yet (its run "
-                              "has not saved one); pass a checkpoint folder, or resume the run until it saves")
-    if path.is_dir() and ((path / "model_index.json").exists() or (path / "config.json").exists()):
-        other = models.load_base_model(str(path), device, flag=flag)
-        models.check_fits(models.identity(other), models.identity(base), f"{flag} {spec}", same_base=bool(other.lineage))
-        return other.unet.eval()
-    raise FileNotFoundError(f"{flag} {spec}: not a run folder, checkpoint folder or diffusers folder")
+    other = models.load_base_model(str(path), device, flag=flag)  # a diffusers folder (check_policy said so)
+    models.check_fits(models.identity(other), models.identity(base), f"{flag} {spec}", same_base=bool(other.lineage))
+    return other.unet.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -138,6 +138,12 @@ def test_eval_refuses_a_run_of_another_base_model(run, tmp_path):
     run(*common, "--toy-train-steps", "8", "--checkpoints", f"{r},{r / 'final_policy'}", "--out", tmp_path / "ev")
     scores = json.loads((tmp_path / "ev" / "scores.json").read_text())
     assert list(scores["reward"]) == ["base", "r", "final_policy"]  # the run's own base model: it fits
+    shutil.copytree(r, tmp_path / "copy")  # two policies of one folder name: each keeps its own numbers
+    run(*common, "--toy-train-steps", "8", "--checkpoints", f"{r / 'final_policy'},{tmp_path / 'copy' / 'final_policy'}",
+        "--out", tmp_path / "ev2")
+    scores = json.loads((tmp_path / "ev2" / "scores.json").read_text())
+    assert list(scores["reward"]) == ["base", "r/final_policy", "copy/final_policy"]
+    assert (tmp_path / "ev2" / "histogram_reward_copy-final_policy.png").exists()
 
 
 def test_compare_refuses_a_model_of_another_kind_and_names_its_flag(run, tmp_path):
