@@ -36,7 +36,8 @@ from drlhf.cli import NonNegFloat, PosInt, Seed
 from drlhf import cli, comparison, evaluation, models, presets, rewards
 from drlhf.checkpoint import check_policy, load_policy_unet
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
-from drlhf.files import atomic_write, check_writable, hold_folder, make_dir, save_safetensors, write_json, write_text
+from drlhf.files import (atomic_write, check_kind, check_writable, hold_folder, make_dir, save_safetensors, write_json,
+                         write_text)
 from drlhf.speed import setup_cpu
 from drlhf.prompts import check_condition_flags, class_list, prompt_list, prompt_table
 from drlhf.sampler import Sampler, Spacing, VarianceType, rollout, schedule_for_model
@@ -186,6 +187,7 @@ def resolve_args(argv=None) -> tuple[Args, Path]:
         raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare (--compare: exactly 2)")
     out = Path(args.out or f"datasets/{args.exp or 'digits'}")
     hold_folder(out, "--out")  # one process per dataset folder, until this one ends
+    check_kind(out, "a labeling dataset", "--out")
     if (out / "dataset.json").exists():
         stored = json.loads((out / "dataset.json").read_text())["args"]
         clash = [k for k in FIXED if k in given and getattr(args, k) != stored[k]]
@@ -410,6 +412,7 @@ def eval_main(argv=None):
     setup_cpu(device, args.threads)
     out = Path(args.out)
     hold_folder(out, "--out")  # one process per output folder, until this one ends
+    check_kind(out, "an evaluation", "--out")
     check_writable(out, "--out")  # before any work: a folder that cannot be written is one sentence (made at the end)
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     base.expect(resolution=args.resolution)

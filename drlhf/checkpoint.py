@@ -37,8 +37,8 @@ from safetensors.torch import load_file, save_file
 from drlhf import models
 from drlhf.cli import UserError
 from drlhf.distributed import on_rank_0
-from drlhf.files import (atomic_write, check_writable, first_free, hold_folder, move_aside, remove, write_json,
-                         write_text)
+from drlhf.files import (atomic_write, check_kind, check_writable, first_free, hold_folder, move_aside, remove,
+                         write_json, write_text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +185,7 @@ def claim_run_folder(args, ckpt: Path | None) -> Path:
 
     def claim():
         hold_folder(out, "--output-dir")  # before the folder is looked at: no other process can change it meanwhile
+        check_kind(out, "a PPO run", "--output-dir")
         continuing = ckpt is not None and (out / "checkpoints").is_dir() and \
             latest_checkpoint(out).resolve() == Path(ckpt).resolve()
         holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)

@@ -193,7 +193,8 @@ def build_parser(args_cls, suppress_defaults: bool = False, presets: dict | None
     doc, groups = field_docs(args_cls), field_groups(args_cls)
     hints = _hints(args_cls)
     parser = Parser(description=(sys.modules[args_cls.__module__].__doc__ or "").split("\n")[0],
-                    usage=f"%(prog)s{' [--exp NAME]' if presets else ''} [--FLAG VALUE ...]", formatter_class=HelpFormatter, epilog=presets_epilog(presets) if presets else None,
+                    usage=f"%(prog)s{' [--exp NAME]' if presets else ''} [--FLAG VALUE ...]", formatter_class=HelpFormatter,
+                    epilog=presets_epilog(presets) if presets else None,
                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
     sections = {}
     for f in dataclasses.fields(args_cls):

@@ -4,6 +4,7 @@
     write_text(path, text); write_json(path, obj); save_safetensors(tensors, path)
     make_dir(path, "--out")                    # a folder a script writes into, or one sentence naming the flag
     hold_folder(path, "--out")                 # one process per output folder, for the process's whole life
+    check_kind(path, "a PPO run", "--out")     # and no script writes into another's kind of folder
     default_cache_dir(); cache_lock(path)      # where toy models and downloads are cached, one writer at a time
 
 Everything is written to a temporary sibling and renamed, so an interrupted write leaves the old file or
@@ -198,6 +199,22 @@ class FolderInUse(WriteError):
 
 
 _HELD: dict[Path, object] = {}  # folder -> the open lock file of this process
+
+# what each script's output folder holds (files that only that kind has), so that no script writes into another's
+OUTPUT_KINDS = {"a PPO run": ("args.json", "checkpoints", "final_policy", "summary.json"),  # train_ppo.py
+                "a reward model": ("model.safetensors",),                                 # train_reward.py
+                "a labeling dataset": ("dataset.json", "tasks.jsonl"),                     # sample.py
+                "an evaluation": ("scores.json",)}                                         # sample.py eval
+
+
+def check_kind(path: Path, kind: str, flag: str):
+    """Refuse to write `kind` (a key of OUTPUT_KINDS) into a folder that holds another kind's files (a reward model
+    into a run folder, a run into a dataset), naming what is there and `flag`."""
+    for other, markers in OUTPUT_KINDS.items():
+        found = [m for m in markers if (Path(path) / m).exists()]
+        if other != kind and found:
+            raise WriteError(f"{flag} {path} holds {other} ({', '.join(found)}), not {kind}: writing into it would mix "
+                             f"the two; choose another {flag}")
 
 
 def lock_file(path: Path) -> Path:

@@ -102,6 +102,22 @@ def test_reward_model_dataset_and_eval_folders_take_one_process_each(run, tmp_pa
     assert (tmp_path / "rm" / "model.safetensors").exists() and (tmp_path / "ev" / "scores.json").exists()
 
 
+def test_no_script_writes_into_another_scripts_kind_of_folder(run, tmp_path):
+    kinds = {"run": ["args.json", "summary.json"], "rm": ["model.safetensors", "config.json"],
+             "ds": ["dataset.json", "tasks.jsonl"], "ev": ["scores.json"]}
+    for name, markers in kinds.items():
+        (tmp_path / name).mkdir()
+        for m in markers:
+            (tmp_path / name / m).write_text("{}")
+    before = digest(tmp_path)
+    for cmd, flag, own in ((["train_ppo.py", *TINY, "--epochs", "1", "--replace-run", "true"], "--output-dir", "run"),
+                           (["train_reward.py", "--dataset", tmp_path / "ds", "--replace-out", "true"], "--out", "rm"),
+                           (["sample.py", *SAMPLE], "--out", "ds"), (["sample.py", "eval", *SAMPLE], "--out", "ev")):
+        for name in kinds.keys() - {own}:
+            fails(run(*cmd, flag, tmp_path / name, check=False), f"{flag} {tmp_path / name} holds", "would mix")
+    assert digest(tmp_path) == before and sorted(os.listdir(tmp_path)) == sorted(kinds)  # no lock file left either
+
+
 @pytest.mark.parametrize("script,flag,value,where", [
     ("train_ppo.py", "--kl-coef", "nan", "--output-dir"), ("train_ppo.py", "--policy-lr", "inf", "--output-dir"),
     ("train_ppo.py", "--seed", "-5", "--output-dir"), ("train_reward.py", "--lr", "nan", "--out"),
