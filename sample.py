@@ -227,7 +227,7 @@ def compared_model(args: Args, base: models.BaseModel, device) -> models.BaseMod
     samples); a run or checkpoint folder gets --pretrained's architecture and must come from its base model."""
     spec = args.compare
     if Path(spec).is_dir() and not any((Path(spec) / f).exists() for f in ("model_index.json", "config.json")):
-        return dataclasses.replace(base, unet=load_policy_unet(spec, base, device, "--compare"))
+        return dataclasses.replace(base, net=load_policy_unet(spec, base, device, "--compare"))
     other = models.load_base_model(spec, device, args.cache_dir, toy_train_steps=args.toy_train_steps, flag="--compare")
     other.expect(resolution=args.resolution)
     models.check_fits(models.identity(other), models.identity(base), f"--compare {spec}", same_base=False)
@@ -446,8 +446,8 @@ def eval_main(argv=None):
     diversity = evaluation.Diversity(base)  # the base model's encoder; the base model's samples are the reference
     groups = prompts or (cond.tolist() if cond is not None else [None] * n)
     for name, spec in tqdm(list(zip(names, specs)), desc="sampling models", unit="model"):
-        unet = base.unet if spec is None else load_policy_unet(spec, base, device)
-        policy = models.make_denoiser(dataclasses.replace(base, unet=unet), args.guidance_scale).eval()
+        unet = base.net if spec is None else load_policy_unet(spec, base, device)
+        policy = models.make_denoiser(dataclasses.replace(base, net=unet), args.guidance_scale).eval()
         outs = []
         for s in range(0, n, args.batch_size):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + s)

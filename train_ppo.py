@@ -603,7 +603,7 @@ def main(argv=None):
                                          args.precision, device, args.class_labels, prompts, prompt_embeds,
                                          ref=nets.ref_net if args.eval_reward else None)
     if args.resume:
-        state = checkpoint.restore_checkpoint(ckpt, saved, base.unet, nets.value_net, nets.opt_pi, nets.opt_vf,
+        state = checkpoint.restore_checkpoint(ckpt, saved, base.net, nets.value_net, nets.opt_pi, nets.opt_vf,
                                               nets.scaler, gens, rank, world, adapters_only=bool(args.lora_rank))
     kl_ctl = KLController(state.get("kl_coef", args.kl_coef), args.kl_target, args.kl_horizon)  # owns beta
     state.update(kl_ctl.state())
@@ -634,11 +634,11 @@ def main(argv=None):
                 evaluator.log(writer, out, epoch, state)
         if args.checkpoint_every and ((epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs):
             state["epoch"] = epoch + 1
-            checkpoint.save_checkpoint(out, epoch + 1, base.unet, nets.value_net, nets.opt_pi, nets.opt_vf, nets.scaler,
+            checkpoint.save_checkpoint(out, epoch + 1, base.net, nets.value_net, nets.opt_pi, nets.opt_vf, nets.scaler,
                                        state, dataclasses.asdict(args), gens, rank, adapters_only=bool(args.lora_rank))
     state["epoch"] = args.epochs
     if rank == 0:  # the policy as a diffusers pipeline, before/after pictures, summary.json
-        models.save_pipeline(models.merge_lora(base.unet) if args.lora_rank else base.unet, base, out / "final_policy")
+        models.save_pipeline(models.merge_lora(base.net) if args.lora_rank else base.net, base, out / "final_policy")
         lineage = checkpoint.record_round(lineage, out, dataclasses.asdict(args), state)  # iterated RLHF: a round
         checkpoint.write_lineage(out / "final_policy", lineage)
         scores = dict(evaluator.finish(out, state, args.eval_reward), lineage=lineage)

@@ -371,7 +371,7 @@ def build_model(args: Args, base: models.BaseModel, device):
         clf = models.load_guided_classifier(args.classifier, args.cache_dir)
         return ClassifierRewardModel(clf, args.classifier, args.trainable, args.ensemble).to(device)
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
-    return RewardModel(base.unet, base.conditioning, null_text, base.num_classes, args.width, args.heads,
+    return RewardModel(base.net, base.conditioning, null_text, base.num_classes, args.width, args.heads,
                        args.trainable, args.ensemble).to(device)
 
 
@@ -394,7 +394,7 @@ def load_base(args: Args, given: set, device):
     if "toy_train_steps" not in given and pretrained.startswith("toy:") and not metas[0].get("lineage"):
         steps = metas[0].get("args", {}).get("toy_train_steps", steps)
     base = models.load_base_model(pretrained, device, args.cache_dir, toy_train_steps=steps)
-    if base.is_transformer and metas[0].get("sample_shape"):  # SD3 takes any size: the one the data was sampled at
+    if base.any_size and metas[0].get("sample_shape"):  # a transformer takes any size: the one the data was sampled at
         base.expect(resolution=metas[0]["sample_shape"][1] * 8)
     for dataset, meta in zip(datasets, metas):
         models.check_dataset_base(dataset, meta, base)

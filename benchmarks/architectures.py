@@ -207,7 +207,7 @@ def build_reward_model(sd: Path, path: Path, device) -> Path:
     from drlhf.reward_model import RewardModel
     base = models.load_base_model(str(sd), device)
     torch.manual_seed(0)
-    rm = RewardModel(base.unet, base.conditioning, base.encode_prompts([""]), base.num_classes)
+    rm = RewardModel(base.net, base.conditioning, base.encode_prompts([""]), base.num_classes)
     rm.save(path, dict(base_model=str(sd), dataset="none: random init (benchmarks/epoch.py)", guidance_weight=1.0,
                        input_shape=list(base.sample_shape), cond_drop=0.0))
     return path

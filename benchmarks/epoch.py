@@ -52,7 +52,7 @@ def benchmark(argv: list[str], epochs: int, count_flops: bool, profile_top: int 
         epoch_plan = plan.EpochPlan(args, B, nets, one_batch_rollout=True)
     kl_ctl = train_ppo.KLController(args.kl_coef, args.kl_target, args.kl_horizon)
     if channels_last:  # a measurement before any train_ppo.py flag: every network's 4-D weights in NHWC order
-        for module in (base.unet, nets.ref_net, nets.value_net, base.vae):
+        for module in (base.net, nets.ref_net, nets.value_net, base.vae):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     state = {"epoch": 0, "global_step": 0}
@@ -128,14 +128,14 @@ def compile_seconds() -> dict:
 def count_epoch_flops(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank, device) -> int:
     """FLOPs of one more epoch, counted eagerly (compiled forwards are swapped for the plain modules meanwhile)."""
     from torch.utils.flop_counter import FlopCounterMode
-    compiled, nets.policy_net.unet = nets.policy_net.unet, base.unet
+    compiled, nets.policy_net.net = nets.policy_net.net, base.net
     compiled_ref, epoch_plan.reference = epoch_plan.reference, nets.ref_net
     try:
         with FlopCounterMode(display=False) as counter:
             train_ppo.train_epoch(nets, epoch_plan, kl_ctl, base, args, state, gens, prompts, prompt_embeds, B, rank,
                                   device)
     finally:
-        nets.policy_net.unet, epoch_plan.reference = compiled, compiled_ref
+        nets.policy_net.net, epoch_plan.reference = compiled, compiled_ref
     return counter.get_total_flops()
 
 

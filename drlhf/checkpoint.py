@@ -268,7 +268,7 @@ def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn
     lineage too, one without only be of its kind). LoRA checkpoints get their adapters re-injected and merged."""
     path, run_args = latest_checkpoint(Path(spec)), check_policy(spec, base, flag)
     if run_args is not None:
-        unet, weights = copy.deepcopy(base.unet), load_file(path / "policy.safetensors")
+        unet, weights = copy.deepcopy(base.net), load_file(path / "policy.safetensors")
         try:
             if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
                 models.add_lora(unet, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
@@ -282,7 +282,7 @@ def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn
         return unet.to(device).eval()
     other = models.load_base_model(str(path), device, flag=flag)  # a diffusers folder (check_policy said so)
     models.check_fits(models.identity(other), models.identity(base), f"{flag} {spec}", same_base=bool(other.lineage))
-    return other.unet.eval()
+    return other.net.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn
 def start_lineage(base) -> dict:
     """The lineage a run continues: the loaded policy's own (a final_policy folder of an earlier run), or a new one
     rooted at this base model. The root's fingerprint lets a reward model trained on the root base model score any
-    later round's policy (drlhf.reward_model.load_reward_model). Call before training changes base.unet."""
+    later round's policy (drlhf.reward_model.load_reward_model). Call before training changes base.net."""
     if base.lineage:
         return copy.deepcopy(base.lineage)
     return {"root": models.identity(base)["root"], "rounds": []}

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from drlhf import pictures, sd3
+from drlhf import pictures
 from drlhf.distributed import autocast
-from drlhf.guided_diffusion import timestep_embedding
+from drlhf.families import family_of
 from drlhf.prompts import sample_conditions
-from drlhf.reward_model import encoder_copy, run_encoder
 from drlhf.sampler import action_logprob, rollout
 
 
@@ -61,9 +60,9 @@ def vendi_score(features: torch.Tensor) -> float:
     return float(torch.exp(-(eigenvalues * eigenvalues.log()).sum()))
 
 
-def frozen_encoder(unet: nn.Module) -> nn.Module:
-    """A frozen copy of a denoiser's encoder half (drlhf.reward_model.encoder_copy)."""
-    return encoder_copy(unet).requires_grad_(False).eval()
+def frozen_encoder(net: nn.Module) -> nn.Module:
+    """A frozen copy of a denoiser's encoder half (its family's encoder_copy, drlhf.families)."""
+    return family_of(net).encoder_copy(net).requires_grad_(False).eval()
 
 
 class Diversity:
@@ -76,7 +75,8 @@ class Diversity:
     def __init__(self, base, chunk: int = 16, dtype=torch.float32):
         self.chunk, self.reference = chunk, None
         self.null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
-        self.encoder = frozen_encoder(base.unet).to(dtype)  # the base weights, whatever training does later
+        self.encoder = frozen_encoder(base.net).to(dtype)  # the base weights, whatever training does later
+        self.family, self.conditioning = base.family, base.conditioning
 
     @torch.no_grad()
     def features(self, samples: torch.Tensor) -> torch.Tensor:
@@ -85,16 +85,7 @@ class Diversity:
         for s in range(0, len(samples), self.chunk):
             x = samples[s:s + self.chunk].to(next(unet.parameters()).device, next(unet.parameters()).dtype)
             t = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            if not hasattr(unet, "config"):  # OpenAI's U-Net (drlhf.guided_diffusion): input and middle blocks
-                emb, h = unet.time_embed(timestep_embedding(t, unet.model_channels)), x
-                for block in unet.input_blocks:
-                    h = block(h, emb)
-                h = unet.middle_block(h, emb)
-            elif sd3.is_transformer(unet):
-                h = sd3.run_first_half(unet, x, t, self.null_text.expand(len(x), -1, -1).to(x.dtype))
-            else:
-                ehs = None if self.null_text is None else self.null_text.expand(len(x), -1, -1).to(x.dtype)
-                h = run_encoder(unet, x, unet.time_embedding(unet.time_proj(t).to(x.dtype)), ehs)
+            h = self.family.features(unet, x, t, self.conditioning, null=self.null_text)  # no condition
             out.append(h.flatten(1).float().cpu())
         return torch.cat(out)
 

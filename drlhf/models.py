@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from drlhf import sd3
 from drlhf.cli import ModelLoadError  # noqa: F401 - part of this module's interface (raised here)
-from drlhf.files import atomic_write, default_cache_dir, save_safetensors
+from drlhf.families import family_of, sd3
+from drlhf.files import atomic_write, default_cache_dir
 from drlhf.guided_diffusion import GuidedClassifier, GuidedUNet
 from drlhf.sampler import is_flow_model
 from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, toy_guided_classifier, toy_model_dir
@@ -39,7 +38,7 @@ class BaseModel:
     """Everything the sampler and the rewards need to know about a base diffusion model."""
     source: str                    # what --pretrained said
     path: str                      # where it was loaded from
-    unet: nn.Module                # the denoising network: a U-Net, or an SD3 transformer (drlhf.sd3)
+    net: nn.Module                 # the denoising network: a U-Net or a transformer (its family: drlhf.families)
     scheduler_config: dict
     conditioning: str              # none | class | text
     sample_shape: tuple            # (C, H, W) of x_t: pixels or latents
@@ -56,19 +55,21 @@ class BaseModel:
         return self.vae is not None
 
     @property
-    def is_transformer(self) -> bool:
-        return sd3.is_transformer(self.unet)
+    def family(self):
+        """The adapter of this model's family (drlhf.families): everything that differs between families."""
+        return family_of(self.net)
+
+    @property
+    def any_size(self) -> bool:
+        """Whether it samples at any resolution (a transformer over patches) rather than at its own."""
+        return self.family.any_size
 
     def expect(self, resolution: int | None = None, conditioning: str | None = None, latent: bool | None = None):
         """Stop with the flag's name when the model is not what a preset says (Table 6.2 "Resolution", "Cond.
         Type", "Latent Diff."); None = whatever the model is."""
         res = self.sample_shape[1] * (8 if self.is_latent else 1)
-        if resolution is not None and resolution != res and self.is_transformer:  # patches: any size up to its table
-            c, patch = self.unet.config, self.unet.config.patch_size
-            if resolution % (8 * patch) or resolution // 8 > c.pos_embed_max_size * patch:
-                raise ValueError(f"--resolution {resolution}: {self.source} takes multiples of {8 * patch} up to "
-                                 f"{8 * c.pos_embed_max_size * patch}")
-            self.sample_shape, res = (self.sample_shape[0], resolution // 8, resolution // 8), resolution
+        if resolution is not None and resolution != res and self.any_size:
+            self.sample_shape, res = self.family.sample_shape(self.net, self.sample_shape, resolution, self.source), resolution
         for flag, want, have in (("resolution", resolution, res), ("conditioning", conditioning, self.conditioning),
                                  ("latent", latent, self.is_latent)):
             if want is not None and want != have:
@@ -76,14 +77,9 @@ class BaseModel:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states (N, L, D) for a list of prompts ("" is the unconditional one); SD3: the packed
-        conditioning of drlhf.sd3."""
-        if self.text_encoders:
-            return sd3.encode_prompts(self.text_encoders, self.unet.config.joint_attention_dim, prompts)
-        device = next(self.text_encoder.parameters()).device
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        return self.text_encoder(ids)[0].float()
+        """The conditioning (N, L, D) of a list of prompts ("" is the unconditional one), as the family packs it
+        (SD v1.5: CLIP's hidden states; SD3: drlhf.families.sd3's packed tensor)."""
+        return self.family.encode_prompts(self, prompts)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Finished samples -> images in [-1, 1], shape (B, 3 or 1, H, W), float32. Differentiable (the VAE is
@@ -296,39 +292,28 @@ def load_sd3(source: str, path: Path, device, weights_dtype, flag: str = "--pret
 class Denoiser(nn.Module):
     """The policy network: (x_t, t, c) -> model output, with classifier-free guidance in one batched forward.
 
-    `cond` is None (unconditional), class labels (B,) or text-encoder hidden states (B, L, D) (SD3: the packed
-    conditioning of drlhf.sd3, for a transformer whose output is the velocity). With
-    guidance_scale w != 1 the conditional and unconditional inputs go through the U-Net as one batch of 2B
-    and eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); learned variance channels come from the
-    conditional branch (GLIDE's choice).
+    `cond` is None (unconditional), class labels (B,) or the family's text conditioning (B, L, D) (SD3: the packed
+    tensor of drlhf.families.sd3, for a transformer whose output is the velocity); the network is called through
+    its family's adapter. With guidance_scale w != 1 the conditional and unconditional inputs go through the
+    network as one batch of 2B and eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); learned variance channels
+    come from the conditional branch (GLIDE's choice).
     """
 
-    def __init__(self, unet: nn.Module, conditioning: str, guidance_scale: float = 1.0, null_cond=None):
+    def __init__(self, net: nn.Module, conditioning: str, guidance_scale: float = 1.0, null_cond=None):
         super().__init__()
-        self.unet, self.conditioning, self.guidance_scale = unet, conditioning, guidance_scale
+        self.net, self.conditioning, self.guidance_scale = net, conditioning, guidance_scale
+        self.family = family_of(net)  # kept: `net` may be swapped for its compiled forward later
         if guidance_scale != 1.0 and conditioning == "none":
             raise ValueError("--guidance-scale needs a conditional model; this base model is unconditional")
         self.register_buffer("null_cond", null_cond, persistent=False)
-        self.pooled_dim = unet.config.pooled_projection_dim if sd3.is_transformer(unet) else 0
-
-    def _unet(self, x, t, cond):
-        if not hasattr(self.unet, "config"):  # OpenAI's U-Net (drlhf.guided_diffusion): a plain tensor out
-            return self.unet(x, t, cond)
-        if self.pooled_dim:  # an SD3 transformer
-            return sd3.call_transformer(self.unet, x, t, cond, self.pooled_dim)
-        if self.conditioning == "none":
-            return self.unet(x, t).sample
-        if self.conditioning == "class":
-            return self.unet(x, t, class_labels=cond).sample
-        return self.unet(x, t, encoder_hidden_states=cond).sample
 
     def forward(self, x, t, cond=None, guided: bool = True):
         """guided=False: the conditional prediction alone (the model's training objective, drlhf/ptx.py)."""
-        x = x.to(next(self.unet.parameters()).dtype) if not torch.is_autocast_enabled() else x
+        x = x.to(next(self.net.parameters()).dtype) if not torch.is_autocast_enabled() else x
         if self.guidance_scale == 1.0 or not guided:
-            return self._unet(x, t, cond)
+            return self.family.call(self.net, x, t, cond, self.conditioning)
         null = self.null_cond.expand(len(x), *self.null_cond.shape[1:])
-        out = self._unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        out = self.family.call(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), self.conditioning)
         out_c, out_u = out.float().chunk(2)
         c = x.shape[1]
         guided = out_u[:, :c] + self.guidance_scale * (out_c[:, :c] - out_u[:, :c])
@@ -338,13 +323,13 @@ class Denoiser(nn.Module):
 def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     null = None
     if base.conditioning == "class" and guidance_scale != 1.0:
-        if getattr(getattr(base.unet, "config", None), "num_class_embeds", 0) <= base.num_classes:
+        if not base.family.has_null_class(base.net, base.num_classes):
             raise ValueError(f"--guidance-scale {guidance_scale}: {base.source} has no unconditional class embedding "
                              "to guide with; use --guidance-scale 1")
         null = torch.tensor([base.num_classes])
     elif base.conditioning == "text":
         null = base.encode_prompts([""])
-    return Denoiser(base.unet, base.conditioning, guidance_scale, null).to(next(base.unet.parameters()).device)
+    return Denoiser(base.net, base.conditioning, guidance_scale, null).to(next(base.net.parameters()).device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,55 +361,32 @@ def merge_lora(unet: nn.Module) -> nn.Module:
             module.get_base_layer().float()  # held in fp16/bf16 while training on a GPU: merge in fp32, not there
             module.merge()
     state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-    plain = type(unet).from_config(unet.config) if hasattr(unet, "config") else copy.deepcopy(unet)
+    plain = family_of(unet).plain_copy(unet)
     plain.load_state_dict(state)
     return plain.to(next(unet.parameters()).device)
 
 
-def save_pipeline(unet: nn.Module, base: BaseModel, out_dir: Path):
-    """Save a policy U-Net as a diffusers pipeline next to the base model's other components."""
-    from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if not hasattr(unet, "config"):  # OpenAI's U-Net: its weights in the original key names, readable by upstream
-        atomic_write(Path(out_dir), lambda d: save_safetensors(unet.state_dict(), d / "guided_unet.safetensors"),
-                     folder=True)
-        return
-
-    def write(d):
-        cls = FlowMatchEulerDiscreteScheduler if is_flow_model(base.scheduler_config) else DDPMScheduler
-        sched = cls.from_config(base.scheduler_config) if base.scheduler_config else DDPMScheduler()
-        if base.text_encoders:
-            sd3.save_pipeline(unet, base, d)
-        elif base.text_encoder is not None:
-            from diffusers import StableDiffusionPipeline
-            StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                    unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                    requires_safety_checker=False).save_pretrained(d)
-        else:
-            DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(d)
-        if base.extra:
-            (Path(d) / "drlhf_toy.json").write_text(json.dumps(base.extra, indent=1))
-    atomic_write(Path(out_dir), write, folder=True)
+def save_pipeline(net: nn.Module, base: BaseModel, out_dir: Path):
+    """Save a policy network as its family's pipeline next to the base model's other components (SD v1.5: a
+    StableDiffusionPipeline; the toys: a DDPMPipeline; SD3: a StableDiffusion3Pipeline; OpenAI's:
+    guided_unet.safetensors), written whole or not at all."""
+    atomic_write(Path(out_dir), lambda d: family_of(net).save_pipeline(net, base, d), folder=True)
 
 
-def base_fingerprint(unet: nn.Module) -> str:
-    """Identity of a base U-Net (or transformer): its config and the values of its input layer and first block."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-                                  sort_keys=True, default=str).encode())
-    first = (unet.pos_embed, unet.transformer_blocks[0]) if sd3.is_transformer(unet) else (unet.conv_in, unet.down_blocks[0])
-    for p in list(first[0].parameters()) + list(first[1].parameters())[:4]:
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def base_fingerprint(net: nn.Module) -> str | None:
+    """Identity of a base network (drlhf.families: its config and the values of its input layer and first block);
+    None for a family without a config (OpenAI's U-Net)."""
+    return family_of(net).fingerprint(net)
 
 
 def identity(base: BaseModel) -> dict:
     """What a loaded model is, for putting it beside another: its source and path, its fingerprint (None where the
     network has no config: OpenAI's U-Net), the root of the RLHF rounds behind it (itself for a base model), its
     conditioning, sample shape and whether it is a rectified-flow model. JSON-ready (checkpoints store it)."""
-    fp = base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
+    fp = base_fingerprint(base.net)
     root = base.lineage.get("root") if base.lineage else {"base_model": base.source, "path": base.path, "fingerprint": fp}
     return dict(source=base.source, path=base.path, fingerprint=fp, root=root, conditioning=base.conditioning,
-                sample_shape=list(base.sample_shape), any_size=base.is_transformer, flow=is_flow_model(base.scheduler_config))
+                sample_shape=list(base.sample_shape), any_size=base.any_size, flow=is_flow_model(base.scheduler_config))
 
 
 def describe(model: dict) -> str:
@@ -468,7 +430,7 @@ def check_dataset_base(dataset: Path, meta: dict, base: BaseModel):
     lineage's root for a fine-tuned policy's samples), naming both: source, path, fingerprint, conditioning, shape."""
     root = meta.get("lineage", {}).get("root")
     want_fp = root.get("fingerprint") if root else meta.get("base_fingerprint")
-    have_fp = base_fingerprint(base.unet) if hasattr(base.unet, "config") else None
+    have_fp = base_fingerprint(base.net)
     want_shape = None if root else meta.get("sample_shape")
     if (want_fp and have_fp and want_fp != have_fp) or (want_shape and list(base.sample_shape) != want_shape) or \
             (meta.get("conditioning") and meta["conditioning"] != base.conditioning):

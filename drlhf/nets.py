@@ -32,7 +32,7 @@ class Nets:
     schedule: DiffusionSchedule   # the MDP: respaced timesteps, sampler, CFG scale, log-prob reduction
     reward_fn: Callable           # (samples, cond, prompts) -> (B,) terminal rewards
     policy: nn.Module             # the trained denoiser through DDP
-    policy_net: nn.Module         # the plain denoiser (its U-Net is base.unet, or its compiled forward)
+    policy_net: nn.Module         # the plain denoiser (its U-Net is base.net, or its compiled forward)
     ref_net: nn.Module | None     # the frozen base policy pi_base (with --kl-coef > 0 or --eval-reward)
     value: nn.Module | None       # V(x_t, t, c) through DDP (None with --value-fn none)
     value_net: nn.Module | None
@@ -73,9 +73,9 @@ def load_models(args, rank: int, world: int, device):
 def build_nets(args, base, value_net, schedule, reward_fn, world: int, device) -> Nets:
     """The trained policy (full U-Net or LoRA adapters; --algo backprop: the whole chain), the frozen reference
     policy, the value function, DDP wrappers, AdamW optimizers (Table 6.2 "General Optimization") and GradScaler."""
-    base.unet.requires_grad_(True).train()
+    base.net.requires_grad_(True).train()
     if args.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
+        base.net.enable_gradient_checkpointing()
     policy_net = models.make_denoiser(base, args.guidance_scale)
     # --compile: the KL pass through the update's graph, which guards on requires_grad and runs in training mode
     shared_ref = reference_in_update_graph(args, policy_net)  # (pi_base's weights are never given to an optimizer)
@@ -83,13 +83,13 @@ def build_nets(args, base, value_net, schedule, reward_fn, world: int, device) -
     if args.kl_coef > 0 or args.eval_reward:  # the frozen base policy pi_base: the KL penalty; KL of the evaluations
         ref_net = copy.deepcopy(policy_net).requires_grad_(shared_ref).train(shared_ref)
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
-        models.add_lora(base.unet, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
+        models.add_lora(base.net, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
     value_net = value_net.to(device) if value_net is not None else None
-    for frozen in (ref_net, base.unet if args.lora_rank else None, value_net):  # GPU fp16/bf16: weights not cast
+    for frozen in (ref_net, base.net if args.lora_rank else None, value_net):  # GPU fp16/bf16: weights not cast
         if frozen is not None:                                                    # at every forward (no-op on CPU)
             speed.hold_frozen_in_compute_dtype(frozen, args.precision, device)
-    if args.compile:  # only the policy's forward is compiled; base.unet (saved, checkpointed) stays the plain module
-        policy_net.unet = speed.compile_module(base.unet, args.cache_dir, args.compile_scope)
+    if args.compile:  # only the policy's forward is compiled; base.net (saved, checkpointed) stays the plain module
+        policy_net.net = speed.compile_module(base.net, args.cache_dir, args.compile_scope)
     # thesis 6.8: with --algo backprop the whole sampling chain is the one differentiable forward
     trained = ReparameterizedChain(policy_net, schedule, args.chain_checkpointing) if args.algo == "backprop" else policy_net
     ids = [device] if device.type == "cuda" else None
@@ -99,6 +99,6 @@ def build_nets(args, base, value_net, schedule, reward_fn, world: int, device) -
                 policy=DDP(trained, device_ids=ids, broadcast_buffers=False) if world > 1 else trained,
                 value_net=value_net,
                 value=(DDP(value_net, device_ids=ids) if world > 1 else value_net) if value_net else None,
-                opt_pi=torch.optim.AdamW([p for p in base.unet.parameters() if p.requires_grad], lr=args.policy_lr, **adam),
+                opt_pi=torch.optim.AdamW([p for p in base.net.parameters() if p.requires_grad], lr=args.policy_lr, **adam),
                 opt_vf=torch.optim.AdamW(value_net.parameters(), lr=args.vf_lr, **adam) if value_net else None,
                 scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"))

@@ -144,7 +144,7 @@ class EpochPlan:
         self.reference = nets.ref_net
         if self.reference_in_update_graph:  # pi_base's weights as the inputs of the update's compiled graph
             ref = nets.ref_net
-            self.reference = models.Denoiser(speed.compile_module(ref.unet, args.cache_dir, args.compile_scope),
+            self.reference = models.Denoiser(speed.compile_module(ref.net, args.cache_dir, args.compile_scope),
                                              ref.conditioning, ref.guidance_scale, ref.null_cond)
         self.step = chunked_policy_step(self.rollout_chunk) if self.rollout_chunk else policy_step
 

@@ -79,7 +79,7 @@ class PtxData:
 
 def base_samples(args, base: models.BaseModel, schedule, device, batch: int = 64):
     """--ptx-samples samples of the base model with its conditions, made once per base model and settings."""
-    key = f"{models.base_fingerprint(base.unet) if hasattr(base.unet, 'config') else Path(base.path).name}"
+    key = f"{models.base_fingerprint(base.net) or Path(base.path).name}"
     path = Path(args.cache_dir or default_cache_dir()) / "ptx" / (
         f"{key}-n{args.ptx_samples}-{schedule.num_steps}{schedule.cfg.sampler}-w{args.guidance_scale}-s{args.seed}"
         ".safetensors")

@@ -1,5 +1,6 @@
 """The reward model of thesis 5.2: the base model's own U-Net encoder with a cross-attention pooling head (for an
-SD3-class transformer: its first half of joint blocks, drlhf.sd3, with the same head).
+SD3-class transformer: its first half of joint blocks, with the same head; each family's encoder half is its
+adapter's, drlhf.families).
 
     input (x, t, c) in the model's own input space (latents for latent models, t = 0 for finished samples)
       -> conv_in, time (+ class) embedding, down blocks, mid block of the base U-Net   (frozen by default)
@@ -18,7 +19,6 @@ inside the encoder); at use, r = r_uncond + w (r_cond - r_uncond).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from drlhf import models, sd3
+from drlhf import models
 from drlhf.cli import UserError
+from drlhf.families import family_of
 from drlhf.files import save_safetensors, write_json
 from drlhf.models import base_fingerprint
 
@@ -64,60 +65,21 @@ class CrossAttentionPool(nn.Module):
         return self.out(self.norm(pooled[:, 0] + q[:, 0]))[:, 0]
 
 
-def encoder_copy(net: nn.Module) -> nn.Module:
-    """A copy of a denoiser's encoder half: a U-Net (diffusers' or OpenAI's) without its decoder, or an SD3
-    transformer's first half of blocks; what is dropped is left out of the copy, not copied and dropped."""
-    if sd3.is_transformer(net):
-        return sd3.first_half(net)
-    decoder = [n for n in ("up_blocks", "conv_norm_out", "conv_act", "conv_out", "output_blocks", "out")
-               if isinstance(getattr(net, n, None), nn.Module)]
-    parts = {n: getattr(net, n) for n in decoder}
-    try:
-        for n in decoder:
-            setattr(net, n, None)
-        return copy.deepcopy(net)
-    finally:
-        for n, module in parts.items():
-            setattr(net, n, module)
-
-
-def run_encoder(unet: nn.Module, x, emb, ehs=None):
-    """The encoder half of a diffusers U-Net (conv_in, down blocks, mid block) given the time (+ class) embedding
-    emb and the text states ehs (None for models without cross-attention) -> mid-block features (B, C, h, w)."""
-    h = unet.conv_in(x)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
-        else:
-            h, _ = block(hidden_states=h, temb=emb)
-    if unet.mid_block is not None:
-        h = unet.mid_block(h, emb, encoder_hidden_states=ehs) if getattr(unet.mid_block, "has_cross_attention", False) \
-            else unet.mid_block(h, emb)
-    return h
-
-
 class RewardModel(nn.Module):
     def __init__(self, unet: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
                  heads: int = 4, trainable: str = "head", ensemble: int = 1):
         super().__init__()
-        if not hasattr(unet, "config"):
-            raise ValueError("this reward model reuses a diffusers U-Net (UNet2DModel / UNet2DConditionModel); "
-                             "for OpenAI's ImageNet model use the classifier-based one (train_reward.py --backbone "
-                             "classifier)")
+        self.family = family_of(unet)
+        if not self.family.reward_model:
+            raise ValueError(f"this reward model does not reuse a {self.family.name}; for OpenAI's ImageNet model use "
+                             "the classifier-based one (train_reward.py --backbone classifier)")
         if trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable
         self.fingerprint = base_fingerprint(unet)
-        self.transformer = sd3.is_transformer(unet)  # SD3: the first half of the joint blocks (drlhf.sd3)
-        self.encoder = encoder_copy(unet)  # the policy's network stays untouched
-        if self.transformer:
-            feat_dim, cond_dim = sd3.feature_dim(unet), unet.config.joint_attention_dim
-            last = self.encoder.transformer_blocks[-1]
-        else:
-            feat_dim, last = unet.config.block_out_channels[-1], self.encoder.mid_block
-            cond_dim = {"text": getattr(unet.config, "cross_attention_dim", None),
-                        "class": unet.time_embedding.linear_2.out_features if conditioning == "class" else None
-                        }.get(conditioning)
+        self.encoder = self.family.encoder_copy(unet)  # the policy's network stays untouched
+        feat_dim, cond_dim = self.family.encoder_dims(unet, conditioning)
+        last = self.family.last_encoder_block(self.encoder)  # a U-Net's mid block, a transformer's last kept block
         self.head = CrossAttentionPool(feat_dim, cond_dim, width, heads)
         # train_reward.py --ensemble N: N - 1 more heads, each its own init, on the same encoder features
         self.extra_heads = nn.ModuleList(CrossAttentionPool(feat_dim, cond_dim, width, heads)
@@ -137,20 +99,9 @@ class RewardModel(nn.Module):
     def features(self, x, t, cond, drop):
         """Mid-block features (B, C, h, w) of the U-Net encoder (a transformer's image tokens (B, D, N)) for inputs x
         at timesteps t."""
-        e = self.encoder
         t = t.expand(len(x)) if t.ndim == 0 else t
-        if self.transformer:
-            null = self.null_text.expand(len(x), -1, -1).to(cond.dtype)
-            return sd3.run_first_half(e, x, t, torch.where(drop[:, None, None], null, cond))
-        emb = e.time_embedding(e.time_proj(t).to(x.dtype))
-        ehs = None
-        if self.conditioning == "class":
-            class_emb = e.class_embedding(cond).to(emb.dtype)
-            emb = emb + torch.where(drop[:, None], torch.zeros_like(class_emb), class_emb)
-        elif self.conditioning == "text":
-            null = self.null_text.expand(len(x), -1, -1).to(cond.dtype)
-            ehs = torch.where(drop[:, None, None], null, cond)
-        return run_encoder(e, x, emb, ehs)
+        cond = None if self.conditioning == "none" else cond
+        return self.family.features(self.encoder, x, t, self.conditioning, cond, drop, self.null_text)
 
     @property
     def ensemble(self) -> int:
@@ -161,11 +112,8 @@ class RewardModel(nn.Module):
         t = torch.zeros(len(x), dtype=torch.long, device=x.device) if t is None else t
         drop = torch.zeros(len(x), dtype=torch.bool, device=x.device) if drop is None else drop
         feats = self.features(x.contiguous(), t, cond, drop)  # contiguous: see ClassifierRewardModel.raw
-        tokens = None
-        if self.conditioning == "class":
-            tokens = self.encoder.class_embedding(cond)[:, None].to(feats.dtype)
-        elif self.conditioning == "text":
-            tokens = cond.to(feats.dtype)
+        tokens = self.family.condition_tokens(self.encoder, self.conditioning, cond)  # text states, class embedding
+        tokens = None if tokens is None else tokens.to(feats.dtype)
         drop = drop if self.conditioning != "none" else None
         r = self.head(feats, tokens, drop).float()
         if len(self.extra_heads):
@@ -199,11 +147,7 @@ class RewardModel(nn.Module):
 
     def save(self, out_dir: Path, config: dict):
         _save_folder(self, out_dir, dict(config, width=self.head.out.in_features, heads=self.head.attn.num_heads,
-                                         ensemble=self.ensemble,
-                                         encoder_blocks=["pos_embed", "time_text_embed", "context_embedder",
-                                                         f"transformer_blocks[:{len(self.encoder.transformer_blocks)}]"]
-                                         if self.transformer else ["conv_in", "time_embedding", "class_embedding",
-                                                                   "down_blocks", "mid_block"]))
+                                         ensemble=self.ensemble, encoder_blocks=self.family.encoder_parts(self.encoder)))
 
 
 def _save_folder(model: nn.Module, out_dir: Path, config: dict):
@@ -298,12 +242,12 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
                                "the JSON object train_reward.py writes")
     if config.get("backbone") == "classifier":
         return _load_classifier_reward_model(path, config, base, device, classifier, cache_dir)
-    if config.get("fingerprint") != base_fingerprint(base.unet):
+    if config.get("fingerprint") != base_fingerprint(base.net):
         root = base.lineage.get("root", {})  # a policy fine-tuned by an earlier round: the base model it came from
         if not root.get("fingerprint") or root["fingerprint"] != config.get("fingerprint"):
             trained_on = (f"{config.get('base_model')} (path {config.get('base_model_path', '?')}, fingerprint "
                           f"{config.get('fingerprint')})")
-            loaded = f"{base.source} (path {base.path}, fingerprint {base_fingerprint(base.unet)})"
+            loaded = f"{base.source} (path {base.path}, fingerprint {base_fingerprint(base.net)})"
             raise RewardModelError(f"--reward-model {path} was trained on base model {trained_on}, which is not the "
                                    f"base model loaded now, {loaded}, nor the one it was fine-tuned from; train a "
                                    "reward model on this base model or pass the matching --pretrained (and "
@@ -313,7 +257,7 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
         kept = root.get("path") and Path(root["path"]).is_dir()  # the very folder; else the source named again
         base = models.load_base_model(root["path"] if kept else root["base_model"], device, cache_dir)
     null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
-    rm = RewardModel(base.unet, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
+    rm = RewardModel(base.net, base.conditioning, null_text, base.num_classes, config["width"], config["heads"],
                      config["trainable"], config.get("ensemble", 1))
     return _load_trained_parts(rm, path).to(device), config
 

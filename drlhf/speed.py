@@ -21,6 +21,7 @@ import time
 import torch
 
 from drlhf.distributed import AUTOCAST_DTYPES
+from drlhf.families import repeated_blocks
 from drlhf.files import default_cache_dir
 
 
@@ -151,9 +152,10 @@ def hold_frozen_in_compute_dtype(module: torch.nn.Module, precision: str, device
     return n
 
 
-# the blocks that U-Nets repeat, compiled one at a time by --compile-scope blocks: diffusers' transformer and
-# ResNet blocks (SD v1.5, the toy models) and guided-diffusion's ResBlock and AttentionBlock (OpenAI's 64x64 models)
-REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "ResBlock", "AttentionBlock", "JointTransformerBlock")
+# the blocks the networks repeat, compiled one at a time by --compile-scope blocks: each family names its own
+# (drlhf.families: diffusers' transformer and ResNet blocks, guided-diffusion's ResBlock and AttentionBlock, SD3's
+# joint blocks)
+REPEATED_BLOCKS = repeated_blocks()
 
 
 def compile_module(module: torch.nn.Module, cache_dir: str | None = None, scope: str = "model") -> torch.nn.Module:

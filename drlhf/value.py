@@ -131,7 +131,7 @@ def make_value_fn(kind: str, init: str, base, reward_model: str | None = None, c
         return ClassifierValue(load_guided_classifier(classifier, cache_dir))
     if kind == "unet":  # the reward-model architecture on the base U-Net, with a new head
         null_text = base.encode_prompts([""]) if base.conditioning == "text" else None
-        return RewardModel(base.unet, base.conditioning, null_text, base.num_classes)
+        return RewardModel(base.net, base.conditioning, null_text, base.num_classes)
     if init != "random":  # kind == "encoder"
         print(f"[drlhf] note: --value-init {init} applies to --value-fn cnn only; the encoder starts from random "
               "weights", file=sys.stderr)

@@ -9,7 +9,8 @@ import torch
 
 from benchmarks.architectures import build_sd35
 from conftest import TINY
-from drlhf import models, sd3
+from drlhf import models
+from drlhf.families import sd3
 from drlhf.sampler import (FlowSchedule, SamplerConfig, action_logprob, flow_sigmas, policy_step, rollout,
                            schedule_for_model)
 from helpers import passes_reproduce_bits
@@ -114,7 +115,7 @@ def test_sd3_prompts_and_noise_level_0_reproduce_the_diffusers_pipeline(tiny_sd3
                                                          negative_prompt="")
     base = models.load_base_model(str(tiny_sd3))
     cond = base.encode_prompts(["a red cat", ""])
-    ours, ours_pooled = sd3.unpack(cond, base.unet.config.pooled_projection_dim)
+    ours, ours_pooled = sd3.unpack(cond, base.net.config.pooled_projection_dim)
     torch.testing.assert_close(ours, torch.cat([embeds, neg]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours_pooled, torch.cat([pooled, neg_pooled]), rtol=1e-4, atol=1e-4)
     x = torch.randn(1, *base.sample_shape, generator=torch.Generator().manual_seed(0))
@@ -129,10 +130,10 @@ def test_sd3_prompts_and_noise_level_0_reproduce_the_diffusers_pipeline(tiny_sd3
 def test_transformer_reward_model_is_its_first_half_and_knows_its_base(tiny_sd3, tmp_path):
     from drlhf.reward_model import RewardModel, RewardModelError, load_reward_model
     base = models.load_base_model(str(tiny_sd3))
-    n_blocks = len(base.unet.transformer_blocks)
-    rm = RewardModel(base.unet, "text", base.encode_prompts([""]), trainable="mid")
-    assert len(rm.encoder.transformer_blocks) == n_blocks // 2 and len(base.unet.transformer_blocks) == n_blocks
-    assert rm.encoder.proj_out is None and base.unet.proj_out is not None
+    n_blocks = len(base.net.transformer_blocks)
+    rm = RewardModel(base.net, "text", base.encode_prompts([""]), trainable="mid")
+    assert len(rm.encoder.transformer_blocks) == n_blocks // 2 and len(base.net.transformer_blocks) == n_blocks
+    assert rm.encoder.proj_out is None and base.net.proj_out is not None
     trained = {n.split(".")[0] + "." + n.split(".")[1] for n, p in rm.named_parameters() if p.requires_grad}
     assert trained == {"head.query", "head.img_proj", "head.cond_proj", "head.null_cond", "head.attn", "head.norm",
                        "head.out", "encoder.transformer_blocks"}
@@ -149,7 +150,7 @@ def test_transformer_reward_model_is_its_first_half_and_knows_its_base(tiny_sd3,
     torch.manual_seed(1)
     other_base = models.load_base_model(str(other))
     with torch.no_grad():
-        other_base.unet.pos_embed.proj.weight.add_(1.0)
+        other_base.net.pos_embed.proj.weight.add_(1.0)
     with pytest.raises(RewardModelError, match="not the base model loaded now"):
         load_reward_model(tmp_path / "rm", other_base)
 

@@ -37,12 +37,12 @@ def test_chain_is_the_policy_and_checkpointing_changes_nothing():
             x = out.action
     grads = []
     for ckpt in (False, True):
-        base.unet.zero_grad(set_to_none=True)
+        base.net.zero_grad(set_to_none=True)
         x_0 = ReparameterizedChain(policy, schedule, checkpoint_steps=ckpt)(x_T, cond, noise)
         torch.testing.assert_close(x_0, x, rtol=0, atol=1e-5)
         x_0.pow(2).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in base.unet.parameters() if p.grad is not None]))
-    assert grads[0].abs().sum() > 0 and len(grads[0]) == sum(p.numel() for p in base.unet.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in base.net.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and len(grads[0]) == sum(p.numel() for p in base.net.parameters())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
@@ -54,14 +54,14 @@ def test_gradients_reach_the_policy_only(tmp_path, run):
     clf = models.load_guided_classifier("toy:digits-rgb", run.cache_dir)
     rm = ClassifierRewardModel(clf, "toy:digits-rgb", trainable="encoder")  # trainable in training, frozen in use
     base.sample_shape = (3, 16, 16)
-    base.unet = toys.toy_unet(3, 16, class_cond=True)
+    base.net = toys.toy_unet(3, 16, class_cond=True)
     policy = models.make_denoiser(base)
     rm.save(tmp_path / "rm", dict(input_shape=[3, 16, 16]))
     reward = rewards.build("rm", base, reward_model=tmp_path / "rm", cache_dir=run.cache_dir)
     x_0 = ReparameterizedChain(policy, schedule)(torch.randn(2, 3, 16, 16), torch.tensor([4, 4]),
                                                  torch.randn(4, 2, 3, 16, 16))
     (-reward(x_0, torch.tensor([4, 4])).mean()).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in base.unet.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in base.net.parameters())
     assert reward.model.classifier.input_blocks[0][0].weight.grad is None
     assert all(p.grad is None and not p.requires_grad for p in reward.model.parameters())
     base.sample_shape = (3, 8, 8)  # a reward model for 16x16 inputs does not fit an 8x8 base model

@@ -503,7 +503,7 @@ def test_fused_minibatches_give_the_same_update(cache_dir, monkeypatch):
     steps = []  # the gradients of each optimizer step, which then does not move the weights (all runs start alike)
 
     def record_step(nets, args, state):
-        steps.append({k: p.grad.clone() for k, p in [*base.unet.named_parameters(), *nets.value_net.named_parameters()]
+        steps.append({k: p.grad.clone() for k, p in [*base.net.named_parameters(), *nets.value_net.named_parameters()]
                       if p.grad is not None})
         nets.opt_pi.zero_grad(set_to_none=True)
         nets.opt_vf.zero_grad(set_to_none=True)
@@ -548,7 +548,7 @@ def test_rollout_through_the_update_graph_draws_the_same_chain(cache_dir):
                                               "--fused-minibatches", "2", "--compile", "true"]):
         flags, _ = train_ppo.parse_args([*common, *other])
         assert plan.EpochPlan(flags, 4, nets).rollout_in_update_graph == flags.compile
-    net.unet = base.unet  # the plain module: the two paths compared eagerly
+    net.net = base.net  # the plain module: the two paths compared eagerly
     x_T = torch.randn(4, *base.sample_shape, generator=torch.Generator().manual_seed(0))
     chains = []
     for shared in (False, True):
@@ -648,7 +648,7 @@ def test_recompute_is_skipped_where_the_rollout_already_gives_pi_old(cache_dir, 
             scores, _, stats, _ = train_ppo.train_epoch(nets, epoch_plan, kl_ctl, base, run_args, state, gens, prompts,
                                                         embeds, B, 0, device)
             monkeypatch.undo()
-            ends.append((len(calls), scores, stats, {**base.unet.state_dict(), **nets.value_net.state_dict()}))
+            ends.append((len(calls), scores, stats, {**base.net.state_dict(), **nets.value_net.state_dict()}))
         assert (ends[0][0], ends[1][0]) == (1, 2)
         assert torch.equal(ends[0][1], ends[1][1])  # the same rollout and rewards either way
         # pi_old in the update's training mode: its first forward repeats it, so the ratio starts at exactly 1
@@ -677,13 +677,13 @@ def test_non_finite_ppo_loss_stops_before_the_optimizer_step(cache_dir):
     advantages.view(-1)[7] = float("nan")
     buf = dict(latents=latents, logprobs=torch.zeros(T, B), cond=None, values=torch.zeros(T, B),
                returns=torch.zeros(T, B), advantages=advantages)
-    before = copy.deepcopy(base.unet.state_dict()), copy.deepcopy(nets.value_net.state_dict())
+    before = copy.deepcopy(base.net.state_dict()), copy.deepcopy(nets.value_net.state_dict())
     state = {"epoch": 3, "global_step": 0}
     orders = torch.arange(T * B)[None]  # in order: state 7 is in minibatch 2 (states 5-9), the first step's last
     with pytest.raises(FloatingPointError, match="epoch 3: non-finite PPO loss"):
         train_ppo.ppo_update(nets, epoch_plan, buf, orders, args, state)
     assert state["global_step"] == 0
-    for saved, module in zip(before, (base.unet, nets.value_net)):
+    for saved, module in zip(before, (base.net, nets.value_net)):
         assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
     advantages.view(-1)[7] = 1.0  # finite (and the stopped update's gradients cleared): the same update steps twice
     nets.opt_pi.zero_grad(set_to_none=True)

@@ -31,15 +31,15 @@ def one_ppo_step(base, guidance, cond, num_steps, lr=1e-6, **schedule_kwargs):
     with torch.no_grad():
         buf = rollout(policy, schedule, x_T, cond, generator=g)
     assert buf.latents.shape == (num_steps + 1, len(cond), *base.sample_shape) and torch.isfinite(buf.latents).all()
-    base.unet.requires_grad_(True).train()
-    opt = torch.optim.AdamW(base.unet.parameters(), lr=lr, foreach=False)
+    base.net.requires_grad_(True).train()
+    opt = torch.optim.AdamW(base.net.parameters(), lr=lr, foreach=False)
     idx = torch.zeros(len(cond), dtype=torch.long)
     new = action_logprob(policy, schedule, buf.latents[0], idx, cond, buf.latents[1])
     ratio = (new - buf.logprobs[0]).exp()
     advantages = torch.tensor([1.0] + [-1.0] * (len(cond) - 1))
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
     loss.backward()
-    grads = [p.grad for p in base.unet.parameters()]
+    grads = [p.grad for p in base.net.parameters()]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
     opt.step()
     with torch.no_grad():

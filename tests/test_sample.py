@@ -117,9 +117,9 @@ def toy_quality(path):
             noise, t = torch.randn(x.shape, generator=g), torch.randint(0, 1000, (len(x),), generator=g)
             if flow:
                 s = t.float()[:, None, None, None] / 1000
-                pred, target = base.unet.eval()((1 - s) * x + s * noise, t.float()).sample, noise - x
+                pred, target = base.net.eval()((1 - s) * x + s * noise, t.float()).sample, noise - x
             else:
-                pred, target = base.unet.eval()(sched.add_noise(x, noise, t), t).sample, noise
+                pred, target = base.net.eval()(sched.add_noise(x, noise, t), t).sample, noise
             losses.append(F.mse_loss(pred, target).item())
         schedule = schedule_for_model(base.scheduler_config, False, "flow" if flow else "ddpm", 10,
                                       eta=0.7 if flow else 1.0)

@@ -315,8 +315,8 @@ def test_the_reference_pass_runs_the_update_graph_where_its_weights_look_like_th
     common = [*TINY, "--kl-coef", "0.01", "--cache-dir", str(cache_dir), "--device", "cpu"]
     args, _ = train_ppo.parse_args([*common, "--compile", "true"])
     base, nets, epoch_plan, *_ = train_ppo.setup(args, 0, 1, distributed.resolve_device("cpu"))
-    assert isinstance(epoch_plan.reference.unet, torch._dynamo.eval_frame.OptimizedModule)
-    assert epoch_plan.reference.unet._orig_mod is nets.ref_net.unet and nets.ref_net.unet is not base.unet
+    assert isinstance(epoch_plan.reference.net, torch._dynamo.eval_frame.OptimizedModule)
+    assert epoch_plan.reference.net._orig_mod is nets.ref_net.net and nets.ref_net.net is not base.net
     assert all(p.requires_grad for p in nets.ref_net.parameters()) and nets.ref_net.training
     trained = {id(p) for group in nets.opt_pi.param_groups for p in group["params"]}
     assert trained and not trained & {id(p) for p in nets.ref_net.parameters()}

@@ -1,6 +1,6 @@
-"""SD3-class models through diffusers: the rectified-flow transformer (SD3Transformer2DModel, Esser et al. 2024),
-its three text encoders, one conditioning tensor per prompt, the transformer's first half as a feature extractor,
-and saving a policy as a StableDiffusion3Pipeline folder.
+"""SD3-class models through diffusers, the family's adapter (SD3Family, drlhf.families): the rectified-flow
+transformer (SD3Transformer2DModel, Esser et al. 2024), its three text encoders, one conditioning tensor per
+prompt, the transformer's first half as a feature extractor, and saving a policy as a StableDiffusion3Pipeline.
 
 The conditioning of one prompt is ONE tensor (L + 1, D), so that the rollout buffers, minibatches, classifier-free
 guidance and the reward model index it as they index SD1.5's text states:
@@ -10,7 +10,7 @@ guidance and the reward model index it as they index SD1.5's text states:
     row  L          the pooled projection (CLIP-L's and CLIP-G's text_embeds side by side, 2048), zero-padded to D
 
 D is the transformer's joint_attention_dim (4096). `unpack` splits it again for the transformer's call. FLUX.1 (one
-CLIP, one T5, a guidance input instead of CFG) would add its own pack and call beside these.
+CLIP, one T5, a guidance input instead of CFG) would be a family of its own beside this one.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from drlhf.families.base import Family
 
 TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -133,3 +135,59 @@ def save_pipeline(transformer: nn.Module, base, folder: Path):
     StableDiffusion3Pipeline(transformer=transformer, vae=base.vae, **parts,
                              scheduler=FlowMatchEulerDiscreteScheduler.from_config(base.scheduler_config)
                              ).save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The adapter
+# ---------------------------------------------------------------------------------------------------------
+class SD3Family(Family):
+    name = "SD3 transformer"
+    any_size = True
+    repeated_blocks = ("JointTransformerBlock",)
+
+    def owns(self, net):
+        return is_transformer(net)
+
+    def call(self, net, x, t, cond, conditioning):
+        return call_transformer(net, x, t, cond, net.config.pooled_projection_dim)
+
+    def sample_shape(self, net, shape, resolution, source):
+        """Patches: any multiple of 8 x the patch size, up to the position-embedding table's size."""
+        c, patch = net.config, net.config.patch_size
+        if resolution % (8 * patch) or resolution // 8 > c.pos_embed_max_size * patch:
+            raise ValueError(f"--resolution {resolution}: {source} takes multiples of {8 * patch} up to "
+                             f"{8 * c.pos_embed_max_size * patch}")
+        return (shape[0], resolution // 8, resolution // 8)
+
+    def plain_copy(self, net):
+        return type(net).from_config(net.config)
+
+    def fingerprint(self, net):
+        return self.hash_config_and(net, (net.pos_embed, net.transformer_blocks[0]))
+
+    def encoder_copy(self, net):
+        return first_half(net)
+
+    def features(self, half, x, t, conditioning, cond=None, drop=None, null=None):
+        c = null.expand(len(x), -1, -1).to(x.dtype if cond is None else cond.dtype)
+        if cond is not None:
+            c = cond if drop is None else torch.where(drop[:, None, None], c, cond)
+        return run_first_half(half, x, t, c)
+
+    def encoder_dims(self, net, conditioning):
+        return feature_dim(net), net.config.joint_attention_dim
+
+    def encoder_parts(self, half):
+        return ["pos_embed", "time_text_embed", "context_embedder", f"transformer_blocks[:{len(half.transformer_blocks)}]"]
+
+    def last_encoder_block(self, half):
+        return half.transformer_blocks[-1]
+
+    def condition_tokens(self, half, conditioning, cond):
+        return cond
+
+    def encode_prompts(self, base, prompts):
+        return encode_prompts(base.text_encoders, base.net.config.joint_attention_dim, prompts)
+
+    def save_pipeline(self, net, base, folder):
+        save_pipeline(net, base, folder)

@@ -1,0 +1,35 @@
+"""Model families: one adapter per family of denoising networks, one file each, behind one registry.
+
+    family = family_of(net)                      # the adapter of a network (a U-Net, a transformer, ...)
+    family.call(net, x, t, cond, conditioning)   # the denoiser's raw output
+    family.encoder_copy(net); family.features(half, x, t, conditioning, cond, drop, null)   # reward/value backbone
+    family.fingerprint(net); family.save_pipeline(net, base, folder); family.encode_prompts(base, prompts)
+
+The interface is drlhf/families/base.py. Families: diffusers U-Nets (the toys, DDPM and flow; SD v1.5/2.x;
+unet.py), OpenAI's guided-diffusion U-Net (guided.py) and SD3-class transformers (sd3.py). Adding a family: its
+file here with a `Family` subclass, and one line in FAMILIES (the first that owns a network is its family).
+Loading a pipeline folder still lives in drlhf/models.py.
+"""
+from __future__ import annotations
+
+from drlhf.families.base import Family
+from drlhf.families.guided import GuidedFamily
+from drlhf.families.sd3 import SD3Family
+from drlhf.families.unet import UNetFamily
+
+FAMILIES: tuple[Family, ...] = (SD3Family(), UNetFamily(), GuidedFamily())
+
+
+def family_of(net) -> Family:
+    """The adapter of a denoising network (a torch.compile wrapper's: that of the module it wraps)."""
+    net = getattr(net, "_orig_mod", net)
+    for family in FAMILIES:
+        if family.owns(net):
+            return family
+    raise ValueError(f"no model family takes a {type(net).__name__}; the families are "
+                     f"{', '.join(f.name for f in FAMILIES)} (drlhf/families)")
+
+
+def repeated_blocks() -> tuple[str, ...]:
+    """The class names of the blocks every family repeats (--compile-scope blocks)."""
+    return tuple(name for family in FAMILIES for name in family.repeated_blocks)

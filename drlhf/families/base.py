@@ -1,0 +1,96 @@
+"""The interface of a model family's adapter (drlhf.families): everything that differs between the denoising
+networks the method trains. The method asks its network's adapter (`family_of(net)`) instead of testing the
+network's type; each family implements these in its own file."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class Family:
+    name = "family"
+    any_size = False        # a transformer over patches samples at any multiple of its patch grid
+    repeated_blocks = ()    # class names of the blocks the network repeats (--compile-scope blocks compiles each)
+    reward_model = True     # the U-Net-encoder reward model (thesis 5.2) can be built on it
+
+    def owns(self, net: nn.Module) -> bool:
+        """Whether `net` is this family's denoising network."""
+        raise NotImplementedError
+
+    # ---- the policy's network ----------------------------------------------------------------------------
+    def call(self, net: nn.Module, x, t, cond, conditioning: str) -> torch.Tensor:
+        """The network's raw output (B, C', H, W) for x_t (B, C, H, W), timesteps t (B,) and the condition (None,
+        class labels (B,) or the packed text conditioning (B, L, D))."""
+        raise NotImplementedError
+
+    def has_null_class(self, net: nn.Module, num_classes: int) -> bool:
+        """Whether a class model has an unconditional class embedding to guide with (classifier-free guidance)."""
+        return False
+
+    def sample_shape(self, net: nn.Module, shape: tuple, resolution: int, source: str) -> tuple:
+        """The (C, H, W) of x_t for an image of `resolution` pixels (a latent model's VAE downsamples by 8);
+        only families with any_size change it (others are checked against their own size by the caller)."""
+        return shape
+
+    def plain_copy(self, net: nn.Module) -> nn.Module:
+        """A fresh module of the same architecture (merging LoRA adapters writes into it)."""
+        import copy
+        return copy.deepcopy(net)
+
+    # ---- identity ------------------------------------------------------------------------------------------
+    def fingerprint(self, net: nn.Module) -> str | None:
+        """Identity of a base network: its config and the values of its input layer and first block (None where
+        the family has no config to read)."""
+        return None
+
+    @staticmethod
+    def hash_config_and(net: nn.Module, first: tuple) -> str:
+        """The fingerprint of a diffusers network: its config (private keys left out) and the parameters of its
+        input layer and the first four of its first block."""
+        h = hashlib.sha256(json.dumps({k: v for k, v in dict(net.config).items() if not k.startswith("_")},
+                                      sort_keys=True, default=str).encode())
+        for p in list(first[0].parameters()) + list(first[1].parameters())[:4]:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ---- the encoder half: the reward model's, the value function's and the diversity's backbone --------------
+    def encoder_copy(self, net: nn.Module) -> nn.Module:
+        """A copy of the network's encoder half (what is dropped is left out of the copy, not copied and dropped)."""
+        raise NotImplementedError
+
+    def features(self, half: nn.Module, x, t, conditioning: str, cond=None, drop=None, null=None) -> torch.Tensor:
+        """Encoder features (B, C, h, w) or tokens (B, D, N) of inputs x at timesteps t. cond: the condition or
+        None (unconditioned); drop (B,) bool: inputs whose condition is replaced by the null one (`null`, the
+        empty prompt's conditioning, or no class embedding)."""
+        raise NotImplementedError
+
+    def encoder_dims(self, net: nn.Module, conditioning: str) -> tuple[int, int | None]:
+        """(feature width, width of the condition tokens or None) of the encoder half."""
+        raise NotImplementedError
+
+    def encoder_parts(self, half: nn.Module) -> list[str]:
+        """The names of the encoder half's parts, for a reward model's config.json."""
+        raise NotImplementedError
+
+    def last_encoder_block(self, half: nn.Module) -> nn.Module:
+        """What `--trainable mid` trains: the last block of the encoder half."""
+        raise NotImplementedError
+
+    def condition_tokens(self, half: nn.Module, conditioning: str, cond) -> torch.Tensor | None:
+        """The tokens the reward head attends to beside the image features (B, L, width): the text states, or a
+        class's embedding; None unconditioned."""
+        return None
+
+    # ---- text and saving -------------------------------------------------------------------------------------
+    def encode_prompts(self, base, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the one conditioning tensor per prompt the buffers carry (N, L, D), float32."""
+        raise ValueError(f"{base.source} takes no text")
+
+    def save_pipeline(self, net: nn.Module, base, folder: Path):
+        """Write the policy `net` with the base model's other parts into `folder` (already created), as this
+        family's own pipeline format."""
+        raise NotImplementedError

@@ -1,0 +1,118 @@
+"""Diffusers U-Nets: UNet2DModel (the offline toys, DDPM- and flow-trained) and UNet2DConditionModel (Stable
+Diffusion v1.5/2.x, the tests' tiny SD pipeline). The encoder half is conv_in, the down blocks and the mid block
+(thesis 5.2: the reward model reuses it); the policy is saved as a DDPMPipeline or a StableDiffusionPipeline."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from drlhf.families.base import Family
+
+DECODER = ("up_blocks", "conv_norm_out", "conv_act", "conv_out")  # what the encoder half leaves out
+
+
+class UNetFamily(Family):
+    name = "diffusers U-Net"
+    repeated_blocks = ("BasicTransformerBlock", "ResnetBlock2D")
+
+    def owns(self, net):
+        return hasattr(net, "config") and hasattr(net, "down_blocks") and hasattr(net, "conv_in")
+
+    def call(self, net, x, t, cond, conditioning):
+        if conditioning == "none":
+            return net(x, t).sample
+        if conditioning == "class":
+            return net(x, t, class_labels=cond).sample
+        return net(x, t, encoder_hidden_states=cond).sample
+
+    def has_null_class(self, net, num_classes):
+        return (getattr(net.config, "num_class_embeds", None) or 0) > num_classes  # the toys reserve the last one
+
+    def plain_copy(self, net):
+        return type(net).from_config(net.config)
+
+    def fingerprint(self, net):
+        return self.hash_config_and(net, (net.conv_in, net.down_blocks[0]))
+
+    def encoder_copy(self, net):
+        parts = {n: getattr(net, n) for n in DECODER if isinstance(getattr(net, n, None), nn.Module)}
+        try:
+            for n in parts:
+                setattr(net, n, None)
+            return copy.deepcopy(net)
+        finally:
+            for n, module in parts.items():
+                setattr(net, n, module)
+
+    def features(self, half, x, t, conditioning, cond=None, drop=None, null=None):
+        emb = half.time_embedding(half.time_proj(t).to(x.dtype))
+        ehs = None
+        if conditioning == "class" and cond is not None:
+            class_emb = half.class_embedding(cond).to(emb.dtype)
+            emb = emb + (class_emb if drop is None else torch.where(drop[:, None], torch.zeros_like(class_emb), class_emb))
+        elif conditioning == "text":
+            ehs = null.expand(len(x), -1, -1).to(x.dtype if cond is None else cond.dtype)
+            if cond is not None:
+                ehs = cond if drop is None else torch.where(drop[:, None, None], ehs, cond)
+        return run_encoder(half, x, emb, ehs)
+
+    def encoder_dims(self, net, conditioning):
+        cond_dim = {"text": getattr(net.config, "cross_attention_dim", None),
+                    "class": net.time_embedding.linear_2.out_features if conditioning == "class" else None
+                    }.get(conditioning)
+        return net.config.block_out_channels[-1], cond_dim
+
+    def encoder_parts(self, half):
+        return ["conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block"]
+
+    def last_encoder_block(self, half):
+        return half.mid_block
+
+    def condition_tokens(self, half, conditioning, cond):
+        if conditioning == "class":
+            return half.class_embedding(cond)[:, None]
+        return cond if conditioning == "text" else None
+
+    @torch.no_grad()
+    def encode_prompts(self, base, prompts):
+        """CLIP's last hidden states (N, 77, D), as StableDiffusionPipeline conditions."""
+        if base.text_encoder is None:
+            return super().encode_prompts(base, prompts)
+        device = next(base.text_encoder.parameters()).device
+        ids = base.tokenizer(prompts, padding="max_length", max_length=base.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        return base.text_encoder(ids)[0].float()
+
+    def save_pipeline(self, net, base, folder: Path):
+        from diffusers import DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+        from drlhf.sampler import is_flow_model
+        cls = FlowMatchEulerDiscreteScheduler if is_flow_model(base.scheduler_config) else DDPMScheduler
+        sched = cls.from_config(base.scheduler_config) if base.scheduler_config else DDPMScheduler()
+        if base.text_encoder is not None:
+            from diffusers import StableDiffusionPipeline
+            StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                    unet=net, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False).save_pretrained(folder)
+        else:
+            DDPMPipeline(unet=net, scheduler=sched).save_pretrained(folder)
+        if base.extra:  # a toy's record of how it was trained
+            (Path(folder) / "drlhf_toy.json").write_text(json.dumps(base.extra, indent=1))
+
+
+def run_encoder(unet: nn.Module, x, emb, ehs=None):
+    """The encoder half of a diffusers U-Net (conv_in, down blocks, mid block) given the time (+ class) embedding
+    emb and the text states ehs (None for models without cross-attention) -> mid-block features (B, C, h, w)."""
+    h = unet.conv_in(x)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    if unet.mid_block is not None:
+        h = unet.mid_block(h, emb, encoder_hidden_states=ehs) if getattr(unet.mid_block, "has_cross_attention", False) \
+            else unet.mid_block(h, emb)
+    return h
