@@ -3,7 +3,7 @@
 `--pretrained` accepts
 - a local diffusers folder: a pipeline (`model_index.json` with `unet/`, `scheduler/`, and for Stable
   Diffusion `vae/`, `text_encoder/`, `tokenizer/`), a bare `UNet2DModel` folder, or an SD3-class
-  `StableDiffusion3Pipeline` folder (`transformer/`, three text encoders; drlhf.sd3);
+  `StableDiffusion3Pipeline` folder (`transformer/`, three text encoders; drlhf.families.sd3);
 - a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), read from the local hub cache;
 - `guided-diffusion:/path/to/64x64_diffusion.pt`: OpenAI's ImageNet 64x64 model (drlhf.guided_diffusion);
 - an offline toy model (`toy:digit4`, `toy:digit4-32`, `toy:digits-rgb`, the rectified-flow `toy:digit4-flow`;

@@ -183,7 +183,7 @@ def test_sd3_lora_run_critic_from_the_transformer_and_pipeline_round_trip(run, t
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(any(t in k for t in SD3_ATTENTION.split(",")) for k in changed)
     again = models.load_base_model(str(out / "final_policy"))  # and our loader reads it as a base model
-    assert again.is_transformer and again.lineage["root"]["base_model"] == str(tiny_sd3)
+    assert again.family.name == "SD3 transformer" and again.any_size and again.lineage["root"]["base_model"] == str(tiny_sd3)
     group = tmp_path / "group"
     run("train_ppo.py", *common, "--advantage", "group", "--value-fn", "none", "--epochs", "1", "--output-dir", group)
     assert _scalars(group, "losses/ratio_dev_at_start")
