@@ -140,8 +140,9 @@ CONTINUATION_FLAGS = {"epochs", "policy_lr", "policy_lr_early", "policy_lr_early
 def resume_args(args, given: set, args_cls):
     """--resume: (the saved args overridden only by the continuation flags given now, the checkpoint folder, its
     state). A flag that would change the experiment is refused with the list of differences. The run continues in
-    the run folder that holds the checkpoint when it is that run's latest; an earlier checkpoint starts a branch,
-    RUN-branch-epoch_N (or --output-dir), so that nothing of the original run changes."""
+    the run folder given (a live one is then refused when it is claimed), or in the one that holds the checkpoint
+    folder given when it is that run's latest; an earlier checkpoint starts a branch, RUN-branch-epoch_N (or
+    --output-dir), so that nothing of the original run changes."""
     ckpt = find_checkpoint(args.resume)
     saved = load_state(ckpt)
     old = saved["args"]
@@ -162,7 +163,11 @@ def resume_args(args, given: set, args_cls):
         if run_dir is None:
             raise CheckpointError(f"--resume {args.resume}: this checkpoint folder is not inside a run folder "
                                   "(RUN/checkpoints/epoch_N); pass --output-dir for the continued run")
-        out = run_dir if latest_checkpoint(run_dir) == ckpt else first_free(Path(f"{run_dir}-branch-{ckpt.name}"))
+        # a run folder given: continue that run (a live one is refused by claim_run_folder, never branched from);
+        # a checkpoint folder given: continue its run where it is the latest, else branch from it
+        named_run = (Path(args.resume) / "checkpoints" / "latest").exists()
+        out = run_dir if named_run or latest_checkpoint(run_dir) == ckpt else \
+            first_free(Path(f"{run_dir}-branch-{ckpt.name}"))
         merged = dataclasses.replace(merged, output_dir=str(out))
     branch = run_dir is None or Path(merged.output_dir).resolve() != run_dir.resolve()
     saved["resumed"] = dict(checkpoint=str(ckpt), epoch=epoch, branch=branch,

@@ -79,6 +79,7 @@ def test_a_live_run_refuses_a_second_process_and_a_killed_one_blocks_nothing(run
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == ["run"]  # no branch of a live run either
     epoch = int((out / "checkpoints" / "latest").read_text().strip()[6:])
     run("train_ppo.py", "--resume", out, "--epochs", str(epoch + 1))  # a killed run holds no lock
     summary = json.loads((out / "summary.json").read_text())
