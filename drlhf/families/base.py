@@ -58,6 +58,19 @@ class Family:
         return h.hexdigest()[:16]
 
     # ---- the encoder half: the reward model's, the value function's and the diversity's backbone --------------
+    @staticmethod
+    def copy_without(net: nn.Module, names: tuple) -> nn.Module:
+        """A deep copy of `net` without its submodules `names` (left out of the copy, not copied and dropped)."""
+        import copy
+        parts = {n: getattr(net, n) for n in names if isinstance(getattr(net, n, None), nn.Module)}
+        try:
+            for n in parts:
+                setattr(net, n, None)
+            return copy.deepcopy(net)
+        finally:
+            for n, module in parts.items():
+                setattr(net, n, module)
+
     def encoder_copy(self, net: nn.Module) -> nn.Module:
         """A copy of the network's encoder half (what is dropped is left out of the copy, not copied and dropped)."""
         raise NotImplementedError

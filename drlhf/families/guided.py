@@ -24,15 +24,7 @@ class GuidedFamily(Family):
         return net(x, t, cond)  # a plain tensor: the noise and the variance interpolation channels
 
     def encoder_copy(self, net):
-        parts = {n: getattr(net, n) for n in ("output_blocks", "out")}
-        try:
-            for n in parts:
-                setattr(net, n, None)
-            import copy
-            return copy.deepcopy(net)
-        finally:
-            for n, module in parts.items():
-                setattr(net, n, module)
+        return self.copy_without(net, ("output_blocks", "out"))
 
     def features(self, half, x, t, conditioning, cond=None, drop=None, null=None):
         """The middle block's output, unconditioned (the class embedding is not added)."""

@@ -3,7 +3,6 @@ Diffusion v1.5/2.x, the tests' tiny SD pipeline). The encoder half is conv_in, t
 (thesis 5.2: the reward model reuses it); the policy is saved as a DDPMPipeline or a StableDiffusionPipeline."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -39,14 +38,7 @@ class UNetFamily(Family):
         return self.hash_config_and(net, (net.conv_in, net.down_blocks[0]))
 
     def encoder_copy(self, net):
-        parts = {n: getattr(net, n) for n in DECODER if isinstance(getattr(net, n, None), nn.Module)}
-        try:
-            for n in parts:
-                setattr(net, n, None)
-            return copy.deepcopy(net)
-        finally:
-            for n, module in parts.items():
-                setattr(net, n, module)
+        return self.copy_without(net, DECODER)
 
     def features(self, half, x, t, conditioning, cond=None, drop=None, null=None):
         emb = half.time_embedding(half.time_proj(t).to(x.dtype))
