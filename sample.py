@@ -34,9 +34,9 @@ import torch
 
 from drlhf.cli import NonNegFloat, PosInt, Seed
 from drlhf import cli, comparison, evaluation, models, presets, rewards
-from drlhf.checkpoint import check_policy, load_policy_unet
+from drlhf.checkpoint import load_policy_unet, open_policy
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
-from drlhf.files import (atomic_write, check_kind, check_writable, hold_folder, make_dir, save_safetensors, write_json,
+from drlhf.files import (atomic_write, check_writable, hold_folder, make_dir, save_safetensors, write_json,
                          write_text)
 from drlhf.speed import setup_cpu
 from drlhf.prompts import check_condition_flags, class_list, prompt_list, prompt_table
@@ -186,8 +186,7 @@ def resolve_args(argv=None) -> tuple[Args, Path]:
     if args.k < 2 or (args.compare and args.k != 2):
         raise cli.UserError(f"--k {args.k}: a task needs at least 2 images to compare (--compare: exactly 2)")
     out = Path(args.out or f"datasets/{args.exp or 'digits'}")
-    hold_folder(out, "--out")  # one process per dataset folder, until this one ends
-    check_kind(out, "a labeling dataset", "--out")
+    hold_folder(out, "a labeling dataset", "--out")  # one process per dataset folder, until this one ends
     if (out / "dataset.json").exists():
         stored = json.loads((out / "dataset.json").read_text())["args"]
         clash = [k for k in FIXED if k in given and getattr(args, k) != stored[k]]
@@ -234,6 +233,26 @@ def compared_model(args: Args, base: models.BaseModel, device) -> models.BaseMod
     return other
 
 
+def start_dataset(out: Path, args: Args, base: models.BaseModel, schedule):
+    """The files a new dataset folder gets once: instructions.md, for a comparison its key (which image of each task
+    is which model: never shown by label.py), and dataset.json last (base model and the rounds of RLHF behind it,
+    sampler settings, K, seed, the flags), so that a folder with dataset.json is a started dataset."""
+    res = base.sample_shape[1] * (8 if base.is_latent else 1)
+    meta = dict(tool=f"drlhf sample.py {VERSION}", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                base_model=args.pretrained, base_model_path=base.path,
+                base_fingerprint=models.identity(base)["fingerprint"],
+                sample_shape=list(base.sample_shape), conditioning=base.conditioning,
+                latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
+                sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
+                instructions="instructions.md", args=dataclasses.asdict(args),
+                **({"lineage": base.lineage} if base.lineage else {}))  # a fine-tuned policy: the rounds behind it
+    default = args.compare and args.instructions == Args.instructions  # a comparison's own instructions
+    write_text(out / "instructions.md", read_instructions("builtin:compare" if default else args.instructions))
+    if args.compare:
+        comparison.write_key(out, args.pretrained, args.compare, args.num_tasks, args.seed)
+    write_json(out / "dataset.json", meta)
+
+
 def main(argv=None):
     args, out = resolve_args(argv)
     meta_file = out / "dataset.json"
@@ -262,20 +281,7 @@ def main(argv=None):
     if base.is_latent:
         make_dir(out / "latents", "--out")
     if not meta_file.exists():
-        res = base.sample_shape[1] * (8 if base.is_latent else 1)
-        meta = dict(tool=f"drlhf sample.py {VERSION}", created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    base_model=args.pretrained, base_model_path=base.path,
-                    base_fingerprint=models.identity(base)["fingerprint"],
-                    sample_shape=list(base.sample_shape), conditioning=base.conditioning,
-                    latent=base.is_latent, resolution=res, k=args.k, num_tasks=args.num_tasks, seed=args.seed,
-                    sampler=dict(dataclasses.asdict(schedule.cfg), timesteps=schedule.timesteps.tolist()),
-                    instructions="instructions.md", args=dataclasses.asdict(args),
-                    **({"lineage": base.lineage} if base.lineage else {}))  # a fine-tuned policy: the rounds behind it
-        default = args.compare and args.instructions == Args.instructions  # a comparison's own instructions
-        write_text(out / "instructions.md", read_instructions("builtin:compare" if default else args.instructions))
-        if other is not None:  # which image of each task is which model: never shown by label.py
-            comparison.write_key(out, args.pretrained, args.compare, args.num_tasks, args.seed)
-        write_json(meta_file, meta)
+        start_dataset(out, args, base, schedule)
     sides = comparison.read_key(out, args.num_tasks)["sides"] if other is not None else None
 
     # SAMPLING: whole tasks per batch; batch b always holds the same tasks, so its images do not depend on
@@ -411,8 +417,7 @@ def eval_main(argv=None):
     device = resolve_device(args.device)
     setup_cpu(device, args.threads)
     out = Path(args.out)
-    hold_folder(out, "--out")  # one process per output folder, until this one ends
-    check_kind(out, "an evaluation", "--out")
+    hold_folder(out, "an evaluation", "--out")  # one process per output folder, until this one ends
     check_writable(out, "--out")  # before any work: a folder that cannot be written is one sentence (made at the end)
     base = models.load_base_model(args.pretrained, device, args.cache_dir, toy_train_steps=args.toy_train_steps)
     base.expect(resolution=args.resolution)
@@ -431,10 +436,9 @@ def eval_main(argv=None):
         cond = torch.stack([table[p] for p in prompts])
     x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
                        for i in range(n)]).to(device)
-    specs = [None] + [c for c in args.checkpoints.split(",") if c]
-    names = ["base"] + model_names(specs[1:])
-    for spec in specs[1:]:  # before any work: every run and checkpoint was trained from this base model
-        check_policy(spec, base)
+    specs = [c for c in args.checkpoints.split(",") if c]
+    names = ["base"] + model_names(specs)
+    policies = [lambda device: base.net] + [open_policy(s, base) for s in specs]  # checked now, loaded in turn
     scorers = {}
     if args.reward:
         scorers["reward"] = rewards.from_flags(args.reward, base, device, args)
@@ -445,9 +449,8 @@ def eval_main(argv=None):
     images, scores, variety = [], {k: [] for k in scorers}, {}
     diversity = evaluation.Diversity(base)  # the base model's encoder; the base model's samples are the reference
     groups = prompts or (cond.tolist() if cond is not None else [None] * n)
-    for name, spec in tqdm(list(zip(names, specs)), desc="sampling models", unit="model"):
-        unet = base.net if spec is None else load_policy_unet(spec, base, device)
-        policy = models.make_denoiser(dataclasses.replace(base, net=unet), args.guidance_scale).eval()
+    for name, load in tqdm(list(zip(names, policies)), desc="sampling models", unit="model"):
+        policy = models.make_denoiser(dataclasses.replace(base, net=load(device)), args.guidance_scale).eval()
         outs = []
         for s in range(0, n, args.batch_size):
             g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + s)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from drlhf.cli import Fraction, NonNegFloat, NonNegInt, OpenFraction, PosFloat, PosInt, Seed
 from drlhf import cli, distributed, models, pictures, presets, speed, tracking
 from drlhf.distributed import DeviceFlag, Precision, autocast
-from drlhf.files import check_kind, check_writable, hold_folder, move_aside
+from drlhf.files import check_writable, hold_folder, move_aside
 from drlhf.labels import dataset_fingerprint, dataset_meta, load_tasks as read_tasks, read_rankings
 from drlhf.reward_model import ClassifierRewardModel, RewardModel
 from drlhf.toys import TOY_TRAIN_STEPS
@@ -448,8 +448,7 @@ def claim_out(args: Args) -> Path:
     """The reward-model folder (--out), held by this process until it ends (drlhf.files.hold_folder); one that holds a
     reward model is refused unless --replace-out. Nothing is created before the model is trained."""
     out = Path(args.out or f"runs/reward-{args.exp or 'digits'}")
-    hold_folder(out, "--out")
-    check_kind(out, "a reward model", "--out")
+    hold_folder(out, "a reward model", "--out")
     if any((out / name).exists() for name in ("config.json", "model.safetensors")) and not args.replace_out:
         raise cli.UserError(f"--out {out} already holds a reward model: choose another --out, or pass --replace-out "
                             "to move it aside and train anew")

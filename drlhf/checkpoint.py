@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from drlhf import models
 from drlhf.cli import UserError
 from drlhf.distributed import on_rank_0
-from drlhf.files import (atomic_write, check_kind, check_writable, first_free, hold_folder, move_aside, remove,
+from drlhf.files import (OUTPUT_KINDS, atomic_write, check_writable, first_free, hold_folder, move_aside, remove,
                          write_json, write_text)
 
 
@@ -175,7 +175,7 @@ def resume_args(args, given: set, args_cls):
     return merged, ckpt, saved
 
 
-RUN_FILES = ("args.json", "checkpoints", "summary.json", "final_policy", "tb")  # what makes a folder a run
+RUN_FILES = (*OUTPUT_KINDS["a PPO run"], "tb")  # what makes a folder a run
 
 
 def claim_run_folder(args, ckpt: Path | None) -> Path:
@@ -189,8 +189,7 @@ def claim_run_folder(args, ckpt: Path | None) -> Path:
     out = Path(args.output_dir or f"runs/{args.exp or 'digits-target'}")
 
     def claim():
-        hold_folder(out, "--output-dir")  # before the folder is looked at: no other process can change it meanwhile
-        check_kind(out, "a PPO run", "--output-dir")
+        hold_folder(out, "a PPO run", "--output-dir")  # before it is looked at: no other process changes it meanwhile
         continuing = ckpt is not None and (out / "checkpoints").is_dir() and \
             latest_checkpoint(out).resolve() == Path(ckpt).resolve()
         holds_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
@@ -243,10 +242,13 @@ def restore_checkpoint(ckpt: Path, saved: dict, unet, value_net, opt_pi, opt_vf,
 # ---------------------------------------------------------------------------------------------------------
 # A trained policy for sample.py eval
 # ---------------------------------------------------------------------------------------------------------
-def check_policy(spec: str, base, flag: str = "--checkpoints") -> dict | None:
-    """Before any work: for a run folder or checkpoint folder `spec`, refuse it unless it was trained from `base`'s
-    root base model (what its state.pt recorded of its base, drlhf.models.check_fits) and return the run's args; a
-    diffusers folder is checked when it is loaded (load_policy_unet): None; anything else is one line naming `flag`."""
+def open_policy(spec: str, base, flag: str = "--checkpoints"):
+    """A policy on `base` (drlhf.models.BaseModel) from a run folder (its latest checkpoint), a checkpoint folder or
+    a diffusers folder (final_policy), checked now, before any work, and loaded when the returned function is called
+    with a device. A run or checkpoint must come from base's root base model (what its state.pt recorded of its
+    base, drlhf.models.check_fits); a diffusers folder is checked when it is loaded (with a lineage: the same root
+    base model; without: only its kind). Anything else, or a misfit, is one line naming `flag`. LoRA checkpoints
+    get their adapters re-injected and merged."""
     path = latest_checkpoint(Path(spec))
     if not (path / "policy.safetensors").exists():
         if path.is_dir() and any((path / name).exists() for name in RUN_FILES) and not (path / "model_index.json").exists():
@@ -254,7 +256,13 @@ def check_policy(spec: str, base, flag: str = "--checkpoints") -> dict | None:
                                   "has not saved one); pass a checkpoint folder, or resume the run until it saves")
         if not (path.is_dir() and ((path / "model_index.json").exists() or (path / "config.json").exists())):
             raise FileNotFoundError(f"{flag} {spec}: not a run folder, checkpoint folder or diffusers folder")
-        return None
+
+        def load_pipeline(device) -> nn.Module:
+            other = models.load_base_model(str(path), device, flag=flag)
+            models.check_fits(models.identity(other), models.identity(base), f"{flag} {spec}",
+                              same_base=bool(other.lineage))
+            return other.net.eval()
+        return load_pipeline
     try:  # memory-mapped: the optimizer states in it are not read
         saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001
@@ -263,31 +271,26 @@ def check_policy(spec: str, base, flag: str = "--checkpoints") -> dict | None:
     run_args = saved["args"]  # a checkpoint written before runs recorded their base: its sampler family only
     recorded = saved["state"].get("base") or dict(source=run_args.get("pretrained"), flow=run_args.get("sampler") == "flow")
     models.check_fits(recorded, models.identity(base), f"{flag} {spec}")
-    return run_args
 
-
-def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn.Module:
-    """A policy U-Net on `base` (drlhf.models.BaseModel) from a run folder (its latest checkpoint), a checkpoint
-    folder or a diffusers folder (final_policy), refused with one line naming `flag` when it does not fit `base`
-    (drlhf.models.check_fits: a run or checkpoint must come from base's root base model, a diffusers folder with a
-    lineage too, one without only be of its kind). LoRA checkpoints get their adapters re-injected and merged."""
-    path, run_args = latest_checkpoint(Path(spec)), check_policy(spec, base, flag)
-    if run_args is not None:
-        unet, weights = copy.deepcopy(base.net), load_file(path / "policy.safetensors")
+    def load_checkpoint(device) -> nn.Module:
+        net, weights = copy.deepcopy(base.net), load_file(path / "policy.safetensors")
         try:
             if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
-                models.add_lora(unet, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
+                models.add_lora(net, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
                                 run_args["lora_targets"].split(","))
-                unet.load_state_dict(weights, strict=False)
-                return models.merge_lora(unet).to(device).eval()
-            unet.load_state_dict(weights)
+                net.load_state_dict(weights, strict=False)
+                return models.merge_lora(net).to(device).eval()
+            net.load_state_dict(weights)
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{flag} {spec}: its policy does not fit the base model {base.source} "
                                   f"({str(e).splitlines()[0][:160]}); pass the --pretrained it was trained from") from None
-        return unet.to(device).eval()
-    other = models.load_base_model(str(path), device, flag=flag)  # a diffusers folder (check_policy said so)
-    models.check_fits(models.identity(other), models.identity(base), f"{flag} {spec}", same_base=bool(other.lineage))
-    return other.net.eval()
+        return net.to(device).eval()
+    return load_checkpoint
+
+
+def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn.Module:
+    """open_policy's policy, checked and loaded at once."""
+    return open_policy(spec, base, flag)(device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,8 +3,7 @@
     atomic_write(path, lambda tmp: ...)        # the file (or folder, folder=True) appears whole or not at all
     write_text(path, text); write_json(path, obj); save_safetensors(tensors, path)
     make_dir(path, "--out")                    # a folder a script writes into, or one sentence naming the flag
-    hold_folder(path, "--out")                 # one process per output folder, for the process's whole life
-    check_kind(path, "a PPO run", "--out")     # and no script writes into another's kind of folder
+    hold_folder(path, "a PPO run", "--out")    # one process per output folder for its whole life, of one kind
     default_cache_dir(); cache_lock(path)      # where toy models and downloads are cached, one writer at a time
 
 Everything is written to a temporary sibling and renamed, so an interrupted write leaves the old file or
@@ -223,39 +222,34 @@ def lock_file(path: Path) -> Path:
     return Path(path).with_name(f".{Path(path).name}.lock")
 
 
-def hold_folder(path: Path, flag: str = "--output-dir / --out"):
-    """Make this process the only writer of the folder `path` until it ends: an flock on lock_file(path), taken before
-    anything is written into the folder and released by the OS when the process ends, even by SIGKILL (so a dead
-    run never blocks the next). A second process is refused with a FolderInUse naming `flag` and the holder (host,
-    pid, since when). Holding the same folder again is a no-op; release_folders() lets go early and removes the
-    lock files. Where the folder's parent cannot be written or the file system has no flock, nothing is locked
-    (the script's own writability check names the flag)."""
-    shown, path = path, Path(os.path.realpath(path))
-    if path in _HELD:
-        return
+def flock_or_holder(lock: Path):
+    """An exclusive flock on the file `lock` for this process, with who holds it written inside ("host, pid, since"),
+    released by the OS when the process ends, even by SIGKILL. Returns (the open file, None); (None, the holder's
+    line) when another live process holds it; (None, None) where nothing can be locked (not POSIX, a folder that
+    cannot be written, a file system without flock). A file its holder removed between our open and our lock is
+    not kept: the one now at `lock` is locked instead."""
     try:
         import fcntl
-    except ImportError:  # not a POSIX system: no lock
-        return
+    except ImportError:
+        return None, None
     while True:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(lock_file(path), "a+")
+            Path(lock).parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock, "a+")
         except OSError:
-            return
+            return None, None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise FolderInUse(f"{flag} {shown} is in use by another process ({holder}); wait until it ends, or choose "
-                              f"another {flag}") from None
+            return None, holder
         except OSError:  # a file system without flock (some network mounts)
             f.close()
-            return
-        try:  # the holder before us may have removed the file between our open and our lock: lock the new one
-            current = os.stat(lock_file(path)).st_ino
+            return None, None
+        try:
+            current = os.stat(lock).st_ino
         except FileNotFoundError:
             current = None
         if current == os.fstat(f.fileno()).st_ino:
@@ -264,7 +258,24 @@ def hold_folder(path: Path, flag: str = "--output-dir / --out"):
     f.truncate(0)
     f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     f.flush()
-    _HELD[path] = f
+    return f, None
+
+
+def hold_folder(path: Path, kind: str, flag: str = "--output-dir / --out"):
+    """Make this process the only writer of the folder `path` until it ends, and refuse it when it holds another
+    script's kind of folder (check_kind): an flock on lock_file(path) (flock_or_holder), taken before anything is
+    looked at or written and released by the OS when the process ends (so a dead run never blocks the next). A
+    second process is refused with a FolderInUse naming `flag` and the holder (host, pid, since when). Holding the
+    same folder again is a no-op; release_folders() lets go early and removes the lock files."""
+    shown, path = path, Path(os.path.realpath(path))
+    if path not in _HELD:
+        f, holder = flock_or_holder(lock_file(path))
+        if holder is not None:
+            raise FolderInUse(f"{flag} {shown} is in use by another process ({holder}); wait until it ends, or choose "
+                              f"another {flag}")
+        if f is not None:
+            _HELD[path] = f
+    check_kind(shown, kind, flag)
 
 
 def release_folders():

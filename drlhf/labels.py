@@ -11,7 +11,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-from drlhf.files import write_text
+from drlhf.files import flock_or_holder, write_text
 from drlhf.cli import UserError
 from drlhf.ordering import TaskSorter  # noqa: F401 - part of this module's interface
 
@@ -356,23 +355,13 @@ def placement(project: str, annotator: str, task_id: int, n: int, a: int, b: int
 
 def session_lock(store: Store, project: str, annotator: str):
     """Refuse a second live session of one annotator on one project (two windows would answer the same pair):
-    an flock on a file next to the database, released by the OS when the session ends, even by SIGKILL."""
-    import fcntl
+    an flock on a file next to the database (drlhf.files.flock_or_holder), released by the OS when the session ends,
+    even by SIGKILL. Returns the lock's open file (None where nothing can be locked: some network mounts)."""
     name = hashlib.sha256(f"{project}/{annotator}".encode()).hexdigest()[:12]
-    path = store.path.with_name(f".{store.path.name}.{name}.lock")
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
+    f, holder = flock_or_holder(store.path.with_name(f".{store.path.name}.{name}.lock"))
+    if holder is not None:
         raise LabelError(f"annotator {annotator!r} is already labeling project {project!r} of {store.path} ({holder}); "
-                         "close that session first (a session that died holds no lock), or use another --annotator") from None
-    except OSError:
-        return f  # a file system without flock (some network mounts): no lock, as before
-    f.truncate(0)
-    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    f.flush()
+                         "close that session first (a session that died holds no lock), or use another --annotator")
     return f
 
 

@@ -32,11 +32,11 @@ def wait_for(condition, what: str, timeout: float = 120):
 
 
 @contextlib.contextmanager
-def holder(folder, flag="--out"):
+def holder(folder, kind, flag="--out"):
     """Another live process holding `folder` as drlhf.files.hold_folder does; yields its pid, SIGKILLed after."""
     proc = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from drlhf.files import hold_folder; "
-        f"hold_folder({str(folder)!r}, {flag!r}); print('held', flush=True); time.sleep(120)")],
+        f"hold_folder({str(folder)!r}, {kind!r}, {flag!r}); print('held', flush=True); time.sleep(120)")],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -91,12 +91,13 @@ def test_reward_model_dataset_and_eval_folders_take_one_process_each(run, tmp_pa
     run("sample.py", *SAMPLE, "--num-tasks", "4", "--k", "3", "--out", ds)
     run("label.py", "--auto", "builtin:ink", ds)
     run("label.py", "export", ds)
-    for script, flags, folder in (
-            ("train_reward.py", ["--dataset", ds, "--epochs", "1"], tmp_path / "rm"),
-            ("sample.py", [*SAMPLE, "--num-tasks", "4", "--k", "3"], ds),  # finishing a dataset another process writes
-            ("sample.py", ["eval", "--toy-train-steps", "8", "--num-steps", "2", "--num-samples", "2"], tmp_path / "ev")):
+    for script, flags, folder, kind in (
+            ("train_reward.py", ["--dataset", ds, "--epochs", "1"], tmp_path / "rm", "a reward model"),
+            ("sample.py", [*SAMPLE, "--num-tasks", "4", "--k", "3"], ds, "a labeling dataset"),  # another one finishes it
+            ("sample.py", ["eval", "--toy-train-steps", "8", "--num-steps", "2", "--num-samples", "2"], tmp_path / "ev",
+             "an evaluation")):
         before = digest(ds)
-        with holder(folder) as pid:
+        with holder(folder, kind) as pid:
             fails(run(script, *flags, "--out", folder, check=False), f"--out {folder}", "in use", f"pid {pid}")
         assert digest(ds) == before
         run(script, *flags, "--out", folder)  # the holder is gone: the same command runs
@@ -293,11 +294,11 @@ def test_a_lock_whose_file_was_replaced_is_taken_on_the_new_file(tmp_path):
     release leaves no stale lock another process could share), and release_folders removes it."""
     from drlhf import files
     folder = tmp_path / "out"
-    with holder(folder) as pid:
+    with holder(folder, "an evaluation") as pid:
         with pytest.raises(files.FolderInUse, match=f"pid {pid}"):
-            files.hold_folder(folder, "--out")
-    files.hold_folder(folder, "--out")  # the holder died (SIGKILL): its lock went with it
-    files.hold_folder(folder, "--out")  # holding it again is a no-op
+            files.hold_folder(folder, "an evaluation", "--out")
+    files.hold_folder(folder, "an evaluation", "--out")  # the holder died (SIGKILL): its lock went with it
+    files.hold_folder(folder, "an evaluation", "--out")  # holding it again is a no-op
     assert "pid" in files.lock_file(folder).read_text()
     files.release_folders()
     assert not files.lock_file(folder).exists() and not folder.exists()

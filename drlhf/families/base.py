@@ -81,6 +81,15 @@ class Family:
         empty prompt's conditioning, or no class embedding)."""
         raise NotImplementedError
 
+    @staticmethod
+    def text_condition(x, cond, drop, null) -> torch.Tensor:
+        """The text conditioning a features() call sees: `cond` (B, L, D), with the null conditioning (1, L, D) in
+        the rows `drop` marks; the null one for every input where there is no condition."""
+        c = null.expand(len(x), -1, -1).to(x.dtype if cond is None else cond.dtype)
+        if cond is None:
+            return c
+        return cond if drop is None else torch.where(drop[:, None, None], c, cond)
+
     def encoder_dims(self, net: nn.Module, conditioning: str) -> tuple[int, int | None]:
         """(feature width, width of the condition tokens or None) of the encoder half."""
         raise NotImplementedError

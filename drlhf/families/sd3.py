@@ -169,10 +169,7 @@ class SD3Family(Family):
         return first_half(net)
 
     def features(self, half, x, t, conditioning, cond=None, drop=None, null=None):
-        c = null.expand(len(x), -1, -1).to(x.dtype if cond is None else cond.dtype)
-        if cond is not None:
-            c = cond if drop is None else torch.where(drop[:, None, None], c, cond)
-        return run_first_half(half, x, t, c)
+        return run_first_half(half, x, t, self.text_condition(x, cond, drop, null))
 
     def encoder_dims(self, net, conditioning):
         return feature_dim(net), net.config.joint_attention_dim

@@ -47,9 +47,7 @@ class UNetFamily(Family):
             class_emb = half.class_embedding(cond).to(emb.dtype)
             emb = emb + (class_emb if drop is None else torch.where(drop[:, None], torch.zeros_like(class_emb), class_emb))
         elif conditioning == "text":
-            ehs = null.expand(len(x), -1, -1).to(x.dtype if cond is None else cond.dtype)
-            if cond is not None:
-                ehs = cond if drop is None else torch.where(drop[:, None, None], ehs, cond)
+            ehs = self.text_condition(x, cond, drop, null)
         return run_encoder(half, x, emb, ehs)
 
     def encoder_dims(self, net, conditioning):
