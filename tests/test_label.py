@@ -374,8 +374,17 @@ def test_app_in_tmux_keeps_every_key_visible_and_ends_with_the_next_step(tmp_pat
     def screen():
         ansi = subprocess.run(["tmux", "capture-pane", "-t", session, "-e", "-p"], capture_output=True, text=True).stdout
         return "\n".join("".join(c for c, _, _ in row) for row in parse(ansi))
+    def settled(done, seconds=90):
+        """The screen once done(screen) holds, or the last screen after `seconds`: a loaded machine draws late,
+        so the test waits for what it expects instead of sleeping a fixed time."""
+        deadline = time.monotonic() + seconds
+        while True:
+            text = screen()
+            if done(text) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.25)
     try:
-        for _ in range(120):
+        for _ in range(240):
             time.sleep(0.5)
             text = screen()
             if "Instructions" in text:
@@ -385,19 +394,24 @@ def test_app_in_tmux_keeps_every_key_visible_and_ends_with_the_next_step(tmp_pat
         for key in "ad":
             subprocess.run(["tmux", "send-keys", "-t", session, key])
             time.sleep(0.3)
-        time.sleep(1.0)
-        middle = screen()
+        middle = settled(lambda text: "comparison 3 of" in text and "q quit" in text.splitlines()[-1]
+                         and sum(row.count("▀") >= 10 for row in text.splitlines()) >= 10  # the pair is drawn
+                         and any(re.search(r"\d=? #\d", row) for row in text.splitlines() if "1 #" in row))
         for _ in range(2 * (17 if k == 8 else 8) + 2):  # more answers than the worst case of two tasks
             subprocess.run(["tmux", "send-keys", "-t", session, "a"])
             time.sleep(0.15)
-        time.sleep(1.5)
-        end = screen()
+        end = settled(lambda text: "All 2 tasks are ordered" in text and any(  # and the final strip is drawn
+            len(re.findall(r"\d=? #\d", row)) == k for row in text.splitlines() if "1 #" in row))
         subprocess.run(["tmux", "send-keys", "-t", session, "q"])
-        time.sleep(1.5)
         # the pane keeps what the labeler printed on quitting; -J joins the lines tmux wrapped at the pane's width
         # (a long temporary path in the goodbye line must not split "--annotator tmux")
-        after = subprocess.run(["tmux", "capture-pane", "-t", session, "-p", "-J"], capture_output=True,
-                               text=True).stdout
+        deadline = time.monotonic() + 60
+        while True:
+            after = subprocess.run(["tmux", "capture-pane", "-t", session, "-p", "-J"], capture_output=True,
+                                   text=True).stdout
+            if "decisions saved" in after or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
     rows = middle.splitlines()
