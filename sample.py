@@ -262,7 +262,8 @@ def main(argv=None):
     base.expect(resolution=args.resolution)
     conditions = task_conditions(args, base)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
-                                  args.spacing, args.eta, args.variance_type, args.guidance_scale)
+                                  args.spacing, args.eta, args.variance_type, args.guidance_scale,
+                                  flow_timesteps=base.flow_timesteps(args.num_steps))
     args = dataclasses.replace(args, sampler=schedule.cfg.sampler)  # --sampler's default: the model's own, recorded
     if meta_file.exists():  # finishing a dataset: from the very model that started it
         check_same_model(out, json.loads(meta_file.read_text()), base)
@@ -270,7 +271,8 @@ def main(argv=None):
     other = compared_model(args, base, device) if args.compare else None  # model B of a blind comparison
     if other is not None:  # B's own scheduler (a model of the same kind may space its noise otherwise)
         other_schedule = schedule_for_model(other.scheduler_config, other.is_latent, args.sampler, args.num_steps,
-                                            args.spacing, args.eta, args.variance_type, args.guidance_scale)
+                                            args.spacing, args.eta, args.variance_type, args.guidance_scale,
+                                            flow_timesteps=other.flow_timesteps(args.num_steps))
     prompt_embeds, other_embeds = {}, {}
     if base.conditioning == "text":  # one text-encoder pass per distinct prompt (and for B: its own text encoder)
         distinct = sorted({c["prompt"] for c in conditions})
@@ -423,7 +425,8 @@ def eval_main(argv=None):
     base.expect(resolution=args.resolution)
     check_condition_flags(base.conditioning, args.pretrained, args.prompts, args.class_labels, base.num_classes)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
-                                  args.spacing, args.eta, args.variance_type, args.guidance_scale)
+                                  args.spacing, args.eta, args.variance_type, args.guidance_scale,
+                                  flow_timesteps=base.flow_timesteps(args.num_steps))
     n = args.num_samples
     cond, prompts = None, None  # the same conditions, seeds and step noise for every model
     if base.conditioning == "class":

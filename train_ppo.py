@@ -214,8 +214,9 @@ class Args:
     """train peft LoRA adapters of this rank instead of the whole U-Net (0 = full fine-tuning, the thesis)"""
     lora_alpha: PosFloat | None = None
     """LoRA scaling numerator (None = --lora-rank, a scale of 1)"""
-    lora_targets: str = "to_q,to_k,to_v,to_out.0"
-    """comma-separated module names that get adapters (default: the attention projections of diffusers U-Nets)"""
+    lora_targets: str | None = None
+    """comma-separated module names that get adapters (None = the model family's attention projections,
+    drlhf/families)"""
 
 
 # ======== ALGO LOGIC: one PPO epoch, the method's step 4 (thesis 5.3), and its parts in the order they run ===
@@ -593,7 +594,8 @@ def main(argv=None):
     args = dataclasses.replace(args, threads=speed.setup_cpu(device, args.threads))
     out = checkpoint.claim_run_folder(args, ckpt)  # held by this run alone; never mixes a new run into an old one
     base, nets, plan, reward_fns, prompts, prompt_embeds, gens, sizes = setup(args, rank, world, device)
-    args = dataclasses.replace(args, sampler=nets.schedule.cfg.sampler)  # --sampler's default: the model's own
+    args = dataclasses.replace(args, sampler=nets.schedule.cfg.sampler,  # --sampler's default: the model's own
+                               lora_targets=args.lora_targets or base.family.lora_targets)  # and its family's
     B = sizes[0]
     lineage = checkpoint.start_lineage(base)  # the rounds of RLHF behind the policy this run starts from
     state = {"epoch": 0, "global_step": 0, "base": models.identity(base)}  # the base a checkpoint's policy fits

@@ -277,7 +277,7 @@ def open_policy(spec: str, base, flag: str = "--checkpoints"):
         try:
             if weights and all("lora_" in k for k in weights):  # a --lora-rank run: re-inject its adapters, merge them
                 models.add_lora(net, run_args["lora_rank"], run_args["lora_alpha"] or run_args["lora_rank"],
-                                run_args["lora_targets"].split(","))
+                                (run_args["lora_targets"] or base.family.lora_targets).split(","))
                 net.load_state_dict(weights, strict=False)
                 return models.merge_lora(net).to(device).eval()
             net.load_state_dict(weights)

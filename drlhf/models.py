@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from drlhf.cli import ModelLoadError  # noqa: F401 - part of this module's interface (raised here)
-from drlhf.families import family_of, sd3
+from drlhf.families import family_for_folder, family_of
 from drlhf.files import atomic_write, default_cache_dir
 from drlhf.guided_diffusion import GuidedClassifier, GuidedUNet
 from drlhf.sampler import is_flow_model
@@ -87,9 +87,14 @@ class BaseModel:
         if not self.is_latent:
             return samples.float().clamp(-1, 1)
         vae_dtype = next(self.vae.parameters()).dtype
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0  # SD3's VAE: latents = (z - shift) * scale
-        images = self.vae.decode(samples.to(vae_dtype) / self.vae.config.scaling_factor + shift).sample
-        return images.float().clamp(-1, 1)
+        return self.family.decode(self.vae, samples.to(vae_dtype)).float().clamp(-1, 1)
+
+    def flow_timesteps(self, num_steps) -> dict:
+        """The sigmas and mu the model's pipeline gives its flow scheduler at this sample shape (the resolution-
+        dependent shift of FLUX.1 and Qwen-Image); {} where there is nothing to give (drlhf.sampler.schedule_for_model)."""
+        if not str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch") or not str(num_steps).isdigit():
+            return {}
+        return self.family.flow_timesteps(self.net, self.scheduler_config, self.sample_shape, int(num_steps))
 
 
 GUIDED_64X64 = dict(image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
@@ -210,80 +215,22 @@ def resolve_source(source: str, cache_dir, toy_train_steps: int, flag: str = "--
 
 def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=torch.float32,
                     toy_train_steps: int = TOY_TRAIN_STEPS, flag: str = "--pretrained") -> BaseModel:
-    """Load a base diffusion model from a toy name, a local diffusers folder or a hub id; errors name `flag`."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    """Load a base diffusion model from a toy name, a local diffusers folder or a hub id (its family's adapter reads
+    the folder, drlhf.families.family_for_folder); errors name `flag`."""
     if source.startswith("guided-diffusion:"):
         return load_guided_diffusion(source, device, cache_dir, flag)
     path = resolve_source(source, cache_dir, toy_train_steps, flag)
-    index = path / "model_index.json"
-    if (path / "transformer").is_dir():
-        return load_sd3(source, path, device, weights_dtype, flag)
+    family = family_for_folder(path)
     try:
-        if index.exists():
-            unet_dir, sched_path = path / "unet", path / "scheduler" / "scheduler_config.json"
-        else:
-            unet_dir, sched_path = path, path / "scheduler_config.json"
-        cfg_file = unet_dir / "config.json"
-        if not cfg_file.exists():
-            raise ModelLoadError(f"{flag} {source}: {cfg_file} is missing; expected a diffusers pipeline "
-                                 "folder (model_index.json, unet/, scheduler/) or a UNet folder")
-        cls_name = json.loads(cfg_file.read_text()).get("_class_name")
-        unet_cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(cls_name)
-        if unet_cls is None:
-            raise ModelLoadError(f"{flag} {source}: unsupported U-Net class {cls_name!r} in {cfg_file}")
-        unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device)
-        sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
-        vae = text_encoder = tokenizer = None
-        if (path / "vae").exists():
-            from diffusers import AutoencoderKL
-            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=weights_dtype, low_cpu_mem_usage=False).to(device).eval()
-        if (path / "text_encoder").exists():
-            from transformers import CLIPTextModel, CLIPTokenizer
-            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=weights_dtype)
-            text_encoder = text_encoder.to(device).eval()
-            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        base = family.load(source, path, device, weights_dtype, flag)
     except ModelLoadError:
         raise
-    except Exception as e:  # noqa: BLE001 - corrupt/incomplete files of any kind
-        raise ModelLoadError(f"{flag} {source}: could not read the model in {path} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}). The files are incomplete or corrupt: re-download "
-                             "them, or for a toy model delete that folder to retrain it.") from None
-    for p in list(unet.parameters()) + [p for m in (vae, text_encoder) if m is not None for p in m.parameters()]:
-        p.requires_grad_(False)
-    toy = json.loads((path / "drlhf_toy.json").read_text()) if (path / "drlhf_toy.json").exists() else {}
-    c = unet.config
-    if text_encoder is not None:
-        conditioning, num_classes = "text", 0
-    elif getattr(c, "num_class_embeds", None):
-        # toy models reserve their last class embedding for "no class" (CFG); other models use them all
-        conditioning, num_classes = "class", toy.get("num_classes", c.num_class_embeds)
-    elif getattr(c, "class_embed_type", None) is not None:
-        raise ModelLoadError(f"{flag} {source}: class_embed_type={c.class_embed_type!r} is not supported")
-    else:
-        conditioning, num_classes = "none", 0
-    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    lineage = json.loads((path / LINEAGE_FILE).read_text()) if (path / LINEAGE_FILE).exists() else {}
-    return BaseModel(source, str(path), unet, sched_cfg, conditioning, (c.in_channels, size, size), num_classes,
-                     vae, text_encoder, tokenizer, extra=toy, lineage=lineage)
-
-
-def load_sd3(source: str, path: Path, device, weights_dtype, flag: str = "--pretrained") -> BaseModel:
-    """A StableDiffusion3Pipeline folder: the transformer (the policy network, float32 master weights), its VAE and
-    three text encoders (frozen, in weights_dtype)."""
-    sched_path = path / "scheduler" / "scheduler_config.json"
-    try:
-        transformer, vae, texts = sd3.load_parts(path, weights_dtype, device)
-        sched_cfg = json.loads(sched_path.read_text())
-    except Exception as e:  # noqa: BLE001 - missing or corrupt parts of any kind
-        raise ModelLoadError(f"{flag} {source}: could not read the SD3 pipeline in {path} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}). Its files are incomplete or corrupt: download it again "
-                             "(transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/)") from None
-    for module in [transformer, vae] + [enc for enc, _ in texts]:
-        module.requires_grad_(False)
-    c = transformer.config
-    lineage = json.loads((path / LINEAGE_FILE).read_text()) if (path / LINEAGE_FILE).exists() else {}
-    return BaseModel(source, str(path), transformer, sched_cfg, "text", (c.in_channels, c.sample_size, c.sample_size),
-                     vae=vae, text_encoder=texts[0][0], tokenizer=texts[0][1], text_encoders=texts, lineage=lineage)
+    except Exception as e:  # noqa: BLE001 - missing, incomplete or corrupt files of any kind
+        raise ModelLoadError(f"{flag} {source}: could not read the {family.name} model in {path} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}). The files are incomplete or corrupt: download them "
+                             "again, or for a toy model delete that folder to retrain it.") from None
+    base.lineage = json.loads((path / LINEAGE_FILE).read_text()) if (path / LINEAGE_FILE).exists() else {}
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,14 +242,16 @@ class Denoiser(nn.Module):
     `cond` is None (unconditional), class labels (B,) or the family's text conditioning (B, L, D) (SD3: the packed
     tensor of drlhf.families.sd3, for a transformer whose output is the velocity); the network is called through
     its family's adapter. With guidance_scale w != 1 the conditional and unconditional inputs go through the
-    network as one batch of 2B and eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); learned variance channels
-    come from the conditional branch (GLIDE's choice).
+    network as one batch of 2B and eps = eps_u + w (eps_c - eps_u) (Ho & Salimans 2022; the family may rescale it,
+    Family.guide); learned variance channels come from the conditional branch (GLIDE's choice). A guidance-distilled
+    network (FLUX.1-dev) takes w as an input instead: one pass of B.
     """
 
     def __init__(self, net: nn.Module, conditioning: str, guidance_scale: float = 1.0, null_cond=None):
         super().__init__()
         self.net, self.conditioning, self.guidance_scale = net, conditioning, guidance_scale
         self.family = family_of(net)  # kept: `net` may be swapped for its compiled forward later
+        self.distilled = self.family.guidance_input(net)
         if guidance_scale != 1.0 and conditioning == "none":
             raise ValueError("--guidance-scale needs a conditional model; this base model is unconditional")
         self.register_buffer("null_cond", null_cond, persistent=False)
@@ -310,13 +259,15 @@ class Denoiser(nn.Module):
     def forward(self, x, t, cond=None, guided: bool = True):
         """guided=False: the conditional prediction alone (the model's training objective, drlhf/ptx.py)."""
         x = x.to(next(self.net.parameters()).dtype) if not torch.is_autocast_enabled() else x
+        if self.distilled:  # the scale is an input of the network (FLUX.1-dev): one pass, no unconditional branch
+            return self.family.call(self.net, x, t, cond, self.conditioning, guidance=self.guidance_scale)
         if self.guidance_scale == 1.0 or not guided:
             return self.family.call(self.net, x, t, cond, self.conditioning)
         null = self.null_cond.expand(len(x), *self.null_cond.shape[1:])
         out = self.family.call(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]), self.conditioning)
         out_c, out_u = out.float().chunk(2)
         c = x.shape[1]
-        guided = out_u[:, :c] + self.guidance_scale * (out_c[:, :c] - out_u[:, :c])
+        guided = self.family.guide(out_c[:, :c], out_u[:, :c], self.guidance_scale)
         return torch.cat([guided, out_c[:, c:]], 1)
 
 
@@ -327,8 +278,8 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
             raise ValueError(f"--guidance-scale {guidance_scale}: {base.source} has no unconditional class embedding "
                              "to guide with; use --guidance-scale 1")
         null = torch.tensor([base.num_classes])
-    elif base.conditioning == "text":
-        null = base.encode_prompts([""])
+    elif base.conditioning == "text" and not base.family.guidance_input(base.net):
+        null = base.encode_prompts([""])  # the negative prompt of classifier-free guidance
     return Denoiser(base.net, base.conditioning, guidance_scale, null).to(next(base.net.parameters()).device)
 
 

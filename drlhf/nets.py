@@ -64,7 +64,7 @@ def load_models(args, rank: int, world: int, device):
     check_condition_flags(base.conditioning, args.pretrained, args.prompts, args.class_labels, base.num_classes)
     schedule = schedule_for_model(base.scheduler_config, base.is_latent, args.sampler, args.num_steps,
                                   args.spacing, args.eta, args.variance_type, args.guidance_scale,
-                                  args.logprob_reduction)
+                                  args.logprob_reduction, base.flow_timesteps(args.num_steps))
     reward_fns = [rewards.from_flags(spec, base, device, args, flag) for spec, flag in
                   ((args.reward, "--reward"), (args.eval_reward, "--eval-reward")) if spec]
     return base, value_net, schedule, reward_fns
@@ -83,7 +83,8 @@ def build_nets(args, base, value_net, schedule, reward_fn, world: int, device) -
     if args.kl_coef > 0 or args.eval_reward:  # the frozen base policy pi_base: the KL penalty; KL of the evaluations
         ref_net = copy.deepcopy(policy_net).requires_grad_(shared_ref).train(shared_ref)
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
-        models.add_lora(base.net, args.lora_rank, args.lora_alpha or args.lora_rank, args.lora_targets.split(","))
+        targets = args.lora_targets or base.family.lora_targets  # the family's attention projections by default
+        models.add_lora(base.net, args.lora_rank, args.lora_alpha or args.lora_rank, targets.split(","))
     value_net = value_net.to(device) if value_net is not None else None
     for frozen in (ref_net, base.net if args.lora_rank else None, value_net):  # GPU fp16/bf16: weights not cast
         if frozen is not None:                                                    # at every forward (no-op on CPU)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
-SD3_ATTENTION = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
 IMAGENET64 = dict(pretrained="guided-diffusion:64x64", spacing="guided", variance_type="learned_range")  # thesis 6.5
 # rows shared by every Table 6.2 PPO column
 ADAM = dict(adam_beta1=0.9, adam_beta2=0.999)
@@ -146,7 +145,7 @@ EXPERIMENTS = {
                        clip_coef=1e-4, logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5, value_fn="unet",
                        epochs=1000, minibatch_size=12, grad_accum_steps=20, policy_lr=3e-4, vf_lr=1e-4,
                        policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
-                       max_grad_norm=1.0, tf32=True, lora_rank=32, lora_alpha=64.0, lora_targets=SD3_ATTENTION,
+                       max_grad_norm=1.0, tf32=True, lora_rank=32, lora_alpha=64.0,
                        gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
 }
 SCRIPTS = ("sample", "train_reward", "train_ppo")

@@ -10,12 +10,24 @@ and class lists, and the conditions of a batch of environments.
 
 Files: .txt (one prompt per line), .jsonl (a "prompt" or "caption" field), .csv (a "caption" or "prompt"
 column) or .parquet (the same columns; needs pyarrow). Duplicates are dropped, first occurrence kept.
+
+The text-encoder states of a prompt list (`prompt_table`): up to FULL_TABLE_MAX prompts are encoded at set-up into
+one tensor; a longer list is a LazyPromptTable, which encodes only the prompts an epoch draws.
 """
 from __future__ import annotations
 
 import csv
 import json
+from collections import OrderedDict
 from pathlib import Path
+
+# A prompt table is encoded at set-up, whole, up to this many prompts: every built-in list (at most 512) and the
+# prompt files of the runs so far, whose numbers therefore stay bit-for-bit as they were. Above it the states are
+# encoded as drawn: SD3's packed conditioning is 334 x 4096 float32 (~5.5 MB) a prompt, so Flow-GRPO's PickScore
+# training file of 25,432 prompts would take ~139 GB encoded whole, while an epoch draws a few dozen of them.
+FULL_TABLE_MAX = 1024
+CACHE_BYTES = 1 << 30  # LazyPromptTable's LRU of encoded prompts: ~190 SD3 prompts, ~4,400 SD v1.5 prompts (host RAM)
+ENCODE_BATCH = 16      # prompts per text-encoder call of a LazyPromptTable, always exactly this many (see there)
 
 PINK = [f"A photograph of a {animal} wearing pink sunglasses." for animal in ("corgi", "deer", "lion", "mouse")]
 PICKSCORE_DIVERSE = [
@@ -179,15 +191,84 @@ def prompt_list(spec: str | None) -> list[str]:
 
 
 def prompt_table(spec: str | None, base) -> tuple:
-    """A text model's prompt list and its text-encoder states, one pass per prompt."""
+    """A text model's prompt list and its text-encoder states, indexable by a LongTensor of prompt rows: up to
+    FULL_TABLE_MAX prompts a tensor (N, L, D) encoded now in one pass, exactly as before the lazy table existed;
+    more, a LazyPromptTable that encodes what is drawn (Flow-GRPO's 25,432 PickScore prompts would be ~139 GB
+    encoded whole for SD3)."""
     prompts = prompt_list(spec)
-    return prompts, base.encode_prompts(prompts)
+    if len(prompts) <= FULL_TABLE_MAX:
+        return prompts, base.encode_prompts(prompts)
+    return prompts, LazyPromptTable(prompts, base.encode_prompts)
+
+
+class LazyPromptTable:
+    """The text-encoder states of a long prompt list, encoded when drawn: `table[idx]` (a LongTensor, a list of
+    rows, a range or slice) is the float32 tensor (n, L, D) of those prompts, on the CPU, as a tensor table
+    indexed the same way would give it up to float rounding; `table[i]` is one row (L, D); len() and iteration
+    (chunk by chunk) work as on a tensor.
+
+    Each prompt is encoded by `encode` (the family's adapter, `base.encode_prompts`) in calls of exactly `batch`
+    prompts (the last one filled up with ""), so a prompt's states never depend on which prompts it was drawn with
+    or on what the cache held: the same drawn prompts give the same bits whether encoded now or earlier, and a
+    --resume (which starts with an empty cache) continues bit-for-bit on CPU.
+
+    An LRU of `cache_bytes` keeps the most recently drawn prompts' states (host memory, a fixed budget whatever
+    the list's length), so a prompt drawn again soon is not encoded again; a GRPO group's prompt is encoded once
+    per draw in any case. `encoded` counts the prompts sent to the text encoders, fill-up excluded."""
+
+    def __init__(self, prompts: list[str], encode, cache_bytes: int = CACHE_BYTES, batch: int = ENCODE_BATCH):
+        self.prompts, self.encode, self.cache_bytes, self.batch = prompts, encode, cache_bytes, batch
+        self.cache = OrderedDict()  # prompt row -> its states (L, D), least recently used first
+        self.cached_bytes = 0
+        self.encoded = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self):
+        for s in range(0, len(self), self.batch):
+            yield from self[range(s, min(s + self.batch, len(self)))]
+
+    def __getitem__(self, idx):
+        import torch
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(len(self)))
+        shape = None  # an int or a tensor of rows: the result has its shape, then (L, D)
+        if isinstance(idx, (int, torch.Tensor)):
+            idx = torch.as_tensor(idx)
+            if idx.is_floating_point() or idx.dtype == torch.bool:
+                raise TypeError(f"a prompt table is indexed by prompt rows (integers), not {idx.dtype}")
+            shape, idx = idx.shape, idx.reshape(-1).tolist()
+        rows = [int(i) for i in idx]
+        if any(not -len(self) <= i < len(self) for i in rows):
+            raise IndexError(f"prompt rows {min(rows)}..{max(rows)} of a table of {len(self)} prompts")
+        rows = [i % len(self) for i in rows]
+        if not rows:  # nothing drawn: (0, L, D), the shape from one call
+            out = self.encode([""] * self.batch).cpu()[:0]
+            return out if shape is None else out.reshape(*shape, *out.shape[1:])
+        found = {i: self.cache[i] for i in dict.fromkeys(rows) if i in self.cache}
+        for i in found:
+            self.cache.move_to_end(i)
+        new = [i for i in dict.fromkeys(rows) if i not in found]
+        for s in range(0, len(new), self.batch):
+            chunk = new[s:s + self.batch]
+            states = self.encode([self.prompts[i] for i in chunk] + [""] * (self.batch - len(chunk))).cpu()
+            found.update((i, states[k].clone()) for k, i in enumerate(chunk))  # clone: not a view of the batch
+            self.encoded += len(chunk)
+        for i in new:  # into the cache after the lookup: a draw larger than the cache still finds all its rows
+            self.cache[i] = found[i]
+            self.cached_bytes += found[i].nbytes
+        while self.cached_bytes > self.cache_bytes:
+            self.cached_bytes -= self.cache.popitem(last=False)[1].nbytes
+        out = torch.stack([found[i] for i in rows])
+        return out if shape is None else out.reshape(*shape, *out.shape[1:])
 
 
 def sample_conditions(base, class_labels: str | None, n: int, generator, prompts=None, prompt_embeds=None,
                       group_size: int = 1):
     """Conditions of n environments, drawn uniformly (thesis 5.3): (cond for the model, prompts or None).
-    cond is None (unconditional), class labels (n,) or text-encoder states (n, L, D) of the drawn prompts.
+    cond is None (unconditional), class labels (n,) or text-encoder states (n, L, D) of the drawn prompts
+    (prompt_embeds: prompt_table's tensor or LazyPromptTable, indexed alike).
     group_size > 1: n / group_size conditions drawn, each given to group_size consecutive environments (GRPO)."""
     import torch
     if base.conditioning == "none":

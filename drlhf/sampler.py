@@ -276,6 +276,50 @@ def flow_sigmas(num_steps: int, num_train_timesteps: int = 1000, shift: float = 
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def calculate_shift(image_tokens: int, scheduler_config: dict) -> float:
+    """mu of the resolution-dependent timestep shift (FLUX.1, Qwen-Image): linear in the image's token count, from
+    base_shift at base_image_seq_len tokens to max_shift at max_image_seq_len (the defaults are FLUX.1's published
+    256 -> 0.5 and 4096 -> 1.15; the pipelines pass this mu to FlowMatchEulerDiscreteScheduler.set_timesteps)."""
+    c = scheduler_config
+    lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    return base + (top - base) * (image_tokens - lo) / (hi - lo)
+
+
+def scheduler_sigmas(scheduler_config: dict, num_steps: int, sigmas: list[float] | None = None,
+                     mu: float | None = None) -> torch.Tensor:
+    """The sampling sigmas (T+1,) float64 that FlowMatchEulerDiscreteScheduler.set_timesteps makes of its config:
+    `sigmas` as given (None: `flow_sigmas`' even spacing), shifted statically (shift s / (1 + (shift - 1) s)) or,
+    with use_dynamic_shifting, by mu: e^mu / (e^mu + 1/s - 1) ("exponential") or mu / (mu + 1/s - 1) ("linear");
+    with shift_terminal, stretched so that the last sigma is that value (1 - s scaled); then 0 appended."""
+    c = scheduler_config
+    n_train, dynamic = c.get("num_train_timesteps", 1000), c.get("use_dynamic_shifting", False)
+    if sigmas is None and not dynamic and not c.get("shift_terminal"):
+        return flow_sigmas(num_steps, n_train, c.get("shift", 1.0))  # SD3: the static case, as before
+    if dynamic and mu is None:
+        raise ValueError("the model's flow scheduler shifts its timesteps by the image's size "
+                         "(use_dynamic_shifting); its family must give mu")
+    if sigmas is None:
+        lowest = 1.0 / n_train if dynamic else None
+        s = torch.linspace(1.0, lowest, num_steps, dtype=torch.float64) if dynamic else \
+            flow_sigmas(num_steps, n_train, c.get("shift", 1.0))[:-1]
+    else:
+        s = torch.tensor(sigmas, dtype=torch.float32).double()  # the scheduler reads them as float32
+        if len(s) != num_steps:
+            raise ValueError(f"{len(s)} sigmas for {num_steps} steps")
+    if dynamic:
+        if c.get("time_shift_type", "exponential") == "exponential":
+            s = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+        else:
+            s = mu / (mu + (1 / s - 1))
+    elif sigmas is not None:
+        shift = c.get("shift", 1.0)
+        s = shift * s / (1 + (shift - 1) * s)
+    if c.get("shift_terminal"):
+        s = 1 - (1 - s) / ((1 - s[-1]) / (1 - c["shift_terminal"]))
+    return torch.cat([s, s.new_zeros(1)])
+
+
 class FlowSchedule(DiffusionSchedule):
     """The rectified-flow MDP, with the interface of DiffusionSchedule (timesteps, cfg, distribution).
 
@@ -307,20 +351,23 @@ class FlowSchedule(DiffusionSchedule):
 
     @classmethod
     def for_model(cls, scheduler_config: dict, num_steps: int = 10, eta: float = 0.7, guidance_scale: float = 1.0,
-                  logprob_reduction: str = "sum") -> "FlowSchedule":
-        """The rollout schedule of a flow model: its scheduler config's training length and timestep shift."""
-        unsupported = [k for k in ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
-                                   "use_exponential_sigmas", "use_beta_sigmas") if scheduler_config.get(k)]
-        if unsupported:  # FLUX's resolution-dependent shift among them: a later addition
+                  logprob_reduction: str = "sum", sigmas: list[float] | None = None,
+                  mu: float | None = None) -> "FlowSchedule":
+        """The rollout schedule of a flow model: its scheduler config's training length and timestep shift (static,
+        or resolution-dependent through `mu`), with the sigmas its pipeline asks for (None: the scheduler's own);
+        the model's family gives sigmas and mu (drlhf.families: Family.flow_timesteps)."""
+        unsupported = [k for k in ("invert_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+                       if scheduler_config.get(k)]
+        if unsupported:
             raise ValueError(f"the model's flow scheduler sets {', '.join(unsupported)}, which the flow sampler does "
-                             "not reproduce; only a static --shift (SD3) is supported")
+                             "not reproduce")
         if not isinstance(num_steps, int) and not str(num_steps).isdigit():
             raise ValueError(f"--num-steps {num_steps}: a flow model takes a plain number of steps")
         n_train = scheduler_config.get("num_train_timesteps", 1000)
         cfg = SamplerConfig(sampler="flow", num_steps=int(num_steps), spacing="linspace", eta=eta,
                             prediction_type="flow", clip_sample=None, guidance_scale=guidance_scale,
                             logprob_reduction=logprob_reduction)
-        return cls(flow_sigmas(int(num_steps), n_train, scheduler_config.get("shift", 1.0)), cfg, n_train)
+        return cls(scheduler_sigmas(scheduler_config, int(num_steps), sigmas, mu), cfg, n_train)
 
     def distribution(self, model_output: torch.Tensor, x_t: torch.Tensor, idx: torch.Tensor):
         """Mean and std of p(x_{i+1} | x_i) from the velocity, in float32."""
@@ -333,17 +380,20 @@ class FlowSchedule(DiffusionSchedule):
 
 def schedule_for_model(scheduler_config: dict, is_latent: bool, sampler: str | None = None, num_steps=25,
                        spacing: str = "leading", eta: float = 1.0, variance_type: str | None = None,
-                       guidance_scale: float = 1.0, logprob_reduction: str = "sum") -> DiffusionSchedule:
+                       guidance_scale: float = 1.0, logprob_reduction: str = "sum",
+                       flow_timesteps: dict | None = None) -> DiffusionSchedule:
     """The MDP of a base model: a FlowSchedule for flow-matching models (--sampler flow), else a DiffusionSchedule.
     sampler None: the model's own (flow for a flow-matching model, else ddpm); a sampler the model cannot take is
-    refused. The schedule's cfg.sampler says which one was used."""
+    refused. The schedule's cfg.sampler says which one was used. flow_timesteps: the sigmas and mu the model's
+    pipeline gives its scheduler (BaseModel.flow_timesteps; {} for SD3)."""
     flow = is_flow_model(scheduler_config)
     sampler = sampler or ("flow" if flow else "ddpm")
     if flow != (sampler == "flow"):
         raise ValueError(f"--sampler {sampler}: the base model is a {'rectified-flow' if flow else 'DDPM-trained'} "
                          f"model; use --sampler {'flow' if flow else 'ddpm or ddim'}")
     if flow:
-        return FlowSchedule.for_model(scheduler_config, num_steps, eta, guidance_scale, logprob_reduction)
+        return FlowSchedule.for_model(scheduler_config, num_steps, eta, guidance_scale, logprob_reduction,
+                                      **(flow_timesteps or {}))
     return DiffusionSchedule.for_model(scheduler_config, is_latent, sampler, num_steps, spacing, eta, variance_type,
                                        guidance_scale, logprob_reduction)
 

@@ -162,7 +162,7 @@ def test_sd3_lora_run_critic_from_the_transformer_and_pipeline_round_trip(run, t
     adapted projections."""
     from diffusers import StableDiffusion3Pipeline
 
-    from drlhf.presets import SD3_ATTENTION
+    SD3_ATTENTION = sd3.SD3Family.lora_targets  # the default for SD3: the joint attention's projections
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\n")
     common = ["--pretrained", tiny_sd3, "--sampler", "flow", "--eta", "0.7", "--prompts", prompts, "--guidance-scale",

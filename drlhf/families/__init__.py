@@ -12,6 +12,9 @@ Loading a pipeline folder still lives in drlhf/models.py.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from drlhf.families.base import Family
 from drlhf.families.guided import GuidedFamily
 from drlhf.families.sd3 import SD3Family
@@ -28,6 +31,14 @@ def family_of(net) -> Family:
             return family
     raise ValueError(f"no model family takes a {type(net).__name__}; the families are "
                      f"{', '.join(f.name for f in FAMILIES)} (drlhf/families)")
+
+
+def family_for_folder(path: Path) -> Family:
+    """The family whose adapter reads the local model folder `path` (by model_index.json's pipeline class, else by
+    what the folder holds; the first family that claims it)."""
+    index = Path(path) / "model_index.json"
+    pipeline_class = json.loads(index.read_text()).get("_class_name") if index.exists() else None
+    return next(family for family in FAMILIES if family.claims(Path(path), pipeline_class))
 
 
 def repeated_blocks() -> tuple[str, ...]:

@@ -17,14 +17,50 @@ class Family:
     repeated_blocks = ()    # class names of the blocks the network repeats (--compile-scope blocks compiles each)
     reward_model = True     # the U-Net-encoder reward model (thesis 5.2) can be built on it
 
+    lora_targets = "to_q,to_k,to_v,to_out.0"  # --lora-targets' default: the attention projections
+
     def owns(self, net: nn.Module) -> bool:
         """Whether `net` is this family's denoising network."""
         raise NotImplementedError
 
+    # ---- loading -----------------------------------------------------------------------------------------------
+    def claims(self, path: Path, pipeline_class: str | None) -> bool:
+        """Whether the local folder `path` holds this family's model; pipeline_class is model_index.json's
+        _class_name (None for a folder without one)."""
+        return False
+
+    def load(self, source: str, path: Path, device, weights_dtype, flag: str):
+        """The folder's BaseModel (drlhf.models): the denoising network in float32 (the policy's master weights),
+        the frozen parts (VAE, text encoders) in weights_dtype, everything frozen. Errors name `flag`."""
+        raise NotImplementedError
+
     # ---- the policy's network ----------------------------------------------------------------------------
-    def call(self, net: nn.Module, x, t, cond, conditioning: str) -> torch.Tensor:
+    def guidance_input(self, net: nn.Module) -> bool:
+        """Whether the network takes the guidance scale as an input (guidance distillation, FLUX.1-dev) instead
+        of classifier-free guidance's two passes."""
+        return False
+
+    def guide(self, out_c: torch.Tensor, out_u: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance from the conditional and unconditional outputs (B, C, H, W), float32:
+        out_u + w (out_c - out_u) (Ho & Salimans 2022)."""
+        return out_u + scale * (out_c - out_u)
+
+    def flow_timesteps(self, net: nn.Module, scheduler_config: dict, sample_shape: tuple, num_steps: int) -> dict:
+        """What the family's pipeline gives its flow scheduler besides the number of steps: sigmas (a list) and
+        mu (the resolution-dependent shift); {} for the scheduler's own (drlhf.sampler.FlowSchedule.for_model)."""
+        return {}
+
+    def decode(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) through the family's VAE, in the VAE's dtype (SD3's and
+        FLUX's VAE: latents = (z - shift_factor) * scaling_factor)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return vae.decode(latents / vae.config.scaling_factor + shift).sample
+
+    # ---- the policy's network ----------------------------------------------------------------------------
+    def call(self, net: nn.Module, x, t, cond, conditioning: str, guidance: float | None = None) -> torch.Tensor:
         """The network's raw output (B, C', H, W) for x_t (B, C, H, W), timesteps t (B,) and the condition (None,
-        class labels (B,) or the packed text conditioning (B, L, D))."""
+        class labels (B,) or the packed text conditioning (B, L, D)); guidance: the scale a guidance-distilled
+        network takes as input (guidance_input)."""
         raise NotImplementedError
 
     def has_null_class(self, net: nn.Module, num_classes: int) -> bool:

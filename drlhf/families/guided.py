@@ -20,7 +20,7 @@ class GuidedFamily(Family):
     def owns(self, net):
         return isinstance(net, GuidedUNet)
 
-    def call(self, net, x, t, cond, conditioning):
+    def call(self, net, x, t, cond, conditioning, guidance=None):
         return net(x, t, cond)  # a plain tensor: the noise and the variance interpolation channels
 
     def encoder_copy(self, net):

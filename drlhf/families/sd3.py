@@ -15,6 +15,7 @@ CLIP, one T5, a guidance input instead of CFG) would be a family of its own besi
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -144,11 +145,28 @@ class SD3Family(Family):
     name = "SD3 transformer"
     any_size = True
     repeated_blocks = ("JointTransformerBlock",)
+    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
 
     def owns(self, net):
         return is_transformer(net)
 
-    def call(self, net, x, t, cond, conditioning):
+    def claims(self, path, pipeline_class):
+        return (pipeline_class or "").startswith("StableDiffusion3") or (pipeline_class is None and
+                                                                          (path / "transformer").is_dir())
+
+    def load(self, source, path, device, weights_dtype, flag):
+        """The transformer (the policy network, float32 master weights), its VAE and three text encoders (frozen,
+        in weights_dtype)."""
+        from drlhf.models import BaseModel
+        transformer, vae, texts = load_parts(path, weights_dtype, device)
+        sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        for module in [transformer, vae] + [enc for enc, _ in texts]:
+            module.requires_grad_(False)
+        c = transformer.config
+        return BaseModel(source, str(path), transformer, sched_cfg, "text", (c.in_channels, c.sample_size, c.sample_size),
+                         vae=vae, text_encoder=texts[0][0], tokenizer=texts[0][1], text_encoders=texts)
+
+    def call(self, net, x, t, cond, conditioning, guidance=None):
         return call_transformer(net, x, t, cond, net.config.pooled_projection_dim)
 
     def sample_shape(self, net, shape, resolution, source):

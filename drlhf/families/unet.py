@@ -21,7 +21,58 @@ class UNetFamily(Family):
     def owns(self, net):
         return hasattr(net, "config") and hasattr(net, "down_blocks") and hasattr(net, "conv_in")
 
-    def call(self, net, x, t, cond, conditioning):
+    def claims(self, path, pipeline_class):
+        return True  # the last folder family: a pipeline with unet/, a bare U-Net folder (or an error naming them)
+
+    def load(self, source, path, device, weights_dtype, flag):
+        """A pipeline folder (model_index.json, unet/, scheduler/, and for Stable Diffusion vae/, text_encoder/,
+        tokenizer/) or a bare UNet2DModel folder (config.json, scheduler_config.json beside it)."""
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        from drlhf.models import BaseModel, ModelLoadError
+        if (path / "model_index.json").exists():
+            unet_dir, sched_path = path / "unet", path / "scheduler" / "scheduler_config.json"
+        else:
+            unet_dir, sched_path = path, path / "scheduler_config.json"
+        cfg_file = unet_dir / "config.json"
+        if not cfg_file.exists():
+            raise ModelLoadError(f"{flag} {source}: {cfg_file} is missing; expected a diffusers pipeline "
+                                 "folder (model_index.json, unet/ or transformer/, scheduler/) or a UNet folder")
+        cls_name = json.loads(cfg_file.read_text()).get("_class_name")
+        unet_cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}.get(cls_name)
+        if unet_cls is None:
+            raise ModelLoadError(f"{flag} {source}: unsupported U-Net class {cls_name!r} in {cfg_file}")
+        unet = unet_cls.from_pretrained(unet_dir, low_cpu_mem_usage=False).to(device)
+        sched_cfg = json.loads(sched_path.read_text()) if sched_path.exists() else {}
+        vae = text_encoder = tokenizer = None
+        if (path / "vae").exists():
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=weights_dtype, low_cpu_mem_usage=False)
+            vae = vae.to(device).eval()
+        if (path / "text_encoder").exists():
+            from transformers import CLIPTextModel, CLIPTokenizer
+            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=weights_dtype)
+            text_encoder = text_encoder.to(device).eval()
+            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+        for module in (unet, vae, text_encoder):
+            if module is not None:
+                module.requires_grad_(False)
+        toy = json.loads((path / "drlhf_toy.json").read_text()) if (path / "drlhf_toy.json").exists() else {}
+        c = unet.config
+        if text_encoder is not None:
+            conditioning, num_classes = "text", 0
+        elif getattr(c, "num_class_embeds", None):
+            # toy models reserve their last class embedding for "no class" (CFG); other models use them all
+            conditioning, num_classes = "class", toy.get("num_classes", c.num_class_embeds)
+        elif getattr(c, "class_embed_type", None) is not None:
+            raise ModelLoadError(f"{flag} {source}: class_embed_type={c.class_embed_type!r} is not supported")
+        else:
+            conditioning, num_classes = "none", 0
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return BaseModel(source, str(path), unet, sched_cfg, conditioning, (c.in_channels, size, size), num_classes,
+                         vae, text_encoder, tokenizer, extra=toy)
+
+    def call(self, net, x, t, cond, conditioning, guidance=None):
         if conditioning == "none":
             return net(x, t).sample
         if conditioning == "class":
