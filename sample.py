@@ -433,10 +433,9 @@ def eval_main(argv=None):
         classes = class_list(args.class_labels, base.num_classes)
         cond = torch.tensor([classes[i % len(classes)] for i in range(n)], device=device)
     elif base.conditioning == "text":
-        plist, embeds = prompt_table(args.prompts, base)
-        prompts = [plist[i % len(plist)] for i in range(n)]
-        table = dict(zip(plist, embeds))
-        cond = torch.stack([table[p] for p in prompts])
+        plist, embeds = prompt_table(args.prompts, base)  # a long prompt file: only the rows drawn get encoded
+        rows = torch.arange(n) % len(plist)
+        prompts, cond = [plist[i] for i in rows.tolist()], embeds[rows].to(device)
     x_T = torch.stack([torch.randn(base.sample_shape, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + i))
                        for i in range(n)]).to(device)
     specs = [c for c in args.checkpoints.split(",") if c]

@@ -21,8 +21,8 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-# A prompt table is encoded at set-up, whole, up to this many prompts: every built-in list (at most 512) and the
-# prompt files of the runs so far, whose numbers therefore stay bit-for-bit as they were. Above it the states are
+# A prompt table is encoded at set-up, whole, up to this many prompts, as it always was: every built-in list (at most
+# 512) and any such prompt file, so those runs keep their numbers bit-for-bit. Above it the states are
 # encoded as drawn: SD3's packed conditioning is 334 x 4096 float32 (~5.5 MB) a prompt, so Flow-GRPO's PickScore
 # training file of 25,432 prompts would take ~139 GB encoded whole, while an epoch draws a few dozen of them.
 FULL_TABLE_MAX = 1024

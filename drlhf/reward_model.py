@@ -147,7 +147,8 @@ class RewardModel(nn.Module):
 
     def save(self, out_dir: Path, config: dict):
         _save_folder(self, out_dir, dict(config, width=self.head.out.in_features, heads=self.head.attn.num_heads,
-                                         ensemble=self.ensemble, encoder_blocks=self.family.encoder_parts(self.encoder)))
+                                         ensemble=self.ensemble, family=self.family.name,
+                                         encoder_blocks=self.family.encoder_parts(self.encoder)))
 
 
 def _save_folder(model: nn.Module, out_dir: Path, config: dict):
@@ -242,6 +243,10 @@ def load_reward_model(path, base, device="cpu", classifier=None, cache_dir=None)
                                "the JSON object train_reward.py writes")
     if config.get("backbone") == "classifier":
         return _load_classifier_reward_model(path, config, base, device, classifier, cache_dir)
+    if config.get("family", base.family.name) != base.family.name:  # (folders written before it was recorded: none)
+        raise RewardModelError(f"--reward-model {path} is built on a {config['family']} ({config.get('base_model')}); "
+                               f"the base model loaded now, {base.source}, is a {base.family.name}: train a reward "
+                               "model on this base model or pass the --pretrained it was trained on")
     if config.get("fingerprint") != base_fingerprint(base.net):
         root = base.lineage.get("root", {})  # a policy fine-tuned by an earlier round: the base model it came from
         if not root.get("fingerprint") or root["fingerprint"] != config.get("fingerprint"):

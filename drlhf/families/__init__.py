@@ -16,11 +16,15 @@ import json
 from pathlib import Path
 
 from drlhf.families.base import Family
+from drlhf.families.flux import FluxFamily
 from drlhf.families.guided import GuidedFamily
+from drlhf.families.qwen_image import QwenImageFamily
 from drlhf.families.sd3 import SD3Family
 from drlhf.families.unet import UNetFamily
 
-FAMILIES: tuple[Family, ...] = (SD3Family(), UNetFamily(), GuidedFamily())
+# the first family that owns a network (or claims a folder) is its family: the U-Nets' adapter claims any folder
+# the others do not, so it comes after them
+FAMILIES: tuple[Family, ...] = (FluxFamily(), QwenImageFamily(), SD3Family(), UNetFamily(), GuidedFamily())
 
 
 def family_of(net) -> Family:

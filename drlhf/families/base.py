@@ -95,17 +95,23 @@ class Family:
 
     # ---- the encoder half: the reward model's, the value function's and the diversity's backbone --------------
     @staticmethod
-    def copy_without(net: nn.Module, names: tuple) -> nn.Module:
-        """A deep copy of `net` without its submodules `names` (left out of the copy, not copied and dropped)."""
+    def copy_with(net: nn.Module, replaced: dict) -> nn.Module:
+        """A deep copy of `net` with its submodules named in `replaced` swapped for the given modules (None: left
+        out; a shorter ModuleList: the first blocks only). What is replaced is never copied; `net` is unchanged."""
         import copy
-        parts = {n: getattr(net, n) for n in names if isinstance(getattr(net, n, None), nn.Module)}
+        kept = {n: getattr(net, n) for n in replaced}
         try:
-            for n in parts:
-                setattr(net, n, None)
+            for n, module in replaced.items():
+                setattr(net, n, module)
             return copy.deepcopy(net)
         finally:
-            for n, module in parts.items():
+            for n, module in kept.items():
                 setattr(net, n, module)
+
+    @classmethod
+    def copy_without(cls, net: nn.Module, names: tuple) -> nn.Module:
+        """A deep copy of `net` without its submodules `names` (left out of the copy, not copied and dropped)."""
+        return cls.copy_with(net, {n: None for n in names if isinstance(getattr(net, n, None), nn.Module)})
 
     def encoder_copy(self, net: nn.Module) -> nn.Module:
         """A copy of the network's encoder half (what is dropped is left out of the copy, not copied and dropped)."""
@@ -152,3 +158,18 @@ class Family:
         """Write the policy `net` with the base model's other parts into `folder` (already created), as this
         family's own pipeline format."""
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2x2 patches: the token layout of FLUX.1's and Qwen-Image's transformers (the MDP keeps latents as (B, C, H, W))
+# ---------------------------------------------------------------------------------------------------------
+def pack_patches(x: torch.Tensor) -> torch.Tensor:
+    """Latents (B, C, H, W) -> tokens (B, H/2 * W/2, 4C): each 2x2 patch one token, channel-major within it."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h // 2 * (w // 2), 4 * c)
+
+
+def unpack_patches(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of pack_patches: tokens (B, h/2 * w/2, 4C) -> latents (B, C, h, w)."""
+    b, _, c4 = tokens.shape
+    return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)

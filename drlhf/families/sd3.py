@@ -14,7 +14,6 @@ CLIP, one T5, a guidance input instead of CFG) would be a family of its own besi
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -28,9 +27,10 @@ TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 
 
-def is_transformer(net: nn.Module) -> bool:
+def is_sd3(net: nn.Module) -> bool:
     """An SD3-class transformer (velocity prediction, joint attention over image and text tokens)."""
-    return hasattr(getattr(net, "config", None), "pooled_projection_dim")
+    from diffusers import SD3Transformer2DModel
+    return isinstance(net, SD3Transformer2DModel)
 
 
 def load_parts(path: Path, weights_dtype, device):
@@ -95,17 +95,9 @@ def call_transformer(net: nn.Module, x, t, cond, pooled_dim: int) -> torch.Tenso
 def first_half(net: nn.Module) -> nn.Module:
     """A copy of the transformer with its first half of joint blocks and without its output layers (the rest is
     left out of the copy, not copied and dropped)."""
-    blocks, n = net.transformer_blocks, len(net.transformer_blocks)
-    out = {name: getattr(net, name) for name in ("norm_out", "proj_out")}
-    try:
-        net.transformer_blocks = nn.ModuleList(list(blocks)[:max(1, n // 2)])
-        for name in out:
-            setattr(net, name, None)
-        return copy.deepcopy(net)
-    finally:
-        net.transformer_blocks = blocks
-        for name, module in out.items():
-            setattr(net, name, module)
+    blocks = net.transformer_blocks
+    return Family.copy_with(net, {"transformer_blocks": nn.ModuleList(list(blocks)[:max(1, len(blocks) // 2)]),
+                                  "norm_out": None, "proj_out": None})
 
 
 def run_first_half(half: nn.Module, x, t, cond) -> torch.Tensor:
@@ -148,7 +140,7 @@ class SD3Family(Family):
     lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
 
     def owns(self, net):
-        return is_transformer(net)
+        return is_sd3(net)
 
     def claims(self, path, pipeline_class):
         return (pipeline_class or "").startswith("StableDiffusion3") or (pipeline_class is None and

@@ -154,6 +154,9 @@ def run_encoder(unet: nn.Module, x, emb, ehs=None):
         else:
             h, _ = block(hidden_states=h, temb=emb)
     if unet.mid_block is not None:
+        # contiguous: torch 2.13's CPU GroupNorm backward crashes (SIGSEGV) on a channels-last input (the down
+        # blocks' convolutions may leave one) that needs no gradient while its weights do (--trainable mid)
+        h = h.contiguous()
         h = unet.mid_block(h, emb, encoder_hidden_states=ehs) if getattr(unet.mid_block, "has_cross_attention", False) \
             else unet.mid_block(h, emb)
     return h
