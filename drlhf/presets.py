@@ -16,6 +16,8 @@ from __future__ import annotations
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
+FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
+QWEN_IMAGE = "Qwen/Qwen-Image"
 IMAGENET64 = dict(pretrained="guided-diffusion:64x64", spacing="guided", variance_type="learned_range")  # thesis 6.5
 # rows shared by every Table 6.2 PPO column
 ADAM = dict(adam_beta1=0.9, adam_beta2=0.999)
