@@ -1,6 +1,6 @@
 """The contract every model family's adapter keeps (drlhf/families), one test per clause, parametrized over the
 families at tiny random weights built here (offline): the toys (DDPM and flow), Stable Diffusion v1.5, OpenAI's
-guided-diffusion U-Net (ADM), SD3, FLUX.1 and Qwen-Image.
+guided-diffusion U-Net (ADM), SD3, FLUX.1 (dev, with its guidance input, and schnell) and Qwen-Image.
 
 1. the rollout at noise level 0 is the family's own diffusers loop (its pipeline where it has one);
 2. one PPO epoch with the critic (the PPO ratio exactly 1 at the start of the update) and one with --advantage group;
@@ -37,6 +37,7 @@ MODELS = {
     "ADM": (_adm, 64, None, 1.0),
     "SD3": (lambda folder: str(build_sd35(folder, "tiny", "cpu")), 32, "StableDiffusion3Pipeline", 4.5),
     "FLUX.1": (lambda folder: str(build_flux(folder, "tiny", "cpu")), 32, "FluxPipeline", 3.5),
+    "FLUX.1-schnell": (lambda folder: str(build_flux(folder, "tiny", "cpu", "schnell")), 32, "FluxPipeline", 1.0),
     "Qwen-Image": (lambda folder: str(build_qwen_image(folder, "tiny", "cpu")), 32, "QwenImagePipeline", 4.0),
 }
 PROMPTS = ["a red cat", "a blue dog"]
@@ -69,11 +70,11 @@ def _reference(name, base, spec, x, cond, steps, guidance):
     """The family's own diffusers sampling loop from x (deterministic: DDIM with eta 0, or the flow's Euler steps)."""
     import diffusers
     pipeline = MODELS[name][2]
-    if name in ("SD3", "FLUX.1", "Qwen-Image"):  # the pipeline itself, from the same latents
+    if name in ("SD3", "FLUX.1", "FLUX.1-schnell", "Qwen-Image"):  # the pipeline itself, from the same latents
         pipe = getattr(diffusers, pipeline).from_pretrained(spec)
         size = dict(height=x.shape[2] * 8, width=x.shape[3] * 8)
         kwargs = dict(SD3=dict(guidance_scale=guidance, negative_prompt=""), **{
-            "FLUX.1": dict(guidance_scale=guidance),
+            "FLUX.1": dict(guidance_scale=guidance), "FLUX.1-schnell": dict(guidance_scale=0.0),
             "Qwen-Image": dict(true_cfg_scale=guidance, negative_prompt="")})[name]
         latents = x if name == "SD3" else pack_patches(x)
         out = pipe(prompt=PROMPTS[0], num_inference_steps=steps, latents=latents.clone(), output_type="latent",
@@ -135,7 +136,7 @@ def _ppo_flags(specs, name, tmp_path):
              guidance, "--reward", "tests.helpers:mean_brightness", "--num-envs", "4", "--group-size", "2",
              "--num-steps", "2", "--minibatch-size", "4", "--eval-samples", "2", "--eval-every", "1",
              "--policy-warmup-steps", "0", "--vf-warmup-steps", "0", "--epochs", "1", "--logprob-reduction", "mean"]
-    if name in ("SD1.5", "SD3", "FLUX.1", "Qwen-Image"):
+    if name in ("SD1.5", "SD3", "FLUX.1", "FLUX.1-schnell", "Qwen-Image"):
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS) + "\n")
         flags += ["--prompts", prompts, "--lora-rank", "2"]
@@ -188,7 +189,7 @@ def test_reward_model_step_round_trip_and_another_familys_refused(specs, cache_d
     assert config["family"] == base.family.name
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x, t, cond), rm.eval()(x, t, cond))
-    other = _load(specs, cache_dir, "toy DDPM" if name in ("SD3", "FLUX.1", "Qwen-Image") else "SD3")
+    other = _load(specs, cache_dir, "toy DDPM" if name in ("SD3", "FLUX.1", "FLUX.1-schnell", "Qwen-Image") else "SD3")
     assert other.family is not base.family
     with pytest.raises(RewardModelError, match=f"is built on a {base.family.name}"):
         load_reward_model(tmp_path / "rm", other)

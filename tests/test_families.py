@@ -31,7 +31,25 @@ def _unet():
     return toys.toy_unet(3, 16, class_cond=True).eval()
 
 
-NETWORKS = {"diffusers U-Net": _unet, "guided-diffusion U-Net": _guided, "SD3 transformer": _sd3}
+def _flux():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                  guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _qwen():
+    from diffusers import QwenImageTransformer2DModel
+    torch.manual_seed(0)
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+NETWORKS = {"diffusers U-Net": _unet, "guided-diffusion U-Net": _guided, "SD3 transformer": _sd3,
+            "FLUX.1 transformer": _flux, "Qwen-Image transformer": _qwen}
+TEXT = ("SD3 transformer", "FLUX.1 transformer", "Qwen-Image transformer")
+CHANNELS = {"FLUX.1 transformer": 4, "Qwen-Image transformer": 4}  # latents: 2x2 patches are packed by the adapter
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))
@@ -44,11 +62,12 @@ def test_each_network_has_one_family_and_its_encoder_half_runs(name):
     half = family.encoder_copy(net)
     assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in net.parameters())
     assert family.last_encoder_block(half) is not None and family.encoder_parts(half)
-    x, t = torch.randn(2, net.config.in_channels if hasattr(net, "config") else 3, 16, 16), torch.tensor([3, 500])
-    null = torch.zeros(1, 5, 32) if name == "SD3 transformer" else None
+    channels = CHANNELS.get(name) or (net.config.in_channels if hasattr(net, "config") else 3)
+    x, t = torch.randn(2, channels, 16, 16), torch.tensor([3, 500])
+    null = torch.zeros(1, 5, 32) if name in TEXT else None
     with torch.no_grad():
-        h = family.features(half, x[:, :, :8, :8] if name == "SD3 transformer" else x, t,
-                            "text" if name == "SD3 transformer" else "class", null=null)
+        h = family.features(half, x[:, :, :8, :8] if name in TEXT else x, t, "text" if name in TEXT else "class",
+                            null=null)
     assert h.ndim >= 3 and torch.isfinite(h).all()
     copy = family.plain_copy(net)
     assert type(copy) is type(net) and set(copy.state_dict()) == set(net.state_dict())
@@ -56,7 +75,8 @@ def test_each_network_has_one_family_and_its_encoder_half_runs(name):
     assert (fingerprint is None) == (name == "guided-diffusion U-Net")
     if fingerprint:  # a changed first block changes it; the same weights give the same one
         assert family.fingerprint(NETWORKS[name]()) == fingerprint
-        next(iter(net.parameters())).data += 1
+        next(p for n, p in net.named_parameters() if n.startswith(("conv_in", "pos_embed", "x_embedder", "img_in"))
+             ).data += 1  # the input layer
         assert family.fingerprint(net) != fingerprint
 
 
@@ -70,10 +90,12 @@ def test_the_denoiser_calls_the_network_through_its_family():
 
 
 def test_no_family_check_outside_the_families():
-    """`hasattr(net, "config")`, `is_transformer` or an isinstance of a family's network class decide nothing outside
-    drlhf/families: the method asks the adapter."""
-    pattern = re.compile(r"hasattr\([^)]*[\"']config[\"']\)|is_transformer|isinstance\([^)]*(GuidedUNet|UNet2D|"
-                         r"SD3Transformer)")
+    """`hasattr(net, "config")`, a family's is_* test, an isinstance of a family's network class, a family's name
+    or config key in an `if` decide nothing outside drlhf/families: the method asks the adapter."""
+    pattern = re.compile(r"hasattr\([^)]*[\"']config[\"']\)|is_transformer|is_sd3|is_flux|is_qwen_image|"
+                         r"isinstance\([^)]*(GuidedUNet|UNet2D|SD3Transformer|FluxTransformer|QwenImageTransformer)|"
+                         r"family\.name\s*[=!]=\s*[\"']|if .*(Family|guidance_embeds|pooled_projection_dim|FluxPipeline|"
+                         r"QwenImagePipeline|StableDiffusion3Pipeline)")
     files = [p for p in [*ROOT.glob("*.py"), *(ROOT / "drlhf").glob("*.py")] if p.name != "guided_diffusion.py"]
     hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in files
             for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]

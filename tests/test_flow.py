@@ -99,9 +99,38 @@ def test_the_sampler_must_match_the_model():
         schedule_for_model({"_class_name": "DDPMScheduler"}, False, "flow", 4)
     with pytest.raises(ValueError, match="--eta must be > 0"):
         schedule_for_model({"_class_name": "FlowMatchEulerDiscreteScheduler"}, False, "flow", 4, eta=0.0)
-    with pytest.raises(ValueError, match="use_dynamic_shifting"):  # FLUX's resolution-dependent shift: not yet
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):  # a resolution-dependent shift needs its family's mu
         schedule_for_model({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, False,
                            "flow", 4)
+
+
+# FLUX.1-dev's, FLUX.1-schnell's and Qwen-Image's published scheduler configs, and the linear time shift
+DYNAMIC = {"FLUX.1-dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+           "FLUX.1-schnell": dict(shift=1.0, use_dynamic_shifting=False),
+           "Qwen-Image": dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                              max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential"),
+           "linear": dict(use_dynamic_shifting=True, time_shift_type="linear")}
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC))
+@pytest.mark.parametrize("tokens,steps,pipeline_sigmas", [(4, 3, True), (1024, 10, True), (4096, 28, True),
+                                                          (1024, 10, False)])
+def test_resolution_dependent_shift_is_the_schedulers(name, tokens, steps, pipeline_sigmas):
+    """scheduler_sigmas with the pipelines' sigmas (1 .. 1/T) and mu from the image's token count, or the scheduler's
+    own spacing, against FlowMatchEulerDiscreteScheduler.set_timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from drlhf.sampler import calculate_shift, scheduler_sigmas
+    config = dict(DYNAMIC[name], num_train_timesteps=1000)
+    ref = FlowMatchEulerDiscreteScheduler(**config)
+    mu = calculate_shift(tokens, config)
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist() if pipeline_sigmas else None
+    ref.set_timesteps(steps, sigmas=sigmas, mu=mu)
+    ours = scheduler_sigmas(config, steps, sigmas, mu)
+    torch.testing.assert_close(ours.float(), ref.sigmas, rtol=0, atol=2e-6)
+    if config.get("use_dynamic_shifting"):  # the shift grows with the image: more steps at high noise (the first
+        larger = scheduler_sigmas(config, steps, sigmas, calculate_shift(4 * tokens, config))  # is 1, a terminal fixed)
+        assert (larger[1:-2] > ours[1:-2]).all() and (larger >= ours - 1e-12).all()
 
 
 # ---------------------------------------------------------------------------------------------------------
