@@ -279,7 +279,7 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
                              "to guide with; use --guidance-scale 1")
         null = torch.tensor([base.num_classes])
     elif base.conditioning == "text" and not base.family.guidance_input(base.net):
-        null = base.encode_prompts([""])  # the negative prompt of classifier-free guidance
+        null = base.encode_prompts([base.family.negative_prompt])  # classifier-free guidance's other branch
     return Denoiser(base.net, base.conditioning, guidance_scale, null).to(next(base.net.parameters()).device)
 
 

@@ -18,6 +18,9 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD35M = "stabilityai/stable-diffusion-3.5-medium"
 FLUX1_DEV = "black-forest-labs/FLUX.1-dev"
 QWEN_IMAGE = "Qwen/Qwen-Image"
+ATTENTION = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # a joint block's image and text
+FLUX_LORA = ATTENTION + ",ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"  # + both feed-forwards
+QWEN_LORA = ATTENTION + ",img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2"  # + both MLPs
 IMAGENET64 = dict(pretrained="guided-diffusion:64x64", spacing="guided", variance_type="learned_range")  # thesis 6.5
 # rows shared by every Table 6.2 PPO column
 ADAM = dict(adam_beta1=0.9, adam_beta2=0.999)
@@ -148,6 +151,35 @@ EXPERIMENTS = {
                        epochs=1000, minibatch_size=12, grad_accum_steps=20, policy_lr=3e-4, vf_lr=1e-4,
                        policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
                        max_grad_norm=1.0, tf32=True, lora_rank=32, lora_alpha=64.0,
+                       gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
+    # Flow-GRPO's pickscore_flux (32 GPUs) at its work per GPU: 36 images an epoch (12 batches of 3), 2 optimizer
+    # steps, 6 SDE steps at noise level 0.9, FLUX.1-dev's guidance input 3.5 (one pass, no CFG), 512 px, LoRA r 64 /
+    # alpha 128 on the attention and feed-forward projections, bf16, lr 3e-4, clip 1e-4. Theirs: groups of 24 across
+    # GPUs, 5 of the 6 steps trained, beta 0 (no KL), T5 cut at 128 tokens (ours: FluxPipeline's 512), EMA
+    # (docs/experiments.md "FLUX.1 and Qwen-Image").
+    "pickscore-flux": dict(
+        about="FLUX.1-dev with PickScore: Flow-GRPO's pickscore_flux task, critic + GAE + per-step KL",
+        diffusion=dict(pretrained=FLUX1_DEV, sampler="flow", eta=0.9, num_steps=6, guidance_scale=3.5, resolution=512,
+                       prompts="builtin:pickscore-diverse", precision="bf16"),
+        train_ppo=dict(conditioning="text", latent=True, reward="pickscore", num_envs=36, group_size=12, gamma=1.0,
+                       gae_lambda=0.95, clip_coef=1e-4, logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5,
+                       value_fn="unet", epochs=1000, minibatch_size=3, grad_accum_steps=36, policy_lr=3e-4, vf_lr=1e-4,
+                       policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
+                       max_grad_norm=1.0, tf32=True, lora_rank=64, lora_alpha=128.0, lora_targets=FLUX_LORA,
+                       gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
+    # Flow-GRPO's pickscore_qwenimage (32 GPUs) at its work per GPU: 16 images an epoch (4 batches of 4), 2 optimizer
+    # steps, 10 steps, true CFG 4 with the negative prompt " ", 512 px, LoRA r 64 / alpha 128 on the attention and MLP
+    # projections, bf16, lr 3e-4, clip 1e-4. Theirs: the SDE (noise level 1.2) on 2 of the 10 steps, the rest
+    # deterministic; the thesis's MDP needs a stochastic policy at every step: noise level 0.7 on all 10, as for SD3.
+    "pickscore-qwen-image": dict(
+        about="Qwen-Image with PickScore: Flow-GRPO's pickscore_qwenimage task, critic + GAE + per-step KL",
+        diffusion=dict(pretrained=QWEN_IMAGE, sampler="flow", eta=0.7, num_steps=10, guidance_scale=4.0,
+                       resolution=512, prompts="builtin:pickscore-diverse", precision="bf16"),
+        train_ppo=dict(conditioning="text", latent=True, reward="pickscore", num_envs=16, group_size=16, gamma=1.0,
+                       gae_lambda=0.95, clip_coef=1e-4, logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5,
+                       value_fn="unet", epochs=1000, minibatch_size=4, grad_accum_steps=20, policy_lr=3e-4, vf_lr=1e-4,
+                       policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
+                       max_grad_norm=1.0, tf32=True, lora_rank=64, lora_alpha=128.0, lora_targets=QWEN_LORA,
                        gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
 }
 SCRIPTS = ("sample", "train_reward", "train_ppo")

@@ -75,7 +75,7 @@ def _reference(name, base, spec, x, cond, steps, guidance):
         size = dict(height=x.shape[2] * 8, width=x.shape[3] * 8)
         kwargs = dict(SD3=dict(guidance_scale=guidance, negative_prompt=""), **{
             "FLUX.1": dict(guidance_scale=guidance), "FLUX.1-schnell": dict(guidance_scale=0.0),
-            "Qwen-Image": dict(true_cfg_scale=guidance, negative_prompt="")})[name]
+            "Qwen-Image": dict(true_cfg_scale=guidance, negative_prompt=base.family.negative_prompt)})[name]
         latents = x if name == "SD3" else pack_patches(x)
         out = pipe(prompt=PROMPTS[0], num_inference_steps=steps, latents=latents.clone(), output_type="latent",
                    **size, **kwargs).images

@@ -18,6 +18,7 @@ class Family:
     reward_model = True     # the U-Net-encoder reward model (thesis 5.2) can be built on it
 
     lora_targets = "to_q,to_k,to_v,to_out.0"  # --lora-targets' default: the attention projections
+    negative_prompt = ""    # the unconditional branch of classifier-free guidance for a text model
 
     def owns(self, net: nn.Module) -> bool:
         """Whether `net` is this family's denoising network."""

@@ -53,6 +53,7 @@ class QwenImageFamily(Family):
     any_size = True
     repeated_blocks = ("QwenImageTransformerBlock",)
     lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
+    negative_prompt = " "  # the pipeline guides only with a negative prompt; Flow-GRPO's and Qwen's examples pass " "
 
     def owns(self, net):
         return is_qwen_image(net)
