@@ -1,10 +1,11 @@
 """Loading base diffusion models, the policy network with classifier-free guidance, LoRA, and saving a policy.
 
 `--pretrained` accepts
-- a local diffusers folder: a pipeline (`model_index.json` with `unet/`, `scheduler/`, and for Stable
-  Diffusion `vae/`, `text_encoder/`, `tokenizer/`), a bare `UNet2DModel` folder, or an SD3-class
-  `StableDiffusion3Pipeline` folder (`transformer/`, three text encoders; drlhf.families.sd3);
-- a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), read from the local hub cache;
+- a local diffusers folder, read by the adapter of the family that claims it (drlhf.families): a pipeline
+  (`model_index.json` with `unet/`, `scheduler/`, and for Stable Diffusion `vae/`, `text_encoder/`, `tokenizer/`),
+  a bare `UNet2DModel` folder, a `StableDiffusion3Pipeline`, `FluxPipeline` or `QwenImagePipeline` folder;
+- a hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`, `black-forest-labs/FLUX.1-dev`), read from the
+  local hub cache;
 - `guided-diffusion:/path/to/64x64_diffusion.pt`: OpenAI's ImageNet 64x64 model (drlhf.guided_diffusion);
 - an offline toy model (`toy:digit4`, `toy:digit4-32`, `toy:digits-rgb`, the rectified-flow `toy:digit4-flow`;
   drlhf.toys), trained on first use.

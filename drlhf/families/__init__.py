@@ -6,9 +6,9 @@
     family.fingerprint(net); family.save_pipeline(net, base, folder); family.encode_prompts(base, prompts)
 
 The interface is drlhf/families/base.py. Families: diffusers U-Nets (the toys, DDPM and flow; SD v1.5/2.x;
-unet.py), OpenAI's guided-diffusion U-Net (guided.py) and SD3-class transformers (sd3.py). Adding a family: its
-file here with a `Family` subclass, and one line in FAMILIES (the first that owns a network is its family).
-Loading a pipeline folder still lives in drlhf/models.py.
+unet.py), OpenAI's guided-diffusion U-Net (guided.py), SD3-class transformers (sd3.py), FLUX.1 (flux.py) and
+Qwen-Image (qwen_image.py). Adding a family: its file here with a `Family` subclass, one line in FAMILIES, one line
+in tests/test_contract.py's MODELS (docs/design.md, "Adding a model family").
 """
 from __future__ import annotations
 
