@@ -9,9 +9,13 @@ The real architectures are built at random weights from their configs (no downlo
     python benchmarks/epoch.py --exp colorfulness                              # OpenAI 64x64 U-Net + classifier
     python benchmarks/epoch.py --exp pickscore-sd3                             # SD3.5-Medium, critic + GAE, LoRA
     python benchmarks/epoch.py --exp pickscore-sd3 --advantage group --value-fn none   # the critic-free baseline
+    python benchmarks/epoch.py --exp pickscore-flux                            # FLUX.1-dev (11.9 B), the same method
+    python benchmarks/epoch.py --exp pickscore-qwen-image                      # Qwen-Image (20.4 B), the same method
     python benchmarks/epoch.py --exp pink --num-envs 8 --compile true --bench-epochs 8
     python benchmarks/epoch.py                                                 # the offline default (toy model)
     python benchmarks/epoch.py --exp pink --size tiny --device cpu --num-envs 2 --bench-epochs 3   # a CPU smoke run
+    python benchmarks/epoch.py --exp pickscore-flux --size tiny --device cpu --num-envs 2 --group-size 2 \
+        --num-steps 2 --minibatch-size 2 --grad-accum-steps 1 --precision fp32 --bench-epochs 2   # FLUX's, on CPU
 
 Every flag that is not the benchmark's own (below) is train_ppo.py's. It prints a table and writes JSON
 (--json): seconds per epoch, images/s, the phases (rollout; scoring = rewards, values, pi_base and a recomputed
@@ -34,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_ppo  # noqa: E402
-from benchmarks.architectures import (build_classifier_reward_model, build_guided, build_pickscore,  # noqa: E402
-                                      build_reward_model, build_sd15, build_sd35)
+from benchmarks.architectures import (build_classifier_reward_model, build_flux, build_guided,  # noqa: E402
+                                      build_pickscore, build_qwen_image, build_reward_model, build_sd15, build_sd35)
 from drlhf import cli, distributed, plan, presets, speed, tracking  # noqa: E402
 from drlhf.files import default_cache_dir  # noqa: E402
 
@@ -190,6 +194,12 @@ def model_flags(argv: list[str], models_dir: Path, size: str, device) -> list[st
     elif args.pretrained == train_ppo.presets.SD35M and "pretrained" not in given:
         sd = build_sd35(models_dir / f"sd35m-{size}", size, device)
         flags += ["--pretrained", str(sd)] + (["--resolution", "64"] if size == "tiny" else [])
+    elif args.pretrained == train_ppo.presets.FLUX1_DEV and "pretrained" not in given:
+        flux = build_flux(models_dir / f"flux1-dev-{size}", size, device, "dev")
+        flags += ["--pretrained", str(flux)] + (["--resolution", "32"] if size == "tiny" else [])  # 4 image tokens
+    elif args.pretrained == train_ppo.presets.QWEN_IMAGE and "pretrained" not in given:
+        qwen = build_qwen_image(models_dir / f"qwen-image-{size}", size, device)
+        flags += ["--pretrained", str(qwen)] + (["--resolution", "32"] if size == "tiny" else [])  # 4 image tokens
     elif args.pretrained.startswith("guided-diffusion:") and "pretrained" not in given:
         folder = build_guided(models_dir / f"guided-{size}", size, device)
         flags += ["--pretrained", f"guided-diffusion:{folder / '64x64_diffusion.pt'}"]

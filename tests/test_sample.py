@@ -58,9 +58,9 @@ def test_resume_after_sigkill_gives_the_uninterrupted_dataset(run, tmp_path):
     env = dict(os.environ, DRLHF_CACHE=str(run.cache_dir), PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, ROOT / "sample.py", *SMALL, "--num-tasks", "10", "--out", str(killed)], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(2000):
-        if (killed / "tasks.jsonl").exists() and (killed / "tasks.jsonl").read_text().count("\n") >= 2:
-            break
+    deadline = time.monotonic() + 600  # a loaded machine starts Python and torch slowly: wait for the work, not a time
+    while not ((killed / "tasks.jsonl").exists() and (killed / "tasks.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sampler ended or stalled before two tasks"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
