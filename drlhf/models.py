@@ -272,6 +272,37 @@ class Denoiser(nn.Module):
         return torch.cat([guided, out_c[:, c:]], 1)
 
 
+class AdaptersOff(nn.Module):
+    """pi_base of a LoRA run: the policy's own network called with its LoRA adapters switched off, in eval mode, so
+    that the frozen base weights are not held twice (a second FLUX.1 transformer is 24 GB in bf16). peft's layers
+    then compute their base layer alone: the same numbers as a copy of the network taken before the adapters went
+    in. The network is held outside this module's parameters: freezing, moving or casting this module leaves the
+    policy alone."""
+
+    def __init__(self, policy: Denoiser):
+        super().__init__()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        plain = Denoiser(policy.net, policy.conditioning, policy.guidance_scale, policy.null_cond)
+        object.__setattr__(self, "policy", plain)  # not a submodule
+        self.conditioning, self.guidance_scale = policy.conditioning, policy.guidance_scale
+        self.lora_layers = [m for m in policy.net.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.lora_layers:
+            raise ValueError("AdaptersOff needs a network with LoRA adapters (models.add_lora)")
+
+    def forward(self, *args, **kwargs):
+        modes = [(m, m.training) for m in self.policy.net.modules()]
+        for layer in self.lora_layers:
+            layer._disable_adapters = True  # peft's switch, set directly: enable_adapters() would also freeze them
+        self.policy.net.train(False)
+        try:
+            return self.policy(*args, **kwargs)
+        finally:
+            for layer in self.lora_layers:
+                layer._disable_adapters = False
+            for m, mode in modes:
+                m.training = mode
+
+
 def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     null = None
     if base.conditioning == "class" and guidance_scale != 1.0:
