@@ -318,35 +318,35 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
 # ---------------------------------------------------------------------------------------------------------
 # LoRA and saving a policy
 # ---------------------------------------------------------------------------------------------------------
-def add_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]):
+def add_lora(net: nn.Module, rank: int, alpha: float, targets: list[str]):
     """Freeze the U-Net and inject LoRA adapters (Hu et al. 2021, through peft) into the named modules, in place.
     B starts at zero, so the adapted U-Net is exactly the base model at the start (PPO ratio 1)."""
     from peft import LoraConfig, inject_adapter_in_model
-    unet.requires_grad_(False)
+    net.requires_grad_(False)
     try:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                           init_lora_weights="gaussian"), unet)
+                                           init_lora_weights="gaussian"), net)
     except ValueError as e:
         raise ValueError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0][:200]}") from None
-    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    n = sum(p.numel() for p in net.parameters() if p.requires_grad)
     print(f"[drlhf] LoRA rank {rank} on {','.join(targets)}: {n:,} trainable of "
-          f"{sum(p.numel() for p in unet.parameters()):,} parameters")
-    return unet
+          f"{sum(p.numel() for p in net.parameters()):,} parameters")
+    return net
 
 
-def merge_lora(unet: nn.Module) -> nn.Module:
+def merge_lora(net: nn.Module) -> nn.Module:
     """A plain copy of a LoRA-adapted U-Net with W + (alpha / r) B A merged into each adapted weight, in the
     original key names, so that it saves and loads as an ordinary diffusers U-Net."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    merged = copy.deepcopy(unet)
+    merged = copy.deepcopy(net)
     for module in merged.modules():
         if isinstance(module, BaseTunerLayer):
             module.get_base_layer().float()  # held in fp16/bf16 while training on a GPU: merge in fp32, not there
             module.merge()
     state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-    plain = family_of(unet).plain_copy(unet)
+    plain = family_of(net).plain_copy(net)
     plain.load_state_dict(state)
-    return plain.to(next(unet.parameters()).device)
+    return plain.to(next(net.parameters()).device)
 
 
 def save_pipeline(net: nn.Module, base: BaseModel, out_dir: Path):

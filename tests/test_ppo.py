@@ -325,7 +325,7 @@ def test_lora_policy_trains_adapters_only_resumes_and_merges(run, tmp_path):
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
     import sample  # sample.py eval reads the adapter checkpoint and merges it the same way
-    evaluated = sample.load_policy_unet(str(out), models.load_base_model(str(model)), "cpu").state_dict()
+    evaluated = sample.load_policy_net(str(out), models.load_base_model(str(model)), "cpu").state_dict()
     assert evaluated.keys() == tuned.keys() and all(torch.equal(evaluated[k], tuned[k]) for k in tuned)
 
 
