@@ -34,7 +34,7 @@ import torch
 
 from drlhf.cli import NonNegFloat, PosInt, Seed
 from drlhf import cli, comparison, evaluation, models, presets, rewards
-from drlhf.checkpoint import load_policy_unet, open_policy
+from drlhf.checkpoint import load_policy_net, open_policy
 from drlhf.distributed import DeviceFlag, Precision, autocast, resolve_device
 from drlhf.files import (atomic_write, check_writable, hold_folder, make_dir, save_safetensors, write_json,
                          write_text)
@@ -226,7 +226,7 @@ def compared_model(args: Args, base: models.BaseModel, device) -> models.BaseMod
     samples); a run or checkpoint folder gets --pretrained's architecture and must come from its base model."""
     spec = args.compare
     if Path(spec).is_dir() and not any((Path(spec) / f).exists() for f in ("model_index.json", "config.json")):
-        return dataclasses.replace(base, net=load_policy_unet(spec, base, device, "--compare"))
+        return dataclasses.replace(base, net=load_policy_net(spec, base, device, "--compare"))
     other = models.load_base_model(spec, device, args.cache_dir, toy_train_steps=args.toy_train_steps, flag="--compare")
     other.expect(resolution=args.resolution)
     models.check_fits(models.identity(other), models.identity(base), f"--compare {spec}", same_base=False)

@@ -76,7 +76,7 @@ def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"epoch_{epoch:05d}"
 
 
-def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, value_net, opt_pi, opt_vf, scaler, state: dict,
+def save_checkpoint(run_dir: Path, epoch: int, net: nn.Module, value_net, opt_pi, opt_vf, scaler, state: dict,
                     args: dict, generators: dict, rank: int, adapters_only: bool = False):
     """Every rank's RNG state is gathered, then rank 0 writes the folder (temporary, then renamed) and `latest`."""
     rngs = [rng_state(generators)]
@@ -86,12 +86,12 @@ def save_checkpoint(run_dir: Path, epoch: int, unet: nn.Module, value_net, opt_p
     if rank != 0:
         return
     path = checkpoint_dir(run_dir, epoch)
-    for name, module in (("policy", unet), ("value", value_net)):
+    for name, module in (("policy", net), ("value", value_net)):
         if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
             raise FloatingPointError(f"non-finite {name} weights at epoch {state['epoch']}: not writing {path}")
 
     def write(d: Path):
-        weights = unet.state_dict()
+        weights = net.state_dict()
         if adapters_only:  # the base weights never change: the adapters are the whole trained state
             weights = {k: v for k, v in weights.items() if "lora_" in k}
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, d / "policy.safetensors")
@@ -218,12 +218,12 @@ def load_weights(module: nn.Module, path: Path, adapters_only: bool = False):
                               f"{str(e).splitlines()[0][:160]}); resume from an earlier checkpoint folder") from None
 
 
-def restore_checkpoint(ckpt: Path, saved: dict, unet, value_net, opt_pi, opt_vf, scaler, generators: dict, rank: int,
+def restore_checkpoint(ckpt: Path, saved: dict, net, value_net, opt_pi, opt_vf, scaler, generators: dict, rank: int,
                        world: int, adapters_only: bool = False) -> dict:
     """Load a checkpoint written by save_checkpoint into freshly built networks; returns the training state."""
     if len(saved["rng"]) != world:
         raise CheckpointError(f"--resume: the checkpoint was written by {len(saved['rng'])} processes, now {world}")
-    load_weights(unet, Path(ckpt) / "policy.safetensors", adapters_only)
+    load_weights(net, Path(ckpt) / "policy.safetensors", adapters_only)
     if value_net is not None:
         load_weights(value_net, Path(ckpt) / "value.safetensors")
     opt_pi.load_state_dict(saved["opt_pi"])
@@ -288,7 +288,7 @@ def open_policy(spec: str, base, flag: str = "--checkpoints"):
     return load_checkpoint
 
 
-def load_policy_unet(spec: str, base, device, flag: str = "--checkpoints") -> nn.Module:
+def load_policy_net(spec: str, base, device, flag: str = "--checkpoints") -> nn.Module:
     """open_policy's policy, checked and loaded at once."""
     return open_policy(spec, base, flag)(device)
 

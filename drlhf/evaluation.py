@@ -80,12 +80,12 @@ class Diversity:
 
     @torch.no_grad()
     def features(self, samples: torch.Tensor) -> torch.Tensor:
-        unet = self.encoder
+        half = self.encoder
         out = []
         for s in range(0, len(samples), self.chunk):
-            x = samples[s:s + self.chunk].to(next(unet.parameters()).device, next(unet.parameters()).dtype)
+            x = samples[s:s + self.chunk].to(next(half.parameters()).device, next(half.parameters()).dtype)
             t = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            h = self.family.features(unet, x, t, self.conditioning, null=self.null_text)  # no condition
+            h = self.family.features(half, x, t, self.conditioning, null=self.null_text)  # no condition
             out.append(h.flatten(1).float().cpu())
         return torch.cat(out)
 

@@ -272,6 +272,37 @@ class Denoiser(nn.Module):
         return torch.cat([guided, out_c[:, c:]], 1)
 
 
+class AdaptersOff(nn.Module):
+    """pi_base of a LoRA run: the policy's own network called with its LoRA adapters switched off, in eval mode, so
+    that the frozen base weights are not held twice (a second FLUX.1 transformer is 24 GB in bf16). peft's layers
+    then compute their base layer alone: the same numbers as a copy of the network taken before the adapters went
+    in. The network is held outside this module's parameters: freezing, moving or casting this module leaves the
+    policy alone."""
+
+    def __init__(self, policy: Denoiser):
+        super().__init__()
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        plain = Denoiser(policy.net, policy.conditioning, policy.guidance_scale, policy.null_cond)
+        object.__setattr__(self, "policy", plain)  # not a submodule
+        self.conditioning, self.guidance_scale = policy.conditioning, policy.guidance_scale
+        self.lora_layers = [m for m in policy.net.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.lora_layers:
+            raise ValueError("AdaptersOff needs a network with LoRA adapters (models.add_lora)")
+
+    def forward(self, *args, **kwargs):
+        modes = [(m, m.training) for m in self.policy.net.modules()]
+        for layer in self.lora_layers:
+            layer._disable_adapters = True  # peft's switch, set directly: enable_adapters() would also freeze them
+        self.policy.net.train(False)
+        try:
+            return self.policy(*args, **kwargs)
+        finally:
+            for layer in self.lora_layers:
+                layer._disable_adapters = False
+            for m, mode in modes:
+                m.training = mode
+
+
 def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
     null = None
     if base.conditioning == "class" and guidance_scale != 1.0:
@@ -287,35 +318,35 @@ def make_denoiser(base: BaseModel, guidance_scale: float = 1.0) -> Denoiser:
 # ---------------------------------------------------------------------------------------------------------
 # LoRA and saving a policy
 # ---------------------------------------------------------------------------------------------------------
-def add_lora(unet: nn.Module, rank: int, alpha: float, targets: list[str]):
+def add_lora(net: nn.Module, rank: int, alpha: float, targets: list[str]):
     """Freeze the U-Net and inject LoRA adapters (Hu et al. 2021, through peft) into the named modules, in place.
     B starts at zero, so the adapted U-Net is exactly the base model at the start (PPO ratio 1)."""
     from peft import LoraConfig, inject_adapter_in_model
-    unet.requires_grad_(False)
+    net.requires_grad_(False)
     try:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                           init_lora_weights="gaussian"), unet)
+                                           init_lora_weights="gaussian"), net)
     except ValueError as e:
         raise ValueError(f"--lora-targets {','.join(targets)}: {str(e).splitlines()[0][:200]}") from None
-    n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    n = sum(p.numel() for p in net.parameters() if p.requires_grad)
     print(f"[drlhf] LoRA rank {rank} on {','.join(targets)}: {n:,} trainable of "
-          f"{sum(p.numel() for p in unet.parameters()):,} parameters")
-    return unet
+          f"{sum(p.numel() for p in net.parameters()):,} parameters")
+    return net
 
 
-def merge_lora(unet: nn.Module) -> nn.Module:
+def merge_lora(net: nn.Module) -> nn.Module:
     """A plain copy of a LoRA-adapted U-Net with W + (alpha / r) B A merged into each adapted weight, in the
     original key names, so that it saves and loads as an ordinary diffusers U-Net."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    merged = copy.deepcopy(unet)
+    merged = copy.deepcopy(net)
     for module in merged.modules():
         if isinstance(module, BaseTunerLayer):
             module.get_base_layer().float()  # held in fp16/bf16 while training on a GPU: merge in fp32, not there
             module.merge()
     state = {k.replace(".base_layer.", "."): v for k, v in merged.state_dict().items() if "lora_" not in k}
-    plain = family_of(unet).plain_copy(unet)
+    plain = family_of(net).plain_copy(net)
     plain.load_state_dict(state)
-    return plain.to(next(unet.parameters()).device)
+    return plain.to(next(net.parameters()).device)
 
 
 def save_pipeline(net: nn.Module, base: BaseModel, out_dir: Path):

@@ -80,11 +80,14 @@ def build_nets(args, base, value_net, schedule, reward_fn, world: int, device) -
     # --compile: the KL pass through the update's graph, which guards on requires_grad and runs in training mode
     shared_ref = reference_in_update_graph(args, policy_net)  # (pi_base's weights are never given to an optimizer)
     ref_net = None
-    if args.kl_coef > 0 or args.eval_reward:  # the frozen base policy pi_base: the KL penalty; KL of the evaluations
+    reference = args.kl_coef > 0 or args.eval_reward  # pi_base: the KL penalty; the KL of the evaluations
+    if reference and not args.lora_rank:  # full fine-tuning: a frozen copy of the base network
         ref_net = copy.deepcopy(policy_net).requires_grad_(shared_ref).train(shared_ref)
     if args.lora_rank:  # low-rank adapters on the attention projections; the base weights stay frozen
         targets = args.lora_targets or base.family.lora_targets  # the family's attention projections by default
         models.add_lora(base.net, args.lora_rank, args.lora_alpha or args.lora_rank, targets.split(","))
+        if reference:  # the same frozen weights with the adapters off: no second copy of the network
+            ref_net = models.AdaptersOff(policy_net)
     value_net = value_net.to(device) if value_net is not None else None
     for frozen in (ref_net, base.net if args.lora_rank else None, value_net):  # GPU fp16/bf16: weights not cast
         if frozen is not None:                                                    # at every forward (no-op on CPU)

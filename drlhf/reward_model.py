@@ -66,19 +66,19 @@ class CrossAttentionPool(nn.Module):
 
 
 class RewardModel(nn.Module):
-    def __init__(self, unet: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
+    def __init__(self, net: nn.Module, conditioning: str, null_text=None, num_classes: int = 0, width: int = 128,
                  heads: int = 4, trainable: str = "head", ensemble: int = 1):
         super().__init__()
-        self.family = family_of(unet)
+        self.family = family_of(net)
         if not self.family.reward_model:
             raise ValueError(f"this reward model does not reuse a {self.family.name}; for OpenAI's ImageNet model use "
                              "the classifier-based one (train_reward.py --backbone classifier)")
         if trainable not in TRAINABLE:
             raise ValueError(f"--trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.conditioning, self.num_classes, self.trainable = conditioning, num_classes, trainable
-        self.fingerprint = base_fingerprint(unet)
-        self.encoder = self.family.encoder_copy(unet)  # the policy's network stays untouched
-        feat_dim, cond_dim = self.family.encoder_dims(unet, conditioning)
+        self.fingerprint = base_fingerprint(net)
+        self.encoder = self.family.encoder_copy(net)  # the policy's network stays untouched
+        feat_dim, cond_dim = self.family.encoder_dims(net, conditioning)
         last = self.family.last_encoder_block(self.encoder)  # a U-Net's mid block, a transformer's last kept block
         self.head = CrossAttentionPool(feat_dim, cond_dim, width, heads)
         # train_reward.py --ensemble N: N - 1 more heads, each its own init, on the same encoder features

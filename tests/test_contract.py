@@ -3,7 +3,8 @@ families at tiny random weights built here (offline): the toys (DDPM and flow), 
 guided-diffusion U-Net (ADM), SD3, FLUX.1 (dev, with its guidance input, and schnell) and Qwen-Image.
 
 1. the rollout at noise level 0 is the family's own diffusers loop (its pipeline where it has one);
-2. one PPO epoch with the critic (the PPO ratio exactly 1 at the start of the update) and one with --advantage group;
+2. one PPO epoch with the critic and the per-step KL (the PPO ratio exactly 1 at the start of the update, the KL to the
+   frozen base exactly 0 in the first epoch) and one with --advantage group;
 3. one reward-model training step, saved and loaded back; a reward model of another family is refused;
 4. the policy saved as the family's pipeline loads as that pipeline and as a base model, with the same weights.
 
@@ -152,9 +153,12 @@ def test_one_ppo_epoch_with_the_critic_and_one_with_group_advantages(run, specs,
     critic_flags = ["--value-fn", "unet"]  # the critic on the base network's encoder half (thesis 5.2)
     if name == "ADM":  # thesis 6.5: OpenAI's noisy-image classifier
         critic_flags = ["--value-fn", "classifier", "--classifier", specs[name].replace("diffusion.pt", "classifier.pt")]
-    run("train_ppo.py", *flags, *critic_flags, "--output-dir", critic)
+    run("train_ppo.py", *flags, *critic_flags, "--kl-coef", "0.01", "--output-dir", critic)
+    exact = passes_reproduce_bits()
     dev = _scalars(critic, "losses/ratio_dev_at_start")
-    assert dev and (dev == [0.0] if passes_reproduce_bits() else max(dev) < 1e-3), dev  # the ratio is 1 at the start
+    assert dev and (dev == [0.0] if exact else max(dev) < 1e-3), dev  # the ratio is 1 at the start
+    kl = _scalars(critic, "objective/kl")  # pi_base (a LoRA run: the policy with its adapters off) is the policy
+    assert kl and (kl == [0.0] if exact else abs(kl[0]) < 1e-3), kl  # in the first epoch
     assert _scalars(critic, "losses/value_loss")
     run("train_ppo.py", *flags, "--value-fn", "none", "--advantage", "group", "--output-dir", group)
     assert _scalars(group, "losses/ratio_dev_at_start")

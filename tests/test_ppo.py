@@ -325,8 +325,40 @@ def test_lora_policy_trains_adapters_only_resumes_and_merges(run, tmp_path):
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
     import sample  # sample.py eval reads the adapter checkpoint and merges it the same way
-    evaluated = sample.load_policy_unet(str(out), models.load_base_model(str(model)), "cpu").state_dict()
+    evaluated = sample.load_policy_net(str(out), models.load_base_model(str(model)), "cpu").state_dict()
     assert evaluated.keys() == tuned.keys() and all(torch.equal(evaluated[k], tuned[k]) for k in tuned)
+
+
+def test_lora_reference_is_the_policy_with_its_adapters_off(tmp_path):
+    """pi_base of a LoRA run holds no second network: the policy's own one with the adapters switched off gives the
+    numbers of a copy taken before the adapters went in, whatever the adapters learned, and leaves the policy's
+    trainable adapters, its mode and its outputs as they were."""
+    import copy
+
+    from tiny_sd import build_tiny_sd
+    base = models.load_base_model(str(build_tiny_sd(tmp_path / "tiny-sd")))
+    policy = models.make_denoiser(base, 7.5)
+    before = copy.deepcopy(policy).eval()
+    models.add_lora(base.net, 4, 4.0, base.family.lora_targets.split(","))
+    with torch.no_grad():
+        for name, p in base.net.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # "trained" adapters
+    ref = models.AdaptersOff(policy)
+    assert sum(p.numel() for p in ref.parameters()) == 0  # nothing of its own to hold, freeze or move
+    ref.requires_grad_(False).train(False)
+    trainable = {n for n, p in base.net.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    policy.train()
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = torch.randn(2, *base.sample_shape, generator=g), torch.tensor([900, 10]), base.encode_prompts(["a", "b"])
+    with torch.no_grad():
+        adapted = policy(x, t, cond)
+        off = ref(x, t, cond)
+        assert torch.equal(off, before(x, t, cond)) and not torch.equal(off, adapted)
+        assert torch.equal(policy(x, t, cond), adapted)  # the adapters are back on
+    assert policy.training and all(m.training for m in base.net.modules())
+    assert {n for n, p in base.net.named_parameters() if p.requires_grad} == trainable
 
 
 def test_pickscore_path_with_a_tiny_clip(run, tmp_path):
