@@ -11,8 +11,8 @@ The layout, as train_ppo.py's set-up makes it with the preset's flags on a GPU i
     policy       the transformer with LoRA adapters (models.add_lora): its frozen Linear/Conv weights held in the
                  autocast dtype (speed.hold_frozen_in_compute_dtype), norms, embeddings and buffers in fp32 (the
                  family's load() reads the transformer as fp32 master weights); the adapters fp32
-    reference    copy.deepcopy of the policy made before LoRA is added (pi_base of the per-step KL): a second
-                 full transformer, its frozen weights held like the policy's
+    reference    pi_base of the per-step KL: with LoRA the policy's own transformer with its adapters off
+                 (models.AdaptersOff, no bytes of its own); without LoRA a copy of the policy
     critic       --value-fn unet: RewardModel = a copy of the transformer's first half (Family.encoder_copy) + a
                  cross-attention head; only the head trains (RewardModel's default trainable="head"); the copy is
                  held in the autocast dtype
@@ -24,10 +24,11 @@ The layout, as train_ppo.py's set-up makes it with the preset's flags on a GPU i
                  tokens x width, autocast dtype) + the tensors one block saves while it is recomputed for its
                  backward pass, at the update's pass (--minibatch-size states; twice that under classifier-free
                  guidance, which runs conditional and unconditional as one batch)
-    decode       (scoring) the VAE decodes the rollout's B images in one batch (score_terminal), fp16, no gradients
+    decode       (scoring) the VAE decodes the rollout's B images models.DECODE_CHUNK at a time (BaseModel.decode),
+                 fp16, no gradients
 
 peak = everything resident + max(activations, decode); set-up peak = what set-up holds before the frozen weights
-are converted (the transformer, the critic's copy and the reference copy in fp32). GB are 2^30 bytes, as the epoch
+are converted (the transformer and the critic's copy in fp32). GB are 2^30 bytes, as the epoch
 benchmark's peak_gpu_*_gb. No GPU is used: every number is computed.
 """
 from __future__ import annotations
@@ -211,7 +212,7 @@ def activation_bytes(spec: dict, args) -> dict:
     return dict(inputs=sum(at(k, "inputs") for k in kinds), one_block=max(at(k, "saved") for k in set(kinds)))
 
 
-# ======== the scoring phase: the VAE decodes the rollout's B images in one batch (fp16, no gradients) ==========
+# ======== the scoring phase: the VAE decodes the rollout's images DECODE_CHUNK at a time (fp16, no gradients) =====
 class LiveBytes(TorchDispatchMode):
     """The peak bytes of the tensors that ops create while it is on, each storage counted from its creation until
     it is freed (a view or an in-place result shares its input's storage); `known` storages are not counted. On the
@@ -279,13 +280,14 @@ def family_memory(exp: str, counts: dict | None = None, measure: bool = True) ->
                                                             sig["heads"].default)))
         from transformers import CLIPConfig, CLIPModel
         pickscore = CLIPModel(CLIPConfig(**arch.PICKSCORE))  # fp32, as PickScore v1's checkpoint stores it
-        ref = copy.deepcopy(net).requires_grad_(False) if args.kl_coef > 0 or args.eval_reward else None  # pi_base
+        reference = args.kl_coef > 0 or args.eval_reward  # pi_base: with LoRA the policy, adapters off (AdaptersOff)
+        ref = copy.deepcopy(net).requires_grad_(False) if reference and not args.lora_rank else None
         text_vae = 2 * (counts[spec["text"]] + counts[spec["vae"]])  # frozen_dtype fp16
         setup, held = [], 0
         for step, size in (("load: transformer fp32, text encoders + VAE fp16", nbytes(net) + text_vae),
                            ("+ critic: copy of the first half, fp32 (make_value_fn)", nbytes(critic)),
                            ("+ PickScore, fp32 (rewards.from_flags)", nbytes(pickscore)),
-                           ("+ reference: copy of the transformer, fp32 (build_nets)", nbytes(ref) if ref else 0)):
+                           *([("+ reference: copy of the transformer, fp32 (build_nets)", nbytes(ref))] if ref else [])):
             held += size
             setup.append((step, held / GB))
         quiet(models.add_lora, net, args.lora_rank, args.lora_alpha or args.lora_rank,
@@ -310,7 +312,8 @@ def family_memory(exp: str, counts: dict | None = None, measure: bool = True) ->
         / GB,  # latents (T + 1, B, 16, h, w) and conditioning (B, L + 1, D), fp32
         pass_images=pass_images, activations_measured=measure,
         activations_inputs=pass_images * act["inputs"] / GB, activations_one_block=pass_images * act["one_block"] / GB,
-        decode_images=B, decode=B * decode_bytes(spec, family, args) / GB,
+        decode_images=min(B, models.DECODE_CHUNK),
+        decode=min(B, models.DECODE_CHUNK) * decode_bytes(spec, family, args) / GB,
         setup_steps=setup, setup_peak=max(v for _, v in setup))
     row["activations"] = row["activations_inputs"] + row["activations_one_block"]
     row["resident"] = sum(row[k] for k in RESIDENT)
