@@ -286,3 +286,11 @@ def release_folders():
             os.unlink(lock_file(path))
         f.close()
     _HELD.clear()
+
+
+def download_once(url: str, path: Path):
+    """Fetch url to path unless it is there; a partial download never takes the final name. Raises OSError."""
+    import urllib.request
+    if path.exists():
+        return
+    atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +21,11 @@ import torch
 import torch.nn as nn
 
 from drlhf.cli import ModelLoadError  # noqa: F401 - part of this module's interface (raised here)
-from drlhf.families import family_for_folder, family_of
+from drlhf.families import family_for_folder, family_for_spec, family_of
+# OpenAI's U-Net's published flags, URL and scheduler live with its adapter; here for the callers of models
+from drlhf.families.guided import GUIDED_64X64, GUIDED_SCHEDULER, GUIDED_URL  # noqa: F401
 from drlhf.files import atomic_write, default_cache_dir
-from drlhf.guided_diffusion import GuidedClassifier, GuidedUNet
+from drlhf.guided_diffusion import GuidedClassifier
 from drlhf.sampler import is_flow_model
 from drlhf.toys import TOY_MODELS, TOY_TRAIN_STEPS, toy_guided_classifier, toy_model_dir
 
@@ -96,60 +97,9 @@ class BaseModel:
     def flow_timesteps(self, num_steps) -> dict:
         """The sigmas and mu the model's pipeline gives its flow scheduler at this sample shape (the resolution-
         dependent shift of FLUX.1 and Qwen-Image); {} where there is nothing to give (drlhf.sampler.schedule_for_model)."""
-        if not str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch") or not str(num_steps).isdigit():
+        if not is_flow_model(self.scheduler_config) or not str(num_steps).isdigit():
             return {}
         return self.family.flow_timesteps(self.net, self.scheduler_config, self.sample_shape, int(num_steps))
-
-
-GUIDED_64X64 = dict(image_size=64, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
-                    attention_resolutions=[32, 16, 8], channel_mult=[1, 2, 3, 4], num_classes=1000,
-                    num_head_channels=64)  # the model flags OpenAI publishes for 64x64_diffusion.pt
-GUIDED_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_diffusion.pt"
-GUIDED_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000, variance_type="learned_range",
-                        prediction_type="epsilon", clip_sample=True)  # cosine schedule, learned range (thesis 6.5)
-
-
-def download_once(url: str, path: Path):
-    """Fetch url to path unless it is there; a partial download never takes the final name. Raises OSError."""
-    if path.exists():
-        return
-    atomic_write(path, lambda tmp: urllib.request.urlretrieve(url, tmp))
-
-
-def load_guided_diffusion(spec: str, device="cpu", cache_dir=None, flag: str = "--pretrained") -> "BaseModel":
-    """OpenAI's class-conditional ImageNet U-Net from a .pt file (or its URL, fetched into the cache), read with
-    torch.load(weights_only=True): no pickled code runs. A sidecar FILE.json may give other constructor kwargs."""
-    src = spec.split(":", 1)[1]
-    if src == "64x64":
-        src = str(Path(cache_dir or default_cache_dir()) / "guided-diffusion" / "64x64_diffusion.pt")
-    if src.startswith(("http://", "https://")):
-        path = Path(cache_dir or default_cache_dir()) / "guided-diffusion" / src.rsplit("/", 1)[1]
-        try:
-            download_once(src, path)
-        except OSError as e:
-            raise ModelLoadError(f"{flag} {spec}: could not download it ({e}); fetch {src} elsewhere and pass "
-                                 f"{flag} guided-diffusion:/path/to/64x64_diffusion.pt") from None
-        src = str(path)
-    path = Path(src)
-    if not path.is_file():
-        raise ModelLoadError(f"{flag} {spec}: {path} does not exist. Download OpenAI's ImageNet 64x64 model "
-                             f"({GUIDED_URL}, and for the value function/reward model 64x64_classifier.pt next to it) "
-                             f"and pass {flag} guided-diffusion:/path/to/64x64_diffusion.pt, or put it at "
-                             f"{Path(cache_dir or default_cache_dir()) / 'guided-diffusion'}")
-    kwargs = dict(GUIDED_64X64)
-    if path.with_suffix(".json").exists():
-        kwargs.update(json.loads(path.with_suffix(".json").read_text()))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        unet = GuidedUNet(**{**kwargs, "attention_resolutions": tuple(kwargs["attention_resolutions"]),
-                             "channel_mult": tuple(kwargs["channel_mult"])})
-        unet.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # dropout 0: the policy must be
-    except Exception as e:  # noqa: BLE001                                            deterministic for PPO ratios
-        raise ModelLoadError(f"{flag} {spec}: could not load {path} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]})") from None
-    unet = unet.to(device).requires_grad_(False)
-    return BaseModel(spec, str(path), unet, dict(GUIDED_SCHEDULER), "class",
-                     (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]), kwargs["num_classes"])
 
 
 GUIDED_CLASSIFIER_64X64 = dict(image_size=64, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=4,
@@ -221,8 +171,9 @@ def load_base_model(source: str, device="cpu", cache_dir=None, weights_dtype=tor
                     toy_train_steps: int = TOY_TRAIN_STEPS, flag: str = "--pretrained") -> BaseModel:
     """Load a base diffusion model from a toy name, a local diffusers folder or a hub id (its family's adapter reads
     the folder, drlhf.families.family_for_folder); errors name `flag`."""
-    if source.startswith("guided-diffusion:"):
-        return load_guided_diffusion(source, device, cache_dir, flag)
+    family = family_for_spec(source)  # a model file named by its family's prefix (guided-diffusion:PATH)
+    if family is not None:
+        return family.load_spec(source, device, cache_dir, flag)
     path = resolve_source(source, cache_dir, toy_train_steps, flag)
     family = family_for_folder(path)
     try:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from drlhf.cli import UserError
 from drlhf.files import atomic_write, default_cache_dir
-from drlhf.models import download_once
+from drlhf.files import download_once
 from drlhf.reward_model import load_reward_model
 
 TARGET_PNG = Path(__file__).parent / "assets" / "target_4.png"

@@ -45,6 +45,12 @@ def family_for_folder(path: Path) -> Family:
     return next(family for family in FAMILIES if family.claims(Path(path), pipeline_class))
 
 
+def family_for_spec(source: str) -> Family | None:
+    """The family whose --pretrained prefix `source` starts with (guided-diffusion:PATH), or None (a folder, a hub id
+    or a toy)."""
+    return next((f for f in FAMILIES if f.spec_prefix and source.startswith(f.spec_prefix)), None)
+
+
 def repeated_blocks() -> tuple[str, ...]:
     """The class names of the blocks every family repeats (--compile-scope blocks)."""
     return tuple(name for family in FAMILIES for name in family.repeated_blocks)

@@ -25,6 +25,12 @@ class Family:
         raise NotImplementedError
 
     # ---- loading -----------------------------------------------------------------------------------------------
+    spec_prefix: str | None = None  # a --pretrained that names a model file by prefix (guided-diffusion:PATH)
+
+    def load_spec(self, spec: str, device, cache_dir, flag: str):
+        """The BaseModel of a --pretrained that starts with spec_prefix."""
+        raise NotImplementedError
+
     def claims(self, path: Path, pipeline_class: str | None) -> bool:
         """Whether the local folder `path` holds this family's model; pipeline_class is model_index.json's
         _class_name (None for a folder without one)."""
