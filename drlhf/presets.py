@@ -25,6 +25,13 @@ IMAGENET64 = dict(pretrained="guided-diffusion:64x64", spacing="guided", varianc
 # rows shared by every Table 6.2 PPO column
 ADAM = dict(adam_beta1=0.9, adam_beta2=0.999)
 PPO_RL = dict(gamma=1.0, gae_lambda=0.95, clip_coef=0.2)
+# what the PickScore presets on flow models share (Flow-GRPO's base config with the thesis's method: critic + GAE +
+# per-step KL); each row adds its batch arithmetic and LoRA
+PICKSCORE_FLOW = dict(conditioning="text", latent=True, reward="pickscore", gamma=1.0, gae_lambda=0.95, clip_coef=1e-4,
+                      logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5, value_fn="unet", epochs=1000,
+                      policy_lr=3e-4, vf_lr=1e-4, policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8,
+                      weight_decay=1e-4, max_grad_norm=1.0, tf32=True, gradient_checkpointing=True,
+                      old_logprobs="recompute", eval_samples=16, eval_every=25)
 
 EXPERIMENTS = {
     # ----- Table 6.2, the thesis's seven experiments ---------------------------------------------------------
@@ -146,12 +153,8 @@ EXPERIMENTS = {
         about="SD3.5-Medium with PickScore: Flow-GRPO's pickscore_sd3 task, critic + GAE + per-step KL",
         diffusion=dict(pretrained=SD35M, sampler="flow", eta=0.7, num_steps=10, guidance_scale=4.5, resolution=512,
                        prompts="builtin:pickscore-diverse", precision="fp16"),
-        train_ppo=dict(conditioning="text", latent=True, reward="pickscore", num_envs=48, group_size=12, gamma=1.0, gae_lambda=0.95,
-                       clip_coef=1e-4, logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5, value_fn="unet",
-                       epochs=1000, minibatch_size=12, grad_accum_steps=20, policy_lr=3e-4, vf_lr=1e-4,
-                       policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
-                       max_grad_norm=1.0, tf32=True, lora_rank=32, lora_alpha=64.0,
-                       gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
+        train_ppo=dict(**PICKSCORE_FLOW, num_envs=48, group_size=12, minibatch_size=12, grad_accum_steps=20,
+                       lora_rank=32, lora_alpha=64.0)),
     # Flow-GRPO's pickscore_flux (32 GPUs) at its work per GPU: 36 images an epoch (12 batches of 3), 2 optimizer
     # steps, 6 SDE steps at noise level 0.9, FLUX.1-dev's guidance input 3.5 (one pass, no CFG), 512 px, LoRA r 64 /
     # alpha 128 on the attention and feed-forward projections, bf16, lr 3e-4, clip 1e-4. Theirs: groups of 24 across
@@ -161,12 +164,8 @@ EXPERIMENTS = {
         about="FLUX.1-dev with PickScore: Flow-GRPO's pickscore_flux task, critic + GAE + per-step KL",
         diffusion=dict(pretrained=FLUX1_DEV, sampler="flow", eta=0.9, num_steps=6, guidance_scale=3.5, resolution=512,
                        prompts="builtin:pickscore-diverse", precision="bf16"),
-        train_ppo=dict(conditioning="text", latent=True, reward="pickscore", num_envs=36, group_size=12, gamma=1.0,
-                       gae_lambda=0.95, clip_coef=1e-4, logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5,
-                       value_fn="unet", epochs=1000, minibatch_size=3, grad_accum_steps=36, policy_lr=3e-4, vf_lr=1e-4,
-                       policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
-                       max_grad_norm=1.0, tf32=True, lora_rank=64, lora_alpha=128.0, lora_targets=FLUX_LORA,
-                       gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
+        train_ppo=dict(**PICKSCORE_FLOW, num_envs=36, group_size=12, minibatch_size=3, grad_accum_steps=36,
+                       lora_rank=64, lora_alpha=128.0, lora_targets=FLUX_LORA)),
     # Flow-GRPO's pickscore_qwenimage (32 GPUs) at its work per GPU: 16 images an epoch (4 batches of 4), 2 optimizer
     # steps, 10 steps, true CFG 4 with the negative prompt " ", 512 px, LoRA r 64 / alpha 128 on the attention and MLP
     # projections, bf16, lr 3e-4, clip 1e-4. Theirs: the SDE (noise level 1.2) on 2 of the 10 steps, the rest
@@ -175,12 +174,8 @@ EXPERIMENTS = {
         about="Qwen-Image with PickScore: Flow-GRPO's pickscore_qwenimage task, critic + GAE + per-step KL",
         diffusion=dict(pretrained=QWEN_IMAGE, sampler="flow", eta=0.7, num_steps=10, guidance_scale=4.0,
                        resolution=512, prompts="builtin:pickscore-diverse", precision="bf16"),
-        train_ppo=dict(conditioning="text", latent=True, reward="pickscore", num_envs=16, group_size=16, gamma=1.0,
-                       gae_lambda=0.95, clip_coef=1e-4, logprob_reduction="mean", kl_coef=0.001, vf_coef=0.5,
-                       value_fn="unet", epochs=1000, minibatch_size=4, grad_accum_steps=20, policy_lr=3e-4, vf_lr=1e-4,
-                       policy_warmup_steps=0, vf_warmup_steps=0, **ADAM, adam_eps=1e-8, weight_decay=1e-4,
-                       max_grad_norm=1.0, tf32=True, lora_rank=64, lora_alpha=128.0, lora_targets=QWEN_LORA,
-                       gradient_checkpointing=True, old_logprobs="recompute", eval_samples=16, eval_every=25)),
+        train_ppo=dict(**PICKSCORE_FLOW, num_envs=16, group_size=16, minibatch_size=4, grad_accum_steps=20,
+                       lora_rank=64, lora_alpha=128.0, lora_targets=QWEN_LORA)),
 }
 SCRIPTS = ("sample", "train_reward", "train_ppo")
 SAMPLING_SCRIPTS = ("sample", "train_ppo")  # the scripts that take the diffusion settings

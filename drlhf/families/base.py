@@ -168,6 +168,51 @@ class Family:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the diffusers MMDiT transformers share (SD3, FLUX.1, Qwen-Image)
+# ---------------------------------------------------------------------------------------------------------
+class JointTransformerFamily(Family):
+    """A transformer over image patches with joint image-text attention blocks: it samples at any size, LoRA goes
+    on both streams' attention projections, its encoder half gives tokens as wide as its attention, and the reward
+    head attends to the packed text conditioning."""
+    any_size = True
+    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
+
+    def plain_copy(self, net):
+        return type(net).from_config(net.config)
+
+    def encoder_dims(self, net, conditioning):
+        return net.config.num_attention_heads * net.config.attention_head_dim, net.config.joint_attention_dim
+
+    def condition_tokens(self, half, conditioning, cond):
+        return cond
+
+
+class PackedFlowFamily(JointTransformerFamily):
+    """FLUX.1 and Qwen-Image: 2x2-packed latents of an 8x VAE, and a pipeline that gives its flow scheduler sigmas
+    evenly from 1 to 1/T and a shift mu from the image's token count. `pipeline(base, transformer)` is the family's
+    diffusers pipeline of the base model's parts."""
+
+    @staticmethod
+    def pipeline(base, transformer=None):
+        raise NotImplementedError
+
+    def sample_shape(self, net, shape, resolution, source):
+        """Any multiple of 16 pixels (8x the VAE, 2x2 patches)."""
+        if resolution % 16:
+            raise ValueError(f"--resolution {resolution}: {source} takes multiples of 16")
+        return (shape[0], resolution // 8, resolution // 8)
+
+    def flow_timesteps(self, net, scheduler_config, sample_shape, num_steps):
+        from drlhf.sampler import calculate_shift
+        tokens = (sample_shape[1] // 2) * (sample_shape[2] // 2)
+        return dict(sigmas=torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist(),
+                    mu=calculate_shift(tokens, scheduler_config))
+
+    def save_pipeline(self, net, base, folder: Path):
+        self.pipeline(base, net).save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 2x2 patches: the token layout of FLUX.1's and Qwen-Image's transformers (the MDP keeps latents as (B, C, H, W))
 # ---------------------------------------------------------------------------------------------------------
 def pack_patches(x: torch.Tensor) -> torch.Tensor:

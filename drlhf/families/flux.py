@@ -17,12 +17,11 @@ D is the transformer's joint_attention_dim (4096). Prompts are encoded by FluxPi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from drlhf.families.base import Family, pack_patches, unpack_patches
+from drlhf.families.base import PackedFlowFamily, pack_patches, unpack_patches
 
 T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 FEATURE_GUIDANCE = 1.0  # the guidance input the encoder half sees (a reward model has no guidance scale of its own)
@@ -62,11 +61,9 @@ def embed(net: nn.Module, x, t, cond, guidance):
     return h, ctx, temb, net.pos_embed(ids)
 
 
-class FluxFamily(Family):
+class FluxFamily(PackedFlowFamily):
     name = "FLUX.1 transformer"
-    any_size = True
     repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
-    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
 
     def owns(self, net):
         return is_flux(net)
@@ -126,22 +123,6 @@ class FluxFamily(Family):
     def guidance_input(self, net):
         return bool(net.config.guidance_embeds)  # FLUX.1-dev: yes; FLUX.1-schnell: no (and no guidance at all)
 
-    def sample_shape(self, net, shape, resolution, source):
-        """Any multiple of 16 pixels (8x the VAE, 2x2 patches)."""
-        if resolution % 16:
-            raise ValueError(f"--resolution {resolution}: {source} takes multiples of 16")
-        return (shape[0], resolution // 8, resolution // 8)
-
-    def flow_timesteps(self, net, scheduler_config, sample_shape, num_steps):
-        """FluxPipeline's: sigmas evenly from 1 to 1/T, and mu from the image's token count (its dynamic shift)."""
-        from drlhf.sampler import calculate_shift
-        tokens = (sample_shape[1] // 2) * (sample_shape[2] // 2)
-        return dict(sigmas=torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist(),
-                    mu=calculate_shift(tokens, scheduler_config))
-
-    def plain_copy(self, net):
-        return type(net).from_config(net.config)
-
     # ---- identity ------------------------------------------------------------------------------------------
     def fingerprint(self, net):
         return self.hash_config_and(net, (net.x_embedder, net.transformer_blocks[0]))
@@ -161,18 +142,12 @@ class FluxFamily(Family):
             ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb, image_rotary_emb=rotary)
         return h.transpose(1, 2)
 
-    def encoder_dims(self, net, conditioning):
-        return net.config.num_attention_heads * net.config.attention_head_dim, net.config.joint_attention_dim
-
     def encoder_parts(self, half):
         return ["x_embedder", "time_text_embed", "context_embedder", f"transformer_blocks[:{len(half.transformer_blocks)}]",
                 f"single_transformer_blocks[:{len(half.single_transformer_blocks)}]"]
 
     def last_encoder_block(self, half):
         return (list(half.transformer_blocks) + list(half.single_transformer_blocks))[-1]
-
-    def condition_tokens(self, half, conditioning, cond):
-        return cond
 
     # ---- text and saving -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,7 +162,3 @@ class FluxFamily(Family):
                              f"transformer's joint_attention_dim {d}")
         pooled = torch.nn.functional.pad(pooled.float(), (0, d - pooled.shape[-1]))
         return torch.cat([embeds.float(), pooled[:, None]], 1)
-
-    def save_pipeline(self, net, base, folder: Path):
-        self.pipeline(base, net).save_pretrained(folder)
-

@@ -14,13 +14,12 @@ entry (the mask: rows below that number). D is the transformer's joint_attention
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drlhf.families.base import Family, pack_patches, unpack_patches
+from drlhf.families.base import PackedFlowFamily, pack_patches, unpack_patches
 
 TEXT_TOKENS = 512  # QwenImagePipeline's default max_sequence_length
 
@@ -48,11 +47,9 @@ def embed(net: nn.Module, x, t, cond):
     return h, ctx, mask, temb, rotary
 
 
-class QwenImageFamily(Family):
+class QwenImageFamily(PackedFlowFamily):
     name = "Qwen-Image transformer"
-    any_size = True
     repeated_blocks = ("QwenImageTransformerBlock",)
-    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
     negative_prompt = " "  # the pipeline guides only with a negative prompt; Flow-GRPO's and Qwen's examples pass " "
 
     def owns(self, net):
@@ -105,28 +102,12 @@ class QwenImageFamily(Family):
         cond_norm = pack_patches(out_c).norm(dim=-1, keepdim=True)
         return unpack_patches(guided * (cond_norm / guided.norm(dim=-1, keepdim=True)), out_c.shape[2], out_c.shape[3])
 
-    def sample_shape(self, net, shape, resolution, source):
-        """Any multiple of 16 pixels (8x the VAE, 2x2 patches)."""
-        if resolution % 16:
-            raise ValueError(f"--resolution {resolution}: {source} takes multiples of 16")
-        return (shape[0], resolution // 8, resolution // 8)
-
-    def flow_timesteps(self, net, scheduler_config, sample_shape, num_steps):
-        """QwenImagePipeline's: sigmas evenly from 1 to 1/T, and mu from the image's token count."""
-        from drlhf.sampler import calculate_shift
-        tokens = (sample_shape[1] // 2) * (sample_shape[2] // 2)
-        return dict(sigmas=torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist(),
-                    mu=calculate_shift(tokens, scheduler_config))
-
     def decode(self, vae, latents):
         """Per-channel normalised latents (B, C, h, w) -> one frame of the video VAE -> images (B, 3, H, W)."""
         c = vae.config
         mean = torch.tensor(c.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
         std = torch.tensor(c.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
         return vae.decode((latents * std + mean)[:, :, None]).sample[:, :, 0]
-
-    def plain_copy(self, net):
-        return type(net).from_config(net.config)
 
     # ---- identity ------------------------------------------------------------------------------------------
     def fingerprint(self, net):
@@ -145,9 +126,6 @@ class QwenImageFamily(Family):
             ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, temb=temb,
                            image_rotary_emb=rotary)
         return h.transpose(1, 2)
-
-    def encoder_dims(self, net, conditioning):
-        return net.config.num_attention_heads * net.config.attention_head_dim, net.config.joint_attention_dim
 
     def encoder_parts(self, half):
         return ["img_in", "txt_norm", "txt_in", "time_text_embed", f"transformer_blocks[:{len(half.transformer_blocks)}]"]
@@ -172,6 +150,3 @@ class QwenImageFamily(Family):
         states = F.pad(states.float(), (0, 0, 0, TEXT_TOKENS - states.shape[1]))
         row = F.pad(count.float()[:, None], (0, d - 1))
         return torch.cat([states, row[:, None]], 1)
-
-    def save_pipeline(self, net, base, folder: Path):
-        self.pipeline(base, net).save_pretrained(folder)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drlhf.families.base import Family
+from drlhf.families.base import Family, JointTransformerFamily
 
 TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
@@ -112,10 +112,6 @@ def run_first_half(half: nn.Module, x, t, cond) -> torch.Tensor:
     return h.transpose(1, 2)                                                       # (B, D, N), as a U-Net's (B, C, h*w)
 
 
-def feature_dim(net: nn.Module) -> int:
-    return net.config.num_attention_heads * net.config.attention_head_dim
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Saving a policy
 # ---------------------------------------------------------------------------------------------------------
@@ -133,11 +129,9 @@ def save_pipeline(transformer: nn.Module, base, folder: Path):
 # ---------------------------------------------------------------------------------------------------------
 # The adapter
 # ---------------------------------------------------------------------------------------------------------
-class SD3Family(Family):
+class SD3Family(JointTransformerFamily):
     name = "SD3 transformer"
-    any_size = True
     repeated_blocks = ("JointTransformerBlock",)
-    lora_targets = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"  # image and text projections
 
     def owns(self, net):
         return is_sd3(net)
@@ -169,9 +163,6 @@ class SD3Family(Family):
                              f"{8 * c.pos_embed_max_size * patch}")
         return (shape[0], resolution // 8, resolution // 8)
 
-    def plain_copy(self, net):
-        return type(net).from_config(net.config)
-
     def fingerprint(self, net):
         return self.hash_config_and(net, (net.pos_embed, net.transformer_blocks[0]))
 
@@ -181,17 +172,11 @@ class SD3Family(Family):
     def features(self, half, x, t, conditioning, cond=None, drop=None, null=None):
         return run_first_half(half, x, t, self.text_condition(x, cond, drop, null))
 
-    def encoder_dims(self, net, conditioning):
-        return feature_dim(net), net.config.joint_attention_dim
-
     def encoder_parts(self, half):
         return ["pos_embed", "time_text_embed", "context_embedder", f"transformer_blocks[:{len(half.transformer_blocks)}]"]
 
     def last_encoder_block(self, half):
         return half.transformer_blocks[-1]
-
-    def condition_tokens(self, half, conditioning, cond):
-        return cond
 
     def encode_prompts(self, base, prompts):
         return encode_prompts(base.text_encoders, base.net.config.joint_attention_dim, prompts)
